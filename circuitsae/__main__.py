@@ -1,0 +1,5 @@
+import sys
+
+from circuitsae.cli import main
+
+sys.exit(main())

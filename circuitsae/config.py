@@ -1,0 +1,65 @@
+"""Config dataclasses drive both the Python API and the CLI.
+
+Each field carries its help text in ``metadata["help"]``; :func:`add_arguments`
+turns the fields into ``--flags`` and :func:`from_arguments` builds the
+dataclass back, so flags and API never drift apart. Validation lives in each
+dataclass's ``__post_init__`` and raises :class:`~circuitsae.errors.CircuitSAEError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with its CLI help text."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("use a tuple for sequence defaults")
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def _base_type(tp: Any) -> tuple[Any, bool, bool]:
+    """(element type, optional?, sequence?) of an annotation."""
+    optional = False
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        optional = type(None) in args
+        tp = next(a for a in args if a is not type(None))
+        args = typing.get_args(tp)
+    if typing.get_origin(tp) in (tuple, list):
+        return args[0], optional, True
+    return tp, optional, False
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one ``--flag`` per field of dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp, _, seq = _base_type(hints[f.name])
+        help_ = f.metadata.get("help", "")
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f"{help_} (default: {f.default})")
+            continue
+        default = f.default
+        shown = " ".join(map(str, default)) if seq else default
+        parser.add_argument(flag, type=tp, nargs="+" if seq else None, default=default,
+                            metavar=f.name.upper(), help=f"{help_} (default: {shown})")
+
+
+def from_arguments(cls: type[T], args: argparse.Namespace) -> T:
+    """Build dataclass ``cls`` from parsed arguments (sequences become tuples)."""
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if hasattr(args, f.name):
+            v = getattr(args, f.name)
+            values[f.name] = tuple(v) if isinstance(v, list) else v
+    return cls(**values)

@@ -1,0 +1,151 @@
+"""Harvesting: run a model through nnsight over a corpus and store site activations.
+
+One pass over the corpus records every requested site: the sites are visited
+in forward order inside one nnsight trace, and the forward pass is stopped
+right after the deepest site, so layers above it (and the unembedding) never
+run. Activations go to an :class:`~circuitsae.store.ActivationStore`, shard by
+shard; an interrupted harvest resumes at the first missing shard and produces
+exactly the store an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from circuitsae import data, sites as sites_mod
+from circuitsae.config import option
+from circuitsae.errors import CircuitSAEError
+from circuitsae.models import DEFAULT_MODEL, load_model, model_name, start_token_id
+from circuitsae.store import STORE_DTYPES, ActivationStore, StoreWriter
+
+
+@dataclass
+class HarvestConfig:
+    """Settings of a harvest; every field is also a ``circuitsae harvest`` flag."""
+
+    model: str = option(DEFAULT_MODEL, "model: built-in name, local HF folder or hub id")
+    sites: tuple[str, ...] = option(("resid.3",), "sites to record, e.g. resid.3 mlp.3 attn.4")
+    tokens: int = option(100_000, "activation vectors (tokens) to store per site for training")
+    out: str = option("runs/activations", "output folder of the activation store")
+    corpus: str = option(data.DEFAULT_CORPUS, "corpus: mix, sotu, bbc, a folder, a .txt/.jsonl file, or a HF dataset")
+    ctx_len: int = option(128, "tokens per context, the start token included")
+    batch_size: int = option(16, "contexts per forward pass")
+    dtype: str = option("float16", "storage dtype: float16, bfloat16 or float32")
+    seed: int = option(0, "seed of the document and context order")
+    heldout_tokens: int | None = option(None, "tokens to store from the held-out split (default: 5%% of --tokens)")
+    heldout_fraction: float = option(0.05, "fraction of documents reserved for the held-out split")
+    keep_bos: bool = option(False, "also store position 0 (the start token; a huge outlier)")
+    shard_contexts: int = option(128, "contexts per shard (the unit of resumption)")
+    device: str | None = option(None, "device for the model: cpu, cuda, cuda:N (default: cuda if available)")
+
+    def __post_init__(self) -> None:
+        self.sites = tuple(str(s) for s in self.sites)
+        checks = [
+            (self.tokens > 0, f"tokens must be > 0, got {self.tokens}"),
+            (self.ctx_len >= 2, f"ctx_len must be >= 2, got {self.ctx_len}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.shard_contexts >= 1, f"shard_contexts must be >= 1, got {self.shard_contexts}"),
+            (self.dtype in STORE_DTYPES, f"dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}"),
+            (self.heldout_tokens is None or self.heldout_tokens >= 0, "heldout_tokens must be >= 0"),
+            (0 <= self.heldout_fraction < 1, "heldout_fraction must be in [0, 1)"),
+            (len(self.sites) > 0, "name at least one site, e.g. resid.3"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise CircuitSAEError(msg)
+        for s in self.sites:
+            sites_mod.Site.parse(s)
+
+    @property
+    def rows_per_context(self) -> int:
+        return self.ctx_len if self.keep_bos else self.ctx_len - 1
+
+    def contexts_for(self, split: str) -> int:
+        """Contexts needed to store at least the requested tokens of ``split``."""
+        tokens = self.tokens if split == "train" else self.heldout_tokens
+        if tokens is None:  # default held-out size: 5% of the training tokens, >= 1 context
+            tokens = max(self.rows_per_context, self.tokens // 20)
+        return math.ceil(tokens / self.rows_per_context)
+
+
+@torch.no_grad()
+def record(model: Any, sites: list[sites_mod.Site], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Activations ``[batch, seq, d]`` of ``sites`` (in forward order) on ``input_ids``.
+
+    One nnsight trace; the forward pass stops after the last site.
+    """
+    saved: dict[str, torch.Tensor] = {}  # filled in place: names bound inside a
+    with model.trace(input_ids) as tracer:  # trace by a comprehension do not escape it
+        for s in sites:
+            saved[str(s)] = sites_mod.read(model, s).save()
+        tracer.stop()
+    return {k: v.detach() for k, v in saved.items()}
+
+
+def harvest(config: HarvestConfig | None = None, *, model: Any = None, progress: bool = True,
+            **overrides: Any) -> ActivationStore:
+    """Harvest activations into a store and return it opened for reading.
+
+    Args:
+        config: a :class:`HarvestConfig`; keyword ``overrides`` replace its fields
+            (``harvest(sites=["resid.3"], tokens=50_000, out="acts")`` works alone).
+        model: an already loaded model (from :func:`circuitsae.load_model`) to use
+            instead of loading ``config.model``; its name is recorded.
+        progress: show a tqdm bar with tokens/s.
+
+    Re-running with the same settings resumes an interrupted harvest (or
+    returns at once if it is complete); a folder holding a different store is
+    refused.
+    """
+    cfg = HarvestConfig(**{**(asdict(config) if config else {}), **overrides})
+    if model is None:
+        model = load_model(cfg.model, device=cfg.device)
+    cfg.model = model_name(model)
+    sites = sites_mod.resolve(model, cfg.sites)
+    cfg.sites = tuple(str(s) for s in sites)
+    tok = model.tokenizer
+    n_ctx = {split: cfg.contexts_for(split) for split in data.SPLITS}
+    meta = {
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "batch_size")}
+        | {"heldout_tokens": n_ctx["heldout"] * cfg.rows_per_context},
+        "sites": list(cfg.sites),
+        "d": sites_mod.d_model(model),
+        "dtype": cfg.dtype,
+        "rows_per_context": cfg.rows_per_context,
+        "first_position": 0 if cfg.keep_bos else 1,
+        "start_token_id": start_token_id(tok),
+        "splits": {s: {"contexts": n, "shards": math.ceil(n / cfg.shard_contexts),
+                       "rows": n * cfg.rows_per_context} for s, n in n_ctx.items()},
+    }
+    writer = StoreWriter(cfg.out, meta)
+    first = meta["first_position"]
+    device = next(model._module.parameters()).device
+    total = sum(n_ctx.values()) * cfg.rows_per_context
+    bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not progress,
+               desc=f"harvest {' '.join(cfg.sites)}", dynamic_ncols=True)
+    with bar:
+        for split, n in n_ctx.items():
+            n_shards = meta["splits"][split]["shards"]
+            todo = [i for i in range(n_shards) if not writer.has_shard(split, i)]
+            bar.update((n - sum(min(cfg.shard_contexts, n - i * cfg.shard_contexts) for i in todo)) * cfg.rows_per_context)
+            if not todo:
+                continue
+            ids = data.contexts(tok, n, cfg.ctx_len, cfg.corpus, split, cfg.seed, cfg.heldout_fraction)
+            for i in todo:
+                shard_ids = ids[i * cfg.shard_contexts : (i + 1) * cfg.shard_contexts]
+                parts: dict[str, list[torch.Tensor]] = {str(s): [] for s in sites}
+                for b in range(0, shard_ids.shape[0], cfg.batch_size):
+                    batch = shard_ids[b : b + cfg.batch_size]
+                    acts = record(model, sites, batch.to(device))
+                    for k, a in acts.items():
+                        parts[k].append(a[:, first:].reshape(-1, a.shape[-1]).cpu())
+                    bar.update(batch.shape[0] * cfg.rows_per_context)
+                writer.write_shard(split, i, i * cfg.shard_contexts, shard_ids,
+                                   {k: torch.cat(v) for k, v in parts.items()})
+    writer.finish(tokens_stored={s: v["rows"] for s, v in meta["splits"].items()})
+    return ActivationStore(cfg.out)

@@ -1,0 +1,396 @@
+"""On-disk activation store: a folder of shards plus ``meta.json``.
+
+Layout of a store folder::
+
+    meta.json                       what was harvested and how (see below)
+    train-00000.tokens.npy          int32 [contexts, ctx_len]: the token ids
+    train-00000.resid.3.npy         [rows, d] activations of one site
+    train-00000.json                manifest: rows, contexts, bytes and sha256
+    ...                               of every file of the shard
+    heldout-00000.*                 the held-out split, never used for training
+
+Rows of a shard are ``(context, position)`` pairs in row-major order over the
+shard's contexts and the kept positions ``first_position .. ctx_len - 1``
+(``first_position`` is 1 when the start token is excluded), so every stored
+activation can be traced back to its token and text (:meth:`ActivationStore.locate`).
+
+**Integrity.** Every file is written to a temporary name, flushed to disk and
+renamed into place; a shard's manifest is written last and is its commit
+marker, so a shard without a manifest does not exist. ``meta.json`` says
+``"complete": true`` only once every shard is in. Opening a store checks the
+size of every file; reading a shard checks its sha256. A failing check raises
+:class:`~circuitsae.errors.CircuitSAEError` naming the shard and file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from circuitsae.errors import CircuitSAEError
+
+FORMAT = "circuitsae-activations/1"
+SPLITS = ("train", "heldout")
+
+#: storage dtype name -> (numpy dtype on disk, torch dtype it represents).
+#: bfloat16 has no numpy type; its bits are stored as uint16.
+STORE_DTYPES: dict[str, tuple[Any, torch.dtype]] = {
+    "float16": (np.float16, torch.float16),
+    "bfloat16": (np.uint16, torch.bfloat16),
+    "float32": (np.float32, torch.float32),
+}
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """A tensor in the storage representation of ``dtype``."""
+    np_dtype, torch_dtype = STORE_DTYPES[dtype]
+    x = x.detach().to("cpu", torch_dtype).contiguous()
+    if torch_dtype is torch.bfloat16:
+        return x.view(torch.uint16).numpy()
+    return x.numpy()
+
+
+def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Inverse of :func:`to_numpy` (shares memory where it can)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if STORE_DTYPES[dtype][1] is torch.bfloat16 else t
+
+
+def shard_stem(split: str, index: int) -> str:
+    return f"{split}-{index:05d}"
+
+
+class StoreWriter:
+    """Creates a store or resumes an interrupted one; writes shards atomically.
+
+    ``meta`` must hold ``config`` (the settings that decide the contents),
+    ``d``, ``sites``, ``dtype`` and ``splits``. An existing store in ``root`` is
+    resumed only if those agree; otherwise nothing is touched and a
+    :class:`CircuitSAEError` lists the differences.
+    """
+
+    IDENTITY = ("format", "config", "d", "sites", "dtype", "splits", "rows_per_context", "first_position")
+
+    def __init__(self, root: "str | Path", meta: dict) -> None:
+        self.root = Path(root)
+        self.meta = {"format": FORMAT, **meta, "complete": False}
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".tmp-{os.getpid()}-probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise CircuitSAEError(f"cannot write to output folder {str(self.root)!r}: {e.strerror or e}") from None
+        meta_path = self.root / "meta.json"
+        if meta_path.is_file():
+            self._check_compatible(meta_path)
+        elif any(p for p in self.root.iterdir() if not p.name.startswith(".tmp-")):
+            raise CircuitSAEError(
+                f"output folder {str(self.root)!r} is not empty and holds no activation store; "
+                "choose an empty or new folder"
+            )
+        for stale in self.root.glob(".tmp-*"):
+            stale.unlink(missing_ok=True)
+        atomic_write(meta_path, json.dumps(self.meta, indent=2).encode())
+
+    def _check_compatible(self, meta_path: Path) -> None:
+        try:
+            old = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise CircuitSAEError(f"{meta_path} is unreadable; refusing to overwrite the folder") from None
+        diffs = []
+        for key in self.IDENTITY:
+            a, b = old.get(key), self.meta.get(key)
+            if isinstance(a, dict) and isinstance(b, dict):
+                diffs += [f"{key}.{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            elif a != b:
+                diffs.append(f"{key}: {a!r} there, {b!r} now")
+        if diffs:
+            raise CircuitSAEError(
+                f"{str(self.root)!r} holds an incompatible activation store ({'; '.join(diffs[:4])}); "
+                "nothing was changed: use another output folder or the same settings"
+            )
+
+    def has_shard(self, split: str, index: int) -> bool:
+        """True when the shard is committed and its files have the recorded sizes."""
+        manifest = self.root / f"{shard_stem(split, index)}.json"
+        if not manifest.is_file():
+            return False
+        _check_sizes(self.root, json.loads(manifest.read_text()))
+        return True
+
+    def write_shard(self, split: str, index: int, first_context: int, tokens: torch.Tensor, acts: dict[str, torch.Tensor]) -> None:
+        """Write one shard: ``tokens`` ``[contexts, ctx_len]``, ``acts[site]`` ``[rows, d]``."""
+        stem = shard_stem(split, index)
+        files: dict[str, dict] = {}
+        arrays = {"tokens": tokens.to(torch.int32).cpu().numpy()}
+        arrays.update({site: to_numpy(a, self.meta["dtype"]) for site, a in acts.items()})
+        for key, arr in arrays.items():
+            data = _npy_bytes(arr)
+            name = f"{stem}.{key}.npy"
+            atomic_write(self.root / name, data)
+            files[key] = {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "shape": list(arr.shape)}
+        rows = {int(a.shape[0]) for k, a in arrays.items() if k != "tokens"}
+        manifest = {"split": split, "index": index, "first_context": first_context,
+                    "contexts": int(tokens.shape[0]), "rows": rows.pop(), "files": files}
+        atomic_write(self.root / f"{stem}.json", json.dumps(manifest, indent=1).encode())
+
+    def finish(self, **summary: Any) -> None:
+        """Mark the store complete (only after every shard is written)."""
+        for split, info in self.meta["splits"].items():
+            missing = [i for i in range(info["shards"]) if not self.has_shard(split, i)]
+            if missing:
+                raise CircuitSAEError(f"cannot finish store {self.root}: {split} shards {missing[:5]} are missing")
+        self.meta.update(summary, complete=True)
+        atomic_write(self.root / "meta.json", json.dumps(self.meta, indent=2).encode())
+
+
+def _check_sizes(root: Path, manifest: dict) -> None:
+    stem = shard_stem(manifest["split"], manifest["index"])
+    for f in manifest["files"].values():
+        path = root / f["name"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != f["bytes"]:
+            found = "is missing" if size is None else f"has {size} bytes, expected {f['bytes']}"
+            raise CircuitSAEError(
+                f"shard {stem} of store {root} is damaged: {f['name']} {found}; delete {stem}.* "
+                "and re-run the same harvest to rebuild it"
+            )
+
+
+class ActivationStore:
+    """Read access to a complete store: shards, shuffled batches, held-out data, token ids.
+
+    Args:
+        root: the store folder.
+        allow_incomplete: open a store whose harvest has not finished (reads
+            only the committed shards); by default that is refused.
+    """
+
+    def __init__(self, root: "str | Path", allow_incomplete: bool = False) -> None:
+        self.root = Path(root)
+        meta_path = self.root / "meta.json"
+        if not meta_path.is_file():
+            raise CircuitSAEError(f"{str(self.root)!r} is not an activation store (no meta.json)")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            raise CircuitSAEError(f"{meta_path} is damaged (not valid JSON)") from None
+        if self.meta.get("format") != FORMAT:
+            raise CircuitSAEError(f"{meta_path} has format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        if not self.meta.get("complete") and not allow_incomplete:
+            raise CircuitSAEError(
+                f"store {str(self.root)!r} is incomplete (its harvest was interrupted): re-run the "
+                "same harvest command to finish it"
+            )
+        self.manifests: dict[str, list[dict]] = {}
+        for split in SPLITS:
+            found = []
+            for i in range(self.meta["splits"][split]["shards"]):
+                path = self.root / f"{shard_stem(split, i)}.json"
+                if not path.is_file():
+                    if allow_incomplete:
+                        continue
+                    raise CircuitSAEError(f"store {self.root} lacks shard {shard_stem(split, i)}")
+                manifest = json.loads(path.read_text())
+                _check_sizes(self.root, manifest)
+                found.append(manifest)
+            self.manifests[split] = found
+
+    # -- description ---------------------------------------------------------
+    @property
+    def sites(self) -> list[str]:
+        return list(self.meta["sites"])
+
+    @property
+    def d(self) -> int:
+        return int(self.meta["d"])
+
+    @property
+    def dtype(self) -> str:
+        return str(self.meta["dtype"])
+
+    @property
+    def config(self) -> dict:
+        return dict(self.meta["config"])
+
+    def n_rows(self, split: str = "train") -> int:
+        """Number of stored activation vectors (tokens) per site in ``split``."""
+        return sum(m["rows"] for m in self._split(split))
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.root)!r}, model={self.config['model']!r}, sites={self.sites}, "
+                f"d={self.d}, train={self.n_rows('train')}, heldout={self.n_rows('heldout')}, dtype={self.dtype})")
+
+    def __getitem__(self, site: str) -> "SiteView":
+        return SiteView(self, self._site(site))
+
+    def _site(self, site: Any) -> str:
+        site = str(site)
+        if site not in self.meta["sites"]:
+            raise CircuitSAEError(f"store {self.root} has no site {site!r}; it holds {', '.join(self.sites)}")
+        return site
+
+    def _split(self, split: str) -> list[dict]:
+        if split not in SPLITS:
+            raise CircuitSAEError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+        return self.manifests[split]
+
+    # -- shards --------------------------------------------------------------
+    def _read(self, manifest: dict, key: str, verify: bool) -> np.ndarray:
+        f = manifest["files"][key]
+        path = self.root / f["name"]
+        if not verify:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != f["sha256"]:
+            raise CircuitSAEError(
+                f"shard {shard_stem(manifest['split'], manifest['index'])} of store {self.root} is damaged: "
+                f"{f['name']} fails its checksum; delete that shard's files and re-run the same harvest"
+            )
+        return np.load(io.BytesIO(data), allow_pickle=False)
+
+    def shard(self, site: str, split: str = "train", index: int = 0, verify: bool = True) -> torch.Tensor:
+        """Activations ``[rows, d]`` of one shard, in the storage dtype."""
+        return from_numpy(self._read(self._split(split)[index], self._site(site), verify), self.dtype)
+
+    def verify(self) -> None:
+        """Check the sha256 of every file of every shard (raises on the first bad one)."""
+        for split in SPLITS:
+            for m in self._split(split):
+                for key in m["files"]:
+                    self._read(m, key, verify=True)
+
+    # -- reading -------------------------------------------------------------
+    def batches(
+        self,
+        site: str,
+        batch_size: int,
+        *,
+        epochs: int = 1,
+        seed: int = 0,
+        split: str = "train",
+        device: "str | torch.device" = "cpu",
+        dtype: torch.dtype = torch.float32,
+        buffer_rows: int = 1 << 18,
+        drop_last: bool = False,
+        verify: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Shuffled mini-batches ``[batch_size, d]`` of one site, in ``dtype`` on ``device``.
+
+        Memory stays bounded by about ``buffer_rows`` rows plus one shard,
+        whatever the store's size: each epoch visits the shards in a seeded
+        random order, pools them in a buffer of ``buffer_rows`` rows, shuffles
+        the pool, and hands out half of it before refilling. The same seed
+        gives the same batches.
+        """
+        if batch_size < 1 or epochs < 1:
+            raise CircuitSAEError("batch_size and epochs must be >= 1")
+        site, manifests = self._site(site), self._split(split)
+        if not manifests:
+            raise CircuitSAEError(f"store {self.root} has no {split} shards")
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            pool: list[torch.Tensor] = []
+            pooled = 0
+            for i in torch.randperm(len(manifests), generator=gen).tolist():
+                shard = from_numpy(self._read(manifests[i], site, verify), self.dtype)
+                pool.append(shard)
+                pooled += shard.shape[0]
+                if pooled >= buffer_rows:
+                    mixed = torch.cat(pool)
+                    mixed = mixed[torch.randperm(mixed.shape[0], generator=gen)]
+                    n_out = (mixed.shape[0] // 2) // batch_size * batch_size
+                    for j in range(0, n_out, batch_size):
+                        yield mixed[j : j + batch_size].to(device=device, dtype=dtype, non_blocking=True)
+                    pool, pooled = [mixed[n_out:]], mixed.shape[0] - n_out
+            if pooled:
+                rest = torch.cat(pool)
+                rest = rest[torch.randperm(rest.shape[0], generator=gen)]
+                stop = rest.shape[0] - (rest.shape[0] % batch_size if drop_last else 0)
+                for j in range(0, stop, batch_size):
+                    yield rest[j : j + batch_size].to(device=device, dtype=dtype, non_blocking=True)
+
+    def activations(self, site: str, split: str = "heldout", max_rows: "int | None" = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """All activations ``[rows, d]`` of ``split`` in store order (default: the held-out slice)."""
+        site, out, n = self._site(site), [], 0
+        for m in self._split(split):
+            if max_rows is not None and n >= max_rows:
+                break
+            out.append(from_numpy(self._read(m, site, verify=True), self.dtype).to(dtype))
+            n += m["rows"]
+        if not out:
+            raise CircuitSAEError(f"store {self.root} has no {split} activations")
+        x = torch.cat(out)
+        return x if max_rows is None else x[:max_rows]
+
+    def tokens(self, split: str = "train") -> torch.Tensor:
+        """Token ids ``[contexts, ctx_len]`` (int64) of ``split``, in store order."""
+        parts = [torch.from_numpy(self._read(m, "tokens", verify=True).astype(np.int64)) for m in self._split(split)]
+        return torch.cat(parts) if parts else torch.empty(0, self.meta["config"]["ctx_len"], dtype=torch.long)
+
+    def locate(self, row: int, split: str = "train") -> tuple[int, int]:
+        """``(context, position)`` of activation row ``row``: ``tokens(split)[context, position]`` is its token."""
+        per = int(self.meta["rows_per_context"])
+        if not 0 <= row < self.n_rows(split):
+            raise CircuitSAEError(f"row {row} is out of range for the {split} split ({self.n_rows(split)} rows)")
+        return row // per, int(self.meta["first_position"]) + row % per
+
+
+class SiteView:
+    """The store seen through one site: ``store["resid.3"].batches(4096)``."""
+
+    def __init__(self, store: ActivationStore, site: str) -> None:
+        self.store, self.site = store, site
+
+    @property
+    def d(self) -> int:
+        return self.store.d
+
+    def n_rows(self, split: str = "train") -> int:
+        return self.store.n_rows(split)
+
+    def batches(self, batch_size: int, **kwargs: Any) -> Iterator[torch.Tensor]:
+        return self.store.batches(self.site, batch_size, **kwargs)
+
+    def heldout(self, max_rows: "int | None" = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.store.activations(self.site, "heldout", max_rows, dtype)
+
+    def __repr__(self) -> str:
+        return f"SiteView({self.site!r} of {self.store.root})"
