@@ -122,6 +122,9 @@ def harvest(config: HarvestConfig | None = None, *, model: Any = None, progress:
         "splits": {s: {"contexts": n, "shards": math.ceil(n / cfg.shard_contexts),
                        "rows": n * cfg.rows_per_context} for s, n in n_ctx.items()},
     }
+    # Tokenise first: a corpus too small or empty fails before anything is written.
+    ids = {split: data.contexts(tok, n, cfg.ctx_len, cfg.corpus, split, cfg.seed, cfg.heldout_fraction)
+           for split, n in n_ctx.items()}
     writer = StoreWriter(cfg.out, meta)
     first = meta["first_position"]
     device = next(model._module.parameters()).device
@@ -133,11 +136,8 @@ def harvest(config: HarvestConfig | None = None, *, model: Any = None, progress:
             n_shards = meta["splits"][split]["shards"]
             todo = [i for i in range(n_shards) if not writer.has_shard(split, i)]
             bar.update((n - sum(min(cfg.shard_contexts, n - i * cfg.shard_contexts) for i in todo)) * cfg.rows_per_context)
-            if not todo:
-                continue
-            ids = data.contexts(tok, n, cfg.ctx_len, cfg.corpus, split, cfg.seed, cfg.heldout_fraction)
             for i in todo:
-                shard_ids = ids[i * cfg.shard_contexts : (i + 1) * cfg.shard_contexts]
+                shard_ids = ids[split][i * cfg.shard_contexts : (i + 1) * cfg.shard_contexts]
                 parts: dict[str, list[torch.Tensor]] = {str(s): [] for s in sites}
                 for b in range(0, shard_ids.shape[0], cfg.batch_size):
                     batch = shard_ids[b : b + cfg.batch_size]

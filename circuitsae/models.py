@@ -22,9 +22,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 import torch
 
@@ -114,12 +116,47 @@ def smollm2_folder() -> Path:
     return target
 
 
-def _load_pretrained(folder_or_id: "str | Path", dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_pretrained(folder_or_id: "str | Path", dtype: torch.dtype, local_only: bool = True) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder_or_id)
-    model = AutoModelForCausalLM.from_pretrained(folder_or_id, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(folder_or_id, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(folder_or_id, dtype=dtype, local_files_only=local_only)
     return model, tok
+
+
+def _hub_reachable() -> bool:
+    """False when offline mode is set or the hub's host name does not resolve.
+
+    Checked before any download so that an offline machine gets one clear
+    sentence at once instead of a minute of retries.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _load_named(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """A local folder, a model in the local HF cache, or (with network) a hub id."""
+    builtin = f"built-in models are {', '.join(BUILTIN_MODELS)}"
+    attempts = [True] if Path(name).is_dir() else [True, False]
+    for local_only in attempts:
+        if not local_only and not _hub_reachable():
+            raise CircuitSAEError(
+                f"cannot load model {name!r}: it is not a local folder or in the local Hugging Face "
+                f"cache, and the hub is unreachable from here ({builtin})"
+            )
+        try:
+            return _load_pretrained(name, dtype, local_only)
+        except Exception as e:  # transformers raises OSError, ValueError, HTTP errors...
+            last = e
+    where = "the local folder" if Path(name).is_dir() else "the Hugging Face hub"
+    raise CircuitSAEError(f"cannot load model {name!r} from {where} ({type(last).__name__}: "
+                          f"{str(last).splitlines()[0][:160]}); {builtin}") from None
 
 
 def _smollm2(dtype: torch.dtype) -> tuple[Any, Any]:
@@ -189,14 +226,7 @@ def load_model(
     if name in BUILTIN_MODELS:
         hf, tok = BUILTIN_MODELS[name](dt)
     else:
-        try:
-            hf, tok = _load_pretrained(name, dt)
-        except Exception as e:  # transformers raises OSError, ValueError, HTTP errors...
-            where = "the local folder" if Path(name).is_dir() else "the Hugging Face hub"
-            raise CircuitSAEError(
-                f"cannot load model {name!r} from {where} ({type(e).__name__}); built-in "
-                f"models are {', '.join(BUILTIN_MODELS)}, and hub ids need network access"
-            ) from None
+        hf, tok = _load_named(name, dt)
     hf.config.name_or_path = name
     hf.eval().to(dev)
     return nnsight.TransformersModel(hf, tokenizer=tok, task="text-generation")

@@ -108,7 +108,8 @@ class StoreWriter:
 
     def __init__(self, root: "str | Path", meta: dict) -> None:
         self.root = Path(root)
-        self.meta = {"format": FORMAT, **meta, "complete": False}
+        # through JSON once, so that it compares equal to what was written before
+        self.meta = json.loads(json.dumps({"format": FORMAT, **meta, "complete": False}))
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".tmp-{os.getpid()}-probe"
@@ -117,16 +118,18 @@ class StoreWriter:
         except OSError as e:
             raise CircuitSAEError(f"cannot write to output folder {str(self.root)!r}: {e.strerror or e}") from None
         meta_path = self.root / "meta.json"
-        if meta_path.is_file():
+        resuming = meta_path.is_file()
+        if resuming:
             self._check_compatible(meta_path)
         elif any(p for p in self.root.iterdir() if not p.name.startswith(".tmp-")):
             raise CircuitSAEError(
                 f"output folder {str(self.root)!r} is not empty and holds no activation store; "
                 "choose an empty or new folder"
             )
-        for stale in self.root.glob(".tmp-*"):
+        for stale in self.root.glob(".tmp-*"):  # left by a killed writer
             stale.unlink(missing_ok=True)
-        atomic_write(meta_path, json.dumps(self.meta, indent=2).encode())
+        if not resuming:
+            atomic_write(meta_path, json.dumps(self.meta, indent=2).encode())
 
     def _check_compatible(self, meta_path: Path) -> None:
         try:

@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from circuitsae import sites
+from circuitsae.errors import CircuitSAEError
+from circuitsae.sites import Site
+
+
+def test_parse_and_order():
+    s = Site.parse("mlp.3")
+    assert (s.kind, s.layer, str(s)) == ("mlp", 3, "mlp.3")
+    assert Site.parse(s) is s
+    names = ["resid.2", "attn.2", "mlp.1", "resid.0", "mlp.2"]
+    ordered = sorted((Site.parse(n) for n in names), key=Site.sort_key)
+    assert [str(x) for x in ordered] == ["resid.0", "mlp.1", "attn.2", "mlp.2", "resid.2"]
+
+
+@pytest.mark.parametrize("bad", ["resid", "res.1", "resid.-1", "resid.x", "mlp 3", ""])
+def test_unknown_names_explain_the_scheme(bad):
+    with pytest.raises(CircuitSAEError, match="resid.L, mlp.L or attn.L"):
+        Site.parse(bad)
+
+
+def test_out_of_range_lists_valid_layers(tiny_llama):
+    with pytest.raises(CircuitSAEError, match=r"layers 0\.\.3") as err:
+        sites.resolve(tiny_llama, ["resid.4"])
+    assert "resid.L, mlp.L, attn.L for L in 0..3" in str(err.value)
+    with pytest.raises(CircuitSAEError, match="twice"):
+        sites.resolve(tiny_llama, ["resid.1", "resid.1"])
+    with pytest.raises(CircuitSAEError, match="at least one"):
+        sites.resolve(tiny_llama, [])
+
+
+def _hooked(model, module, ids):
+    """Output of ``module`` on ``ids`` by a plain PyTorch forward hook."""
+    got = {}
+    h = module.register_forward_hook(lambda m, i, o: got.setdefault("x", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(ids)
+    h.remove()
+    return got["x"]
+
+
+@pytest.mark.parametrize("arch, blocks, attn", [
+    ("tiny-llama", lambda m: m.model.layers, "self_attn"),
+    ("tiny-gpt2", lambda m: m.transformer.h, "attn"),
+    ("tiny-neox", lambda m: m.gpt_neox.layers, "attention"),
+])
+def test_sites_read_the_right_module(tiny_models, arch, blocks, attn):
+    lm = tiny_models[arch]
+    hf = lm._module
+    ids = torch.randint(0, 1000, (2, 9))
+    want = {
+        "attn.1": _hooked(hf, getattr(blocks(hf)[1], attn), ids),
+        "mlp.1": _hooked(hf, blocks(hf)[1].mlp, ids),
+        "resid.1": _hooked(hf, blocks(hf)[1], ids),
+        "resid.2": _hooked(hf, blocks(hf)[2], ids),
+    }
+    # the residual site also equals HF's hidden_states (index L+1; not the last, which is normed)
+    with torch.no_grad():
+        hs = hf(ids, output_hidden_states=True).hidden_states
+    assert torch.allclose(want["resid.1"], hs[2], atol=1e-6)
+    order = sites.resolve(lm, list(want))
+    saved = {}
+    with torch.no_grad(), lm.trace(ids) as tr:
+        for s in order:
+            saved[str(s)] = sites.read(lm, s).save()
+        tr.stop()
+    for name, x in want.items():
+        assert saved[name].shape == (2, 9, sites.d_model(lm))
+        assert torch.allclose(saved[name], x, atol=1e-6), name
+
+
+def test_unsupported_architecture_is_named(tiny_llama, monkeypatch):
+    monkeypatch.setattr(tiny_llama._module.config, "model_type", "mamba")
+    with pytest.raises(CircuitSAEError, match="unsupported architecture 'mamba'.*gpt2"):
+        sites.resolve(tiny_llama, ["resid.0"])
