@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from circuitsae.errors import CircuitSAEError
@@ -48,10 +49,19 @@ SPLITS = ("train", "heldout")
 
 @dataclass(frozen=True)
 class Document:
-    """A document: a stable id (used for the split) and its text."""
+    """A document: a stable id (used for the split) and its text.
+
+    File-backed documents hold a ``path`` and read it only when ``text`` is
+    asked for, so splitting and ordering a large corpus reads no file.
+    """
 
     id: str
-    text: str
+    content: str | None = None
+    path: Path | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if self.content is not None else _read(self.path)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -83,9 +93,7 @@ def _read(path: Path) -> str:
 
 def _files(root: Path, pattern: str, prefix: str) -> list[Document]:
     return [
-        Document(f"{prefix}{p.relative_to(root).as_posix()}", _read(p))
-        for p in sorted(root.glob(pattern))
-        if p.is_file()
+        Document(f"{prefix}{p.relative_to(root).as_posix()}", path=p) for p in sorted(root.glob(pattern)) if p.is_file()
     ]
 
 
@@ -191,12 +199,12 @@ def documents(corpus: "str | Corpus", split: str, seed: int, heldout_fraction: f
         raise CircuitSAEError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     corpus = load_corpus(corpus)
     if corpus.load is not None:
-        docs = [d for d in corpus.load() if d.text.strip()]
+        docs = corpus.load()
         if not docs:
             raise CircuitSAEError(f"corpus {corpus.name!r} holds no text")
         chosen = split_documents(docs, heldout_fraction)[split]
         random.Random(seed).shuffle(chosen)
-        yield from chosen
+        yield from chosen  # empty documents add nothing when tokenised
     else:
         assert corpus.stream is not None
         for d in corpus.stream():
@@ -226,24 +234,24 @@ def contexts(
     start, sep = start_token_id(tokenizer), tokenizer.eos_token_id
     piece = ctx_len - 1
     need = n_contexts * piece
-    buf: list[int] = []
+    chunks: list[np.ndarray] = []  # int32 token ids: 4 bytes a token, however large the request
+    have = 0
     docs = documents(corpus, split, seed, heldout_fraction)
-    batch: list[str] = []
     exhausted = False
-    while len(buf) < need and not exhausted:
+    while have < need and not exhausted:
         batch = [d.text for _, d in zip(range(docs_per_call), docs)]
         exhausted = len(batch) < docs_per_call
         for ids in tokenizer(batch, add_special_tokens=False)["input_ids"] if batch else []:
-            buf.extend(ids)
-            if sep is not None:
-                buf.append(sep)
-    if len(buf) < need:
+            chunks.append(np.asarray(ids + ([sep] if sep is not None else []), dtype=np.int32))
+            have += len(chunks[-1])
+    if have < need:
         name = load_corpus(corpus).name
         raise CircuitSAEError(
-            f"corpus {name!r} ({split} split) yields only {len(buf) // piece} contexts of "
+            f"corpus {name!r} ({split} split) yields only {have // piece} contexts of "
             f"{ctx_len} tokens, but {n_contexts} were asked for: ask for fewer tokens or add text"
         )
-    body = torch.tensor(buf[:need], dtype=torch.long).view(n_contexts, piece)
+    flat = np.concatenate(chunks)[:need] if chunks else np.zeros(0, dtype=np.int32)
+    body = torch.from_numpy(flat.astype(np.int64)).view(n_contexts, piece)
     out = torch.cat([torch.full((n_contexts, 1), start, dtype=torch.long), body], dim=1)
     order = torch.randperm(n_contexts, generator=torch.Generator().manual_seed(seed))
     return out[order]

@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -21,7 +22,7 @@ from circuitsae import data, sites as sites_mod
 from circuitsae.config import option
 from circuitsae.errors import CircuitSAEError
 from circuitsae.models import DEFAULT_MODEL, load_model, model_name, start_token_id
-from circuitsae.store import STORE_DTYPES, ActivationStore, StoreWriter
+from circuitsae.store import STORE_DTYPES, ActivationStore, StoreWriter, to_numpy
 
 
 @dataclass
@@ -138,14 +139,17 @@ def harvest(config: HarvestConfig | None = None, *, model: Any = None, progress:
             bar.update((n - sum(min(cfg.shard_contexts, n - i * cfg.shard_contexts) for i in todo)) * cfg.rows_per_context)
             for i in todo:
                 shard_ids = ids[split][i * cfg.shard_contexts : (i + 1) * cfg.shard_contexts]
-                parts: dict[str, list[torch.Tensor]] = {str(s): [] for s in sites}
+                rows = shard_ids.shape[0] * cfg.rows_per_context
+                # One buffer per site in the storage dtype, filled in place: the
+                # same few allocations every shard, so memory stays flat.
+                buf = {str(s): np.empty((rows, meta["d"]), STORE_DTYPES[cfg.dtype][0]) for s in sites}
                 for b in range(0, shard_ids.shape[0], cfg.batch_size):
                     batch = shard_ids[b : b + cfg.batch_size]
-                    acts = record(model, sites, batch.to(device))
-                    for k, a in acts.items():
-                        parts[k].append(a[:, first:].reshape(-1, a.shape[-1]).cpu())
+                    r0, r1 = b * cfg.rows_per_context, (b + batch.shape[0]) * cfg.rows_per_context
+                    for k, a in record(model, sites, batch.to(device)).items():
+                        buf[k][r0:r1] = to_numpy(a[:, first:].reshape(-1, a.shape[-1]), cfg.dtype)
                     bar.update(batch.shape[0] * cfg.rows_per_context)
-                writer.write_shard(split, i, i * cfg.shard_contexts, shard_ids,
-                                   {k: torch.cat(v) for k, v in parts.items()})
+                writer.write_shard(split, i, i * cfg.shard_contexts, shard_ids, buf)
+                del buf
     writer.finish(tokens_stored={s: v["rows"] for s, v in meta["splits"].items()})
     return ActivationStore(cfg.out)

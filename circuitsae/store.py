@@ -59,21 +59,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what passes through."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b: Any) -> int:
+        self.sha.update(b)
+        self.n += len(memoryview(b).cast("B"))
+        return self.f.write(b)
+
+
+def atomic_write(path: Path, data: "bytes | np.ndarray") -> tuple[int, str]:
+    """Write bytes, or an array as ``.npy``, so that readers see no file or the whole file.
+
+    The data goes to a temporary name, is flushed to disk and renamed into
+    place. Arrays are streamed in chunks (no whole-file copy in memory).
+    Returns ``(bytes written, sha256 hex digest)``.
+    """
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     with open(tmp, "wb") as f:
-        f.write(data)
+        w = _HashingWriter(f)
+        if isinstance(data, np.ndarray):
+            np.lib.format.write_array(w, np.ascontiguousarray(data), allow_pickle=False)
+        else:
+            w.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
+    return w.n, w.sha.hexdigest()
 
 
 def to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
@@ -157,17 +173,21 @@ class StoreWriter:
         _check_sizes(self.root, json.loads(manifest.read_text()))
         return True
 
-    def write_shard(self, split: str, index: int, first_context: int, tokens: torch.Tensor, acts: dict[str, torch.Tensor]) -> None:
-        """Write one shard: ``tokens`` ``[contexts, ctx_len]``, ``acts[site]`` ``[rows, d]``."""
+    def write_shard(self, split: str, index: int, first_context: int, tokens: torch.Tensor,
+                    acts: "dict[str, torch.Tensor | np.ndarray]") -> None:
+        """Write one shard: ``tokens`` ``[contexts, ctx_len]``, ``acts[site]`` ``[rows, d]``.
+
+        Activations may be tensors or arrays already in the storage representation
+        (:func:`to_numpy`), which avoids a copy.
+        """
         stem = shard_stem(split, index)
         files: dict[str, dict] = {}
         arrays = {"tokens": tokens.to(torch.int32).cpu().numpy()}
-        arrays.update({site: to_numpy(a, self.meta["dtype"]) for site, a in acts.items()})
+        arrays.update({site: a if isinstance(a, np.ndarray) else to_numpy(a, self.meta["dtype"]) for site, a in acts.items()})
         for key, arr in arrays.items():
-            data = _npy_bytes(arr)
             name = f"{stem}.{key}.npy"
-            atomic_write(self.root / name, data)
-            files[key] = {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "shape": list(arr.shape)}
+            n_bytes, digest = atomic_write(self.root / name, arr)
+            files[key] = {"name": name, "bytes": n_bytes, "sha256": digest, "shape": list(arr.shape)}
         rows = {int(a.shape[0]) for k, a in arrays.items() if k != "tokens"}
         manifest = {"split": split, "index": index, "first_context": first_context,
                     "contexts": int(tokens.shape[0]), "rows": rows.pop(), "files": files}
