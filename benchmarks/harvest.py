@@ -57,7 +57,9 @@ def hook_stop(hf, layer, batches):
     got = []
 
     def hook(module, inputs, output):
-        got.append((output[0] if isinstance(output, tuple) else output)[:, 1:].reshape(-1, output.shape[-1]).to(torch.float16))
+        got.append(
+            (output[0] if isinstance(output, tuple) else output)[:, 1:].reshape(-1, output.shape[-1]).to(torch.float16)
+        )
         raise _Stop
 
     handle = hf.model.layers[layer].register_forward_hook(hook)
@@ -74,8 +76,16 @@ def hook_stop(hf, layer, batches):
 
 
 def circuitsae_harvest(lm, layer, n_ctx, out):
-    circuitsae.harvest(model=lm, sites=[f"resid.{layer}"], tokens=n_ctx * (CTX - 1), ctx_len=CTX,
-                       batch_size=BATCH, heldout_tokens=0, out=out, progress=False)
+    circuitsae.harvest(
+        model=lm,
+        sites=[f"resid.{layer}"],
+        tokens=n_ctx * (CTX - 1),
+        ctx_len=CTX,
+        batch_size=BATCH,
+        heldout_tokens=0,
+        out=out,
+        progress=False,
+    )
 
 
 def timed(fn) -> float:
@@ -108,11 +118,19 @@ print(before, peak[0])
 def peak_memory(layer: int, tokens: int) -> dict:
     """Resident memory sampled every 20 ms while a fresh process harvests ``tokens``."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = subprocess.run([sys.executable, "-c", PEAK_SNIPPET.format(layer=layer, tokens=tokens), f"{tmp}/s"],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK_SNIPPET.format(layer=layer, tokens=tokens), f"{tmp}/s"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     before, peak = map(float, out.stdout.split()[-2:])
-    return {"tokens": tokens, "rss_before_harvest_mib": round(before, 1), "peak_rss_during_harvest_mib": round(peak, 1),
-            "growth_mib": round(peak - before, 1)}
+    return {
+        "tokens": tokens,
+        "rss_before_harvest_mib": round(before, 1),
+        "peak_rss_during_harvest_mib": round(peak, 1),
+        "growth_mib": round(peak - before, 1),
+    }
 
 
 def plot(result: dict, path: Path) -> None:
@@ -129,10 +147,20 @@ def plot(result: dict, path: Path) -> None:
     ax.bar(list(xs), [r["hook_stop_tok_s"] for r in result["sites"]], w, label="(b) PyTorch hook, stop at site")
     ax.bar([x + w for x in xs], [r["circuitsae_tok_s"] for r in result["sites"]], w, label="(c) circuitsae.harvest")
     for x, r in zip(xs, result["sites"]):
-        ax.text(x + w, r["circuitsae_tok_s"], f"{r['c_over_a']:.1f}x a\n{r['c_over_b']:.2f}x b", ha="center", va="bottom", fontsize=8)
+        ax.text(
+            x + w,
+            r["circuitsae_tok_s"],
+            f"{r['c_over_a']:.1f}x a\n{r['c_over_b']:.2f}x b",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_xticks(list(xs), [f"resid.{layer}" for layer in layers])
     ax.set_ylabel("tokens / s")
-    ax.set_title(f"Harvest throughput, SmolLM2-135M, batch {BATCH}x{CTX}\n{result['machine']['cpu']} ({result['machine']['cores']} cores)", fontsize=9)
+    ax.set_title(
+        f"Harvest throughput, SmolLM2-135M, batch {BATCH}x{CTX}\n{result['machine']['cpu']} ({result['machine']['cores']} cores)",
+        fontsize=9,
+    )
     ax.legend(fontsize=8, loc="upper right")
     ax.set_ylim(0, max(r["circuitsae_tok_s"] for r in result["sites"]) * 1.35)
     fig.tight_layout()
@@ -165,31 +193,47 @@ def main() -> None:
             times.setdefault("a", []).append(timed(lambda: plain_forward(hf, batches)))
             for layer in args.layers:
                 times.setdefault(f"b{layer}", []).append(timed(lambda: hook_stop(hf, layer, batches)))
-                times.setdefault(f"c{layer}", []).append(timed(lambda: circuitsae_harvest(lm, layer, n_ctx, f"{tmp}/r{r}l{layer}")))
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()), flush=True)
+                times.setdefault(f"c{layer}", []).append(
+                    timed(lambda: circuitsae_harvest(lm, layer, n_ctx, f"{tmp}/r{r}l{layer}"))
+                )
+            print(
+                f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()), flush=True
+            )
 
     rate = {k: tokens / statistics.median(v) for k, v in times.items()}
     per_site = []
     for layer in args.layers:
-        per_site.append({"layer": layer, "site": f"resid.{layer}", "hook_stop_tok_s": round(rate[f"b{layer}"], 1),
-                         "circuitsae_tok_s": round(rate[f"c{layer}"], 1),
-                         "c_over_a": round(rate[f"c{layer}"] / rate["a"], 3),
-                         "c_over_b": round(rate[f"c{layer}"] / rate[f"b{layer}"], 3)})
+        per_site.append(
+            {
+                "layer": layer,
+                "site": f"resid.{layer}",
+                "hook_stop_tok_s": round(rate[f"b{layer}"], 1),
+                "circuitsae_tok_s": round(rate[f"c{layer}"], 1),
+                "c_over_a": round(rate[f"c{layer}"] / rate["a"], 3),
+                "c_over_b": round(rate[f"c{layer}"] / rate[f"b{layer}"], 3),
+            }
+        )
     memory = [peak_memory(args.layers[0], n) for n in args.memory_tokens]
     first_third = [s for s in per_site if s["layer"] < 10]
     result = {
         "benchmark": "harvest",
         "command": "python benchmarks/harvest.py" + (" --quick" if args.quick else ""),
         "machine": describe(),
-        "model": "smollm2-135m", "corpus": "mix", "batch": [BATCH, CTX], "tokens_per_measurement": tokens,
-        "rounds": args.rounds, "seconds": times,
+        "model": "smollm2-135m",
+        "corpus": "mix",
+        "batch": [BATCH, CTX],
+        "tokens_per_measurement": tokens,
+        "rounds": args.rounds,
+        "seconds": times,
         "plain_forward_tok_s": round(rate["a"], 1),
         "sites": per_site,
         "peak_memory": memory,
         "goals": {
             "c_ge_2x_a_first_third": all(s["c_over_a"] >= 2 for s in first_third),
             "c_within_10pct_of_b": all(s["c_over_b"] >= 0.9 for s in per_site),
-            "peak_rss_growth_from_more_tokens_mib": round(memory[1]["peak_rss_during_harvest_mib"] - memory[0]["peak_rss_during_harvest_mib"], 1),
+            "peak_rss_growth_from_more_tokens_mib": round(
+                memory[1]["peak_rss_during_harvest_mib"] - memory[0]["peak_rss_during_harvest_mib"], 1
+            ),
         },
     }
     RESULTS.mkdir(exist_ok=True)

@@ -46,13 +46,20 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         tp, _, seq = _base_type(hints[f.name])
         help_ = f.metadata.get("help", "")
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f"{help_} (default: {f.default})")
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=f"{help_} (default: {f.default})"
+            )
             continue
         default = f.default
         shown = " ".join(map(str, default)) if seq else default
-        parser.add_argument(flag, type=tp, nargs="+" if seq else None, default=default,
-                            metavar=f.name.upper(), help=f"{help_} (default: {shown})")
+        parser.add_argument(
+            flag,
+            type=tp,
+            nargs="+" if seq else None,
+            default=default,
+            metavar=f.name.upper(),
+            help=f"{help_} (default: {shown})",
+        )
 
 
 def from_arguments(cls: type[T], args: argparse.Namespace) -> T:

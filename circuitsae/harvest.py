@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from circuitsae import data, sites as sites_mod
+from circuitsae import data
+from circuitsae import sites as sites_mod
 from circuitsae.config import option
 from circuitsae.errors import CircuitSAEError
 from circuitsae.models import DEFAULT_MODEL, load_model, model_name, start_token_id
@@ -103,8 +104,9 @@ def record(model: Any, sites: list[sites_mod.Site], input_ids: torch.Tensor) -> 
     return {k: v.detach() for k, v in saved.items()}
 
 
-def harvest(config: HarvestConfig | None = None, *, model: Any = None, progress: bool = True,
-            **overrides: Any) -> ActivationStore:
+def harvest(
+    config: HarvestConfig | None = None, *, model: Any = None, progress: bool = True, **overrides: Any
+) -> ActivationStore:
     """Harvest activations into a store and return it opened for reading.
 
     Args:
@@ -135,23 +137,35 @@ def harvest(config: HarvestConfig | None = None, *, model: Any = None, progress:
         "rows_per_context": cfg.rows_per_context,
         "first_position": 0 if cfg.keep_bos else 1,
         "start_token_id": start_token_id(tok),
-        "splits": {s: {"contexts": n, "shards": math.ceil(n / cfg.shard_contexts),
-                       "rows": n * cfg.rows_per_context} for s, n in n_ctx.items()},
+        "splits": {
+            s: {"contexts": n, "shards": math.ceil(n / cfg.shard_contexts), "rows": n * cfg.rows_per_context}
+            for s, n in n_ctx.items()
+        },
     }
     # Tokenise first: a corpus too small or empty fails before anything is written.
-    ids = {split: data.contexts(tok, n, cfg.ctx_len, cfg.corpus, split, cfg.seed, cfg.heldout_fraction)
-           for split, n in n_ctx.items()}
+    ids = {
+        split: data.contexts(tok, n, cfg.ctx_len, cfg.corpus, split, cfg.seed, cfg.heldout_fraction)
+        for split, n in n_ctx.items()
+    }
     writer = StoreWriter(cfg.out, meta)
     first = meta["first_position"]
     device = next(model._module.parameters()).device
     total = sum(n_ctx.values()) * cfg.rows_per_context
-    bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"harvest {' '.join(cfg.sites)}", dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"harvest {' '.join(cfg.sites)}",
+        dynamic_ncols=True,
+    )
     with bar:
         for split, n in n_ctx.items():
             n_shards = meta["splits"][split]["shards"]
             todo = [i for i in range(n_shards) if not writer.has_shard(split, i)]
-            bar.update((n - sum(min(cfg.shard_contexts, n - i * cfg.shard_contexts) for i in todo)) * cfg.rows_per_context)
+            bar.update(
+                (n - sum(min(cfg.shard_contexts, n - i * cfg.shard_contexts) for i in todo)) * cfg.rows_per_context
+            )
             for i in todo:
                 shard_ids = ids[split][i * cfg.shard_contexts : (i + 1) * cfg.shard_contexts]
                 rows = shard_ids.shape[0] * cfg.rows_per_context

@@ -24,8 +24,9 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -96,9 +97,7 @@ def smollm2_folder() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
         tok = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
         # The de-quantised model is plain float, but transformers still marks it
         # as GGUF-quantised and refuses save_pretrained; drop the marker.
         if hasattr(model.config, "quantization_config"):
@@ -155,8 +154,9 @@ def _load_named(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
         except Exception as e:  # transformers raises OSError, ValueError, HTTP errors...
             last = e
     where = "the local folder" if Path(name).is_dir() else "the Hugging Face hub"
-    raise CircuitSAEError(f"cannot load model {name!r} from {where} ({type(last).__name__}: "
-                          f"{str(last).splitlines()[0][:160]}); {builtin}") from None
+    raise CircuitSAEError(
+        f"cannot load model {name!r} from {where} ({type(last).__name__}: {str(last).splitlines()[0][:160]}); {builtin}"
+    ) from None
 
 
 def _smollm2(dtype: torch.dtype) -> tuple[Any, Any]:
@@ -167,26 +167,51 @@ def _tiny(family: str) -> Callable[[torch.dtype], tuple[Any, Any]]:
     """A builder for a small random model of ``family`` using SmolLM2's tokenizer."""
 
     def build(dtype: torch.dtype) -> tuple[Any, Any]:
-        from transformers import AutoTokenizer
-        from transformers import GPT2Config, GPT2LMHeadModel
-        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import (
+            AutoTokenizer,
+            GPT2Config,
+            GPT2LMHeadModel,
+            GPTNeoXConfig,
+            GPTNeoXForCausalLM,
+            LlamaConfig,
+            LlamaForCausalLM,
+        )
 
         tok = AutoTokenizer.from_pretrained(smollm2_folder())
         common = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         v, d, n, h = len(tok), 64, 4, 4
         if family == "llama":
-            cls, cfg = LlamaForCausalLM, LlamaConfig(
-                vocab_size=v, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=n,
-                num_attention_heads=h, num_key_value_heads=h, max_position_embeddings=512,
-                **common)
+            cls, cfg = (
+                LlamaForCausalLM,
+                LlamaConfig(
+                    vocab_size=v,
+                    hidden_size=d,
+                    intermediate_size=4 * d,
+                    num_hidden_layers=n,
+                    num_attention_heads=h,
+                    num_key_value_heads=h,
+                    max_position_embeddings=512,
+                    **common,
+                ),
+            )
         elif family == "gpt2":
-            cls, cfg = GPT2LMHeadModel, GPT2Config(
-                vocab_size=v, n_embd=d, n_layer=n, n_head=h, n_positions=512, **common)
+            cls, cfg = (
+                GPT2LMHeadModel,
+                GPT2Config(vocab_size=v, n_embd=d, n_layer=n, n_head=h, n_positions=512, **common),
+            )
         else:
-            cls, cfg = GPTNeoXForCausalLM, GPTNeoXConfig(
-                vocab_size=v, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=n,
-                num_attention_heads=h, max_position_embeddings=512, **common)
+            cls, cfg = (
+                GPTNeoXForCausalLM,
+                GPTNeoXConfig(
+                    vocab_size=v,
+                    hidden_size=d,
+                    intermediate_size=4 * d,
+                    num_hidden_layers=n,
+                    num_attention_heads=h,
+                    max_position_embeddings=512,
+                    **common,
+                ),
+            )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = cls(cfg)

@@ -17,8 +17,9 @@ which is the order in which nnsight must visit them (:func:`forward_order`).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from circuitsae.errors import CircuitSAEError
 
@@ -63,9 +64,7 @@ class Site:
             return name
         m = _SITE_RE.match(str(name).strip())
         if not m:
-            raise CircuitSAEError(
-                f"unknown site {name!r}: a site is resid.L, mlp.L or attn.L with L a layer number"
-            )
+            raise CircuitSAEError(f"unknown site {name!r}: a site is resid.L, mlp.L or attn.L with L a layer number")
         return cls(layer=int(m.group(2)), kind=m.group(1))
 
     @property
@@ -90,8 +89,7 @@ def layout(model: Any) -> Layout:
     model_type = getattr(_hf_module(model).config, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise CircuitSAEError(
-            f"unsupported architecture {model_type!r}: sites are defined for "
-            f"{', '.join(sorted(ARCHITECTURES))}"
+            f"unsupported architecture {model_type!r}: sites are defined for {', '.join(sorted(ARCHITECTURES))}"
         )
     return ARCHITECTURES[model_type]
 

@@ -28,8 +28,9 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -156,7 +157,11 @@ class StoreWriter:
         for key in self.IDENTITY:
             a, b = old.get(key), self.meta.get(key)
             if isinstance(a, dict) and isinstance(b, dict):
-                diffs += [f"{key}.{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+                diffs += [
+                    f"{key}.{k}: {a.get(k)!r} there, {b.get(k)!r} now"
+                    for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k)
+                ]
             elif a != b:
                 diffs.append(f"{key}: {a!r} there, {b!r} now")
         if diffs:
@@ -173,8 +178,14 @@ class StoreWriter:
         _check_sizes(self.root, json.loads(manifest.read_text()))
         return True
 
-    def write_shard(self, split: str, index: int, first_context: int, tokens: torch.Tensor,
-                    acts: "dict[str, torch.Tensor | np.ndarray]") -> None:
+    def write_shard(
+        self,
+        split: str,
+        index: int,
+        first_context: int,
+        tokens: torch.Tensor,
+        acts: "dict[str, torch.Tensor | np.ndarray]",
+    ) -> None:
         """Write one shard: ``tokens`` ``[contexts, ctx_len]``, ``acts[site]`` ``[rows, d]``.
 
         Activations may be tensors or arrays already in the storage representation
@@ -183,14 +194,22 @@ class StoreWriter:
         stem = shard_stem(split, index)
         files: dict[str, dict] = {}
         arrays = {"tokens": tokens.to(torch.int32).cpu().numpy()}
-        arrays.update({site: a if isinstance(a, np.ndarray) else to_numpy(a, self.meta["dtype"]) for site, a in acts.items()})
+        arrays.update(
+            {site: a if isinstance(a, np.ndarray) else to_numpy(a, self.meta["dtype"]) for site, a in acts.items()}
+        )
         for key, arr in arrays.items():
             name = f"{stem}.{key}.npy"
             n_bytes, digest = atomic_write(self.root / name, arr)
             files[key] = {"name": name, "bytes": n_bytes, "sha256": digest, "shape": list(arr.shape)}
         rows = {int(a.shape[0]) for k, a in arrays.items() if k != "tokens"}
-        manifest = {"split": split, "index": index, "first_context": first_context,
-                    "contexts": int(tokens.shape[0]), "rows": rows.pop(), "files": files}
+        manifest = {
+            "split": split,
+            "index": index,
+            "first_context": first_context,
+            "contexts": int(tokens.shape[0]),
+            "rows": rows.pop(),
+            "files": files,
+        }
         atomic_write(self.root / f"{stem}.json", json.dumps(manifest, indent=1).encode())
 
     def finish(self, **summary: Any) -> None:
@@ -277,8 +296,10 @@ class ActivationStore:
         return sum(m["rows"] for m in self._split(split))
 
     def __repr__(self) -> str:
-        return (f"ActivationStore({str(self.root)!r}, model={self.config['model']!r}, sites={self.sites}, "
-                f"d={self.d}, train={self.n_rows('train')}, heldout={self.n_rows('heldout')}, dtype={self.dtype})")
+        return (
+            f"ActivationStore({str(self.root)!r}, model={self.config['model']!r}, sites={self.sites}, "
+            f"d={self.d}, train={self.n_rows('train')}, heldout={self.n_rows('heldout')}, dtype={self.dtype})"
+        )
 
     def __getitem__(self, site: str) -> "SiteView":
         return SiteView(self, self._site(site))
@@ -369,8 +390,9 @@ class ActivationStore:
                 for j in range(0, stop, batch_size):
                     yield rest[j : j + batch_size].to(device=device, dtype=dtype, non_blocking=True)
 
-    def activations(self, site: str, split: str = "heldout", max_rows: "int | None" = None,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def activations(
+        self, site: str, split: str = "heldout", max_rows: "int | None" = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """All activations ``[rows, d]`` of ``split`` in store order (default: the held-out slice)."""
         site, out, n = self._site(site), [], 0
         for m in self._split(split):

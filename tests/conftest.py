@@ -39,8 +39,10 @@ def text_corpus(tmp_path):
     """A folder of 12 small, distinct real-ish documents."""
     root = tmp_path / "corpus"
     root.mkdir()
-    words = ("the state of the union is strong and the people are free to speak their minds "
-             "while markets rose sharply in london as investors welcomed the news from the bank").split()
+    words = (
+        "the state of the union is strong and the people are free to speak their minds "
+        "while markets rose sharply in london as investors welcomed the news from the bank"
+    ).split()
     rng = random.Random(1)
     for i in range(12):
         text = f"Document {i}. " + " ".join(rng.choice(words) for _ in range(300))

@@ -13,18 +13,24 @@ def _err(capsys, argv):
     return code, err
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["harvest", "--model", "no-such-model", "--out", "{tmp}/o"], "cannot load model 'no-such-model'"),
-    (["harvest", "--model", "tiny-llama", "--sites", "resid.9", "--out", "{tmp}/o"], "out of range"),
-    (["harvest", "--model", "tiny-llama", "--sites", "layer3", "--out", "{tmp}/o"], "unknown site"),
-    (["harvest", "--model", "tiny-llama", "--corpus", "{tmp}/empty", "--out", "{tmp}/o"], "holds no text"),
-    (["harvest", "--model", "tiny-llama", "--tokens", "0", "--out", "{tmp}/o"], "tokens must be > 0"),
-    (["harvest", "--model", "tiny-llama", "--tokens", "-5", "--out", "{tmp}/o"], "tokens must be > 0"),
-    (["harvest", "--model", "tiny-llama", "--tokens", "many"], "invalid int value"),
-    (["harvest", "--model", "tiny-llama", "--tokens", "100", "--out", "{tmp}/file/sub"], "cannot write to output folder"),
-    (["harvest", "--bogus"], "unrecognized arguments"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["harvest", "--model", "no-such-model", "--out", "{tmp}/o"], "cannot load model 'no-such-model'"),
+        (["harvest", "--model", "tiny-llama", "--sites", "resid.9", "--out", "{tmp}/o"], "out of range"),
+        (["harvest", "--model", "tiny-llama", "--sites", "layer3", "--out", "{tmp}/o"], "unknown site"),
+        (["harvest", "--model", "tiny-llama", "--corpus", "{tmp}/empty", "--out", "{tmp}/o"], "holds no text"),
+        (["harvest", "--model", "tiny-llama", "--tokens", "0", "--out", "{tmp}/o"], "tokens must be > 0"),
+        (["harvest", "--model", "tiny-llama", "--tokens", "-5", "--out", "{tmp}/o"], "tokens must be > 0"),
+        (["harvest", "--model", "tiny-llama", "--tokens", "many"], "invalid int value"),
+        (
+            ["harvest", "--model", "tiny-llama", "--tokens", "100", "--out", "{tmp}/file/sub"],
+            "cannot write to output folder",
+        ),
+        (["harvest", "--bogus"], "unrecognized arguments"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(capsys, tmp_path, argv, match):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("a file, not a folder")
@@ -36,9 +42,28 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, argv, match):
 
 
 def test_harvest_cli_writes_a_store(capsys, tmp_path, text_corpus):
-    code = main(["harvest", "--model", "tiny-gpt2", "--sites", "resid.0", "mlp.1", "--tokens", "300",
-                 "--ctx-len", "16", "--corpus", str(text_corpus), "--heldout-fraction", "0.25",
-                 "--out", str(tmp_path / "o"), "--dtype", "bfloat16"])
+    code = main(
+        [
+            "harvest",
+            "--model",
+            "tiny-gpt2",
+            "--sites",
+            "resid.0",
+            "mlp.1",
+            "--tokens",
+            "300",
+            "--ctx-len",
+            "16",
+            "--corpus",
+            str(text_corpus),
+            "--heldout-fraction",
+            "0.25",
+            "--out",
+            str(tmp_path / "o"),
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "ActivationStore(" in out and "tiny-gpt2" in out and "dtype=bfloat16" in out
@@ -47,9 +72,13 @@ def test_harvest_cli_writes_a_store(capsys, tmp_path, text_corpus):
 
 def test_entry_point_help_and_error_exit_code():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    help_ = subprocess.run([sys.executable, "-m", "circuitsae", "harvest", "--help"], capture_output=True, text=True, env=env)
+    help_ = subprocess.run(
+        [sys.executable, "-m", "circuitsae", "harvest", "--help"], capture_output=True, text=True, env=env
+    )
     assert help_.returncode == 0
     for flag in ("--model", "--sites", "--tokens", "--out", "--corpus", "--dtype", "examples:"):
         assert flag in help_.stdout
-    bad = subprocess.run([sys.executable, "-m", "circuitsae", "harvest", "--sites", "nope"], capture_output=True, text=True, env=env)
+    bad = subprocess.run(
+        [sys.executable, "-m", "circuitsae", "harvest", "--sites", "nope"], capture_output=True, text=True, env=env
+    )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown site" in bad.stderr

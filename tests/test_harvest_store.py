@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import circuitsae
-from circuitsae import sites, store as store_mod
+from circuitsae import sites
+from circuitsae import store as store_mod
 from circuitsae.errors import CircuitSAEError
 from circuitsae.harvest import HarvestConfig, harvest
 from circuitsae.store import ActivationStore, StoreWriter
@@ -14,8 +15,17 @@ SITES = ("resid.1", "mlp.2", "attn.0")
 
 
 def _harvest(model, out, corpus, **kw):
-    cfg = dict(sites=SITES, tokens=600, ctx_len=16, batch_size=4, shard_contexts=8, corpus=str(corpus),
-               heldout_fraction=0.25, out=str(out), progress=False)
+    cfg = dict(
+        sites=SITES,
+        tokens=600,
+        ctx_len=16,
+        batch_size=4,
+        shard_contexts=8,
+        corpus=str(corpus),
+        heldout_fraction=0.25,
+        out=str(out),
+        progress=False,
+    )
     cfg.update(kw)
     return harvest(model=model, **cfg)
 
@@ -34,6 +44,7 @@ def test_roundtrip_equals_direct_forward(tiny_llama, text_corpus, tmp_path):
     assert toks.shape == (40, 16) and (toks[:, 0] == tiny_llama.tokenizer.bos_token_id).all()
     # the stored contexts are exactly the corpus' training contexts, in order
     from circuitsae import data
+
     assert torch.equal(toks, data.contexts(tiny_llama.tokenizer, 40, 16, str(text_corpus), "train", 0, 0.25))
     hf = tiny_llama._module
     for name in SITES:
@@ -91,7 +102,9 @@ def test_resume_after_interruption_gives_identical_store(tiny_llama, text_corpus
     partial = ActivationStore(tmp_path / "cut", allow_incomplete=True)
     assert len(partial.manifests["train"]) == 2
     written = []
-    monkeypatch.setattr(StoreWriter, "write_shard", lambda self, s, i, *a, **k: (written.append(i), real_write(self, s, i, *a, **k)))
+    monkeypatch.setattr(
+        StoreWriter, "write_shard", lambda self, s, i, *a, **k: (written.append(i), real_write(self, s, i, *a, **k))
+    )
     resumed = _harvest(tiny_llama, tmp_path / "cut", text_corpus)
     assert written[:1] == [2], "resume must start at the first missing shard"
     assert _digests(tmp_path / "full") == _digests(tmp_path / "cut")
@@ -102,8 +115,9 @@ def test_resume_after_interruption_gives_identical_store(tiny_llama, text_corpus
     assert written == []
 
 
-@pytest.mark.parametrize("change", [dict(sites=("resid.1",)), dict(dtype="float32"), dict(tokens=900),
-                                    dict(model="tiny-gpt2")])
+@pytest.mark.parametrize(
+    "change", [dict(sites=("resid.1",)), dict(dtype="float32"), dict(tokens=900), dict(model="tiny-gpt2")]
+)
 def test_incompatible_store_is_refused_untouched(tiny_models, text_corpus, tmp_path, change):
     _harvest(tiny_models["tiny-llama"], tmp_path / "s", text_corpus)
     before = _digests(tmp_path / "s")
@@ -158,8 +172,12 @@ def test_batches_cover_each_row_once_per_epoch_shuffled(tiny_llama, text_corpus,
 
 
 def test_config_validation():
-    for bad, match in [(dict(tokens=0), "tokens must be > 0"), (dict(dtype="int8"), "dtype must be one of"),
-                       (dict(sites=()), "at least one site"), (dict(sites=("foo.1",)), "unknown site")]:
+    for bad, match in [
+        (dict(tokens=0), "tokens must be > 0"),
+        (dict(dtype="int8"), "dtype must be one of"),
+        (dict(sites=()), "at least one site"),
+        (dict(sites=("foo.1",)), "unknown site"),
+    ]:
         with pytest.raises(CircuitSAEError, match=match):
             HarvestConfig(**bad)
 

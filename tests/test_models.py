@@ -36,11 +36,14 @@ def test_dtype_argument(tmp_path):
     assert next(lm._module.parameters()).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(name_or_path="no-such-model-anywhere"), "hub is unreachable"),
-    (dict(name_or_path="tiny-llama", dtype="float8"), "unknown dtype"),
-    (dict(name_or_path="tiny-llama", device="tpu"), "unknown device"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(name_or_path="no-such-model-anywhere"), "hub is unreachable"),
+        (dict(name_or_path="tiny-llama", dtype="float8"), "unknown dtype"),
+        (dict(name_or_path="tiny-llama", device="tpu"), "unknown device"),
+    ],
+)
 def test_bad_model_arguments_are_one_line(kwargs, match):
     with pytest.raises(CircuitSAEError, match=match) as err:
         circuitsae.load_model(**kwargs)

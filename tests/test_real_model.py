@@ -28,8 +28,17 @@ def test_smollm2_completes_ioi(smollm2, io, s):
 
 
 def test_smollm2_harvest_on_embedded_corpus(smollm2, tmp_path):
-    st = harvest(model=smollm2, sites=["resid.3"], tokens=254, ctx_len=128, batch_size=2, corpus="sotu",
-                 out=str(tmp_path / "s"), progress=False, dtype="float32")
+    st = harvest(
+        model=smollm2,
+        sites=["resid.3"],
+        tokens=254,
+        ctx_len=128,
+        batch_size=2,
+        corpus="sotu",
+        out=str(tmp_path / "s"),
+        progress=False,
+        dtype="float32",
+    )
     x = st.activations("resid.3", "train")
     assert x.shape == (254, 576) and torch.isfinite(x).all()
     # the stored rows are the model's activations on the stored text (positions 1..127)

@@ -41,11 +41,14 @@ def _hooked(model, module, ids):
     return got["x"]
 
 
-@pytest.mark.parametrize("arch, blocks, attn", [
-    ("tiny-llama", lambda m: m.model.layers, "self_attn"),
-    ("tiny-gpt2", lambda m: m.transformer.h, "attn"),
-    ("tiny-neox", lambda m: m.gpt_neox.layers, "attention"),
-])
+@pytest.mark.parametrize(
+    "arch, blocks, attn",
+    [
+        ("tiny-llama", lambda m: m.model.layers, "self_attn"),
+        ("tiny-gpt2", lambda m: m.transformer.h, "attn"),
+        ("tiny-neox", lambda m: m.gpt_neox.layers, "attention"),
+    ],
+)
 def test_sites_read_the_right_module(tiny_models, arch, blocks, attn):
     lm = tiny_models[arch]
     hf = lm._module

@@ -64,5 +64,9 @@ print("mean squared norm per dimension:", float(batch.pow(2).sum(1).mean() / sto
 
 ctx, pos = store.locate(100)
 tokens = store.tokens("train")[ctx]
-print("row 100 is the token", repr(lm.tokenizer.decode(tokens[pos])), "in:",
-      repr(lm.tokenizer.decode(tokens[max(1, pos - 8) : pos + 1])))
+print(
+    "row 100 is the token",
+    repr(lm.tokenizer.decode(tokens[pos])),
+    "in:",
+    repr(lm.tokenizer.decode(tokens[max(1, pos - 8) : pos + 1])),
+)
