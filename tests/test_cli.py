@@ -31,7 +31,8 @@ def _err(capsys, argv):
         (["frobnicate"], "invalid choice"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(capsys, tmp_path, argv, match):
+def test_bad_input_is_one_line_exit_2(tiny_llama, capsys, tmp_path, argv, match):
+    # tiny_llama: the one-time model conversion (with its own progress bar) is done before
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("a file, not a folder")
     code, err = _err(capsys, [a.replace("{tmp}", str(tmp_path)) for a in argv])
