@@ -180,38 +180,18 @@ def _tiny(family: str) -> Callable[[torch.dtype], tuple[Any, Any]]:
         tok = AutoTokenizer.from_pretrained(smollm2_folder())
         common = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         v, d, n, h = len(tok), 64, 4, 4
+        # Llama and GPT-NeoX name their sizes alike; GPT-2 has its own names.
+        sizes = dict(vocab_size=v, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=n,
+                     num_attention_heads=h, max_position_embeddings=512, **common)  # fmt: skip
         if family == "llama":
-            cls, cfg = (
-                LlamaForCausalLM,
-                LlamaConfig(
-                    vocab_size=v,
-                    hidden_size=d,
-                    intermediate_size=4 * d,
-                    num_hidden_layers=n,
-                    num_attention_heads=h,
-                    num_key_value_heads=h,
-                    max_position_embeddings=512,
-                    **common,
-                ),
-            )
+            cls, cfg = LlamaForCausalLM, LlamaConfig(num_key_value_heads=h, **sizes)
         elif family == "gpt2":
             cls, cfg = (
                 GPT2LMHeadModel,
                 GPT2Config(vocab_size=v, n_embd=d, n_layer=n, n_head=h, n_positions=512, **common),
             )
         else:
-            cls, cfg = (
-                GPTNeoXForCausalLM,
-                GPTNeoXConfig(
-                    vocab_size=v,
-                    hidden_size=d,
-                    intermediate_size=4 * d,
-                    num_hidden_layers=n,
-                    num_attention_heads=h,
-                    max_position_embeddings=512,
-                    **common,
-                ),
-            )
+            cls, cfg = GPTNeoXForCausalLM, GPTNeoXConfig(**sizes)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = cls(cfg)

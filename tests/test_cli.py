@@ -83,3 +83,16 @@ def test_entry_point_help_and_error_exit_code():
         [sys.executable, "-m", "circuitsae", "harvest", "--sites", "nope"], capture_output=True, text=True, env=env
     )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown site" in bad.stderr
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(capsys, monkeypatch):
+    import sys
+
+    harvest_mod = sys.modules["circuitsae.harvest"]  # the package re-exports the function under this name
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harvest_mod, "harvest", interrupted)
+    assert main(["harvest", "--model", "tiny-llama"]) == 130
+    assert "re-run the same command to resume" in capsys.readouterr().err
