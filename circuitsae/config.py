@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from typing import Any, TypeVar
 
@@ -27,7 +28,7 @@ def _base_type(tp: Any) -> tuple[Any, bool, bool]:
     """(element type, optional?, sequence?) of an annotation."""
     optional = False
     args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         optional = type(None) in args
         tp = next(a for a in args if a is not type(None))
         args = typing.get_args(tp)
