@@ -16,11 +16,12 @@ setup: $(STAMP) graphviz
 TORCH      := torch==2.13.0
 TORCH_CPU  := https://download.pytorch.org/whl/cpu
 
-# torch first: a local CPU wheel if pip's find-links has one (no network),
+# torch first: a local CPU wheel if pip's find-links has one (its dependencies
+# then come from the usual index),
 # else the CPU index on machines without an NVIDIA driver, else PyPI's build.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --no-index $(TORCH) 2>/dev/null || \
+	{ $(PIP) install -q --no-index --no-deps $(TORCH) 2>/dev/null && $(PIP) install -q $(TORCH); } || \
 	  { if command -v nvidia-smi >/dev/null; then $(PIP) install -q $(TORCH); \
 	    else $(PIP) install -q $(TORCH) --index-url $(TORCH_CPU); fi; }
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
