@@ -27,8 +27,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -343,7 +344,7 @@ class ActivationStore:
     # -- reading -------------------------------------------------------------
     def batches(
         self,
-        site: str,
+        site: "str | Sequence[str]",
         batch_size: int,
         *,
         epochs: int = 1,
@@ -354,7 +355,8 @@ class ActivationStore:
         buffer_rows: int = 1 << 18,
         drop_last: bool = False,
         verify: bool = True,
-    ) -> Iterator[torch.Tensor]:
+        skip: int = 0,
+    ) -> Iterator[Any]:
         """Shuffled mini-batches ``[batch_size, d]`` of one site, in ``dtype`` on ``device``.
 
         Memory stays bounded by about ``buffer_rows`` rows plus one shard,
@@ -362,33 +364,67 @@ class ActivationStore:
         random order, pools them in a buffer of ``buffer_rows`` rows, shuffles
         the pool, and hands out half of it before refilling. The same seed
         gives the same batches.
+
+        ``site`` may be a list of sites: each batch is then a tuple with one
+        tensor per site, all for the same rows (one read serves SAEs at
+        several sites). ``skip`` drops the first ``skip`` batches without
+        copying them, so a resumed run sees exactly the batches it had left.
+        Non-finite activations raise, naming the shard file and row.
         """
         if batch_size < 1 or epochs < 1:
             raise CircuitSAEError("batch_size and epochs must be >= 1")
-        site, manifests = self._site(site), self._split(split)
+        single = isinstance(site, str)
+        names = [self._site(s) for s in ([site] if single else site)]
+        manifests = self._split(split)
         if not manifests:
             raise CircuitSAEError(f"store {self.root} has no {split} shards")
         gen = torch.Generator().manual_seed(seed)
+        counter = 0
+
+        def emit(parts: list[torch.Tensor], j: int) -> Any:
+            out = [p[j : j + batch_size].to(device=device, dtype=dtype, non_blocking=True) for p in parts]
+            return out[0] if single else tuple(out)
+
         for _ in range(epochs):
-            pool: list[torch.Tensor] = []
+            pool: list[list[torch.Tensor]] = []
             pooled = 0
             for i in torch.randperm(len(manifests), generator=gen).tolist():
-                shard = from_numpy(self._read(manifests[i], site, verify), self.dtype)
-                pool.append(shard)
-                pooled += shard.shape[0]
+                pool.append([self._finite(manifests[i], s, verify) for s in names])
+                pooled += pool[-1][0].shape[0]
                 if pooled >= buffer_rows:
-                    mixed = torch.cat(pool)
-                    mixed = mixed[torch.randperm(mixed.shape[0], generator=gen)]
-                    n_out = (mixed.shape[0] // 2) // batch_size * batch_size
+                    perm = torch.randperm(pooled, generator=gen)
+                    mixed = [torch.cat([p[k] for p in pool])[perm] for k in range(len(names))]
+                    n_out = (pooled // 2) // batch_size * batch_size
                     for j in range(0, n_out, batch_size):
-                        yield mixed[j : j + batch_size].to(device=device, dtype=dtype, non_blocking=True)
-                    pool, pooled = [mixed[n_out:]], mixed.shape[0] - n_out
+                        counter += 1
+                        if counter > skip:
+                            yield emit(mixed, j)
+                    pool, pooled = [[m[n_out:] for m in mixed]], pooled - n_out
             if pooled:
-                rest = torch.cat(pool)
-                rest = rest[torch.randperm(rest.shape[0], generator=gen)]
-                stop = rest.shape[0] - (rest.shape[0] % batch_size if drop_last else 0)
+                perm = torch.randperm(pooled, generator=gen)
+                rest = [torch.cat([p[k] for p in pool])[perm] for k in range(len(names))]
+                stop = pooled - (pooled % batch_size if drop_last else 0)
                 for j in range(0, stop, batch_size):
-                    yield rest[j : j + batch_size].to(device=device, dtype=dtype, non_blocking=True)
+                    counter += 1
+                    if counter > skip:
+                        yield emit(rest, j)
+
+    def n_batches(self, batch_size: int, *, epochs: int = 1, split: str = "train", drop_last: bool = False) -> int:
+        """How many batches :meth:`batches` yields with these settings."""
+        n = self.n_rows(split)
+        return epochs * (n // batch_size + int(bool(n % batch_size) and not drop_last))
+
+    def _finite(self, manifest: dict, site: str, verify: bool) -> torch.Tensor:
+        """One shard of ``site``; raises naming the file and row if a value is NaN or inf."""
+        x = from_numpy(self._read(manifest, site, verify), self.dtype)
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            row = int(bad.any(dim=1).nonzero()[0, 0])
+            raise CircuitSAEError(
+                f"non-finite activation (NaN or inf) in {self.root / manifest['files'][site]['name']} at row {row}: "
+                f"re-harvest that shard (a float16 overflow? harvest with --dtype bfloat16)"
+            )
+        return x
 
     def activations(
         self, site: str, split: str = "heldout", max_rows: "int | None" = None, dtype: torch.dtype = torch.float32
@@ -439,3 +475,47 @@ class SiteView:
 
     def __repr__(self) -> str:
         return f"SiteView({self.site!r} of {self.store.root})"
+
+
+def store_from_tensors(
+    root: "str | Path",
+    train: "dict[str, torch.Tensor]",
+    heldout: "dict[str, torch.Tensor] | None" = None,
+    *,
+    model: str = "tensors",
+    dtype: str = "float32",
+    shard_rows: int = 1 << 14,
+) -> ActivationStore:
+    """Write activations you already have (``{site: [rows, d]}``) as a store, e.g. synthetic data.
+
+    There are no real token ids: each row is its own one-token "context" with
+    token id 0. Sites must all have the same rows and width.
+    """
+    splits = {"train": train, "heldout": heldout or {s: x[:0] for s, x in train.items()}}
+    shapes = {tuple(x.shape) for x in train.values()}
+    widths = {x.shape[-1] for part in splits.values() for x in part.values()}
+    if len(shapes) != 1 or len(widths) != 1 or set(splits["heldout"]) != set(train):
+        raise CircuitSAEError("every site needs activations of one shape [rows, d], in both splits")
+    meta = {
+        "config": {"model": model, "corpus": None, "ctx_len": 1, "source": "tensors"},
+        "sites": list(train),
+        "d": widths.pop(),
+        "dtype": dtype,
+        "rows_per_context": 1,
+        "first_position": 0,
+        "start_token_id": None,
+        "splits": {
+            s: {"contexts": n, "shards": math.ceil(n / shard_rows), "rows": n}
+            for s, n in ((s, next(iter(part.values())).shape[0]) for s, part in splits.items())
+        },
+    }
+    writer = StoreWriter(root, meta)
+    for split, part in splits.items():
+        n = meta["splits"][split]["rows"]
+        for i, r0 in enumerate(range(0, n, shard_rows)):
+            r1 = min(n, r0 + shard_rows)
+            writer.write_shard(
+                split, i, r0, torch.zeros(r1 - r0, 1, dtype=torch.int32), {s: x[r0:r1] for s, x in part.items()}
+            )
+    writer.finish()
+    return ActivationStore(root)

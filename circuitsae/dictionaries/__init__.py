@@ -1,0 +1,90 @@
+"""Dictionaries: baseline SAE, Gated SAE, PCA and the neuron basis, one interface.
+
+``load_dictionary(path)`` reads a folder written by ``Dictionary.save`` and
+returns the right class, named by ``cfg.json``'s ``architecture``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from circuitsae.dictionaries.base import FORMAT, Dictionary, Loss, Output, unit_rows
+from circuitsae.dictionaries.gated import GatedSAE
+from circuitsae.dictionaries.linear import IdentityDictionary, PCADictionary
+from circuitsae.dictionaries.relu import ReluSAE
+from circuitsae.errors import CircuitSAEError
+
+#: architecture name (as in cfg.json) -> class
+ARCHITECTURES: dict[str, type[Dictionary]] = {
+    c.architecture: c for c in (ReluSAE, GatedSAE, PCADictionary, IdentityDictionary)
+}
+
+
+def load_dictionary(path: "str | Path", device: "str | torch.device" = "cpu") -> Dictionary:
+    """Load a dictionary folder (``sae.safetensors`` + ``cfg.json``); the class comes from ``cfg.json``."""
+    path = Path(path)
+    cfg_path = path / "cfg.json"
+    if not cfg_path.is_file():
+        what = "does not exist" if not path.exists() else "has no cfg.json"
+        raise CircuitSAEError(f"{path} {what}: not a saved dictionary (expected sae.safetensors + cfg.json)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CircuitSAEError(f"{cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise CircuitSAEError(f"{cfg_path} is not a circuitsae dictionary config (format {FORMAT!r} expected)")
+    for key in ("architecture", "d", "d_dict"):
+        if key not in cfg:
+            raise CircuitSAEError(f"{cfg_path} lacks the key {key!r}")
+    cls = ARCHITECTURES.get(cfg["architecture"])
+    if cls is None:
+        raise CircuitSAEError(
+            f"{cfg_path}: unknown architecture {cfg['architecture']!r} (known: {', '.join(ARCHITECTURES)})"
+        )
+    args = {k: cfg[k] for k in cls(**_small_args(cls)).config()}
+    dictionary = cls(**args)
+    weights = path / "sae.safetensors"
+    expected = dictionary.state_dict()
+    if expected:
+        if not weights.is_file():
+            raise CircuitSAEError(f"{path} has cfg.json but no sae.safetensors")
+        try:
+            tensors = safetensors.torch.load_file(weights)
+        except Exception as e:  # safetensors raises several types for a bad header
+            raise CircuitSAEError(f"{weights} is not a readable safetensors file ({e})") from None
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise CircuitSAEError(
+                f"{weights} does not match its cfg.json ({cls.__name__}): missing {missing}, unexpected {extra}"
+            )
+        for k, v in tensors.items():
+            if v.shape != expected[k].shape:
+                raise CircuitSAEError(
+                    f"{weights}: {k} has shape {tuple(v.shape)} but cfg.json implies {tuple(expected[k].shape)}"
+                )
+        dictionary.load_state_dict(tensors)
+    dictionary.meta = {k: v for k, v in cfg.items() if k not in ("format", "architecture", *args)}
+    return dictionary.to(device)
+
+
+def _small_args(cls: type[Dictionary]) -> dict:
+    """Constructor arguments for a throwaway 1×1 instance (to learn which keys cfg.json must give)."""
+    return {"d": 1, "d_dict": 1}
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "Dictionary",
+    "GatedSAE",
+    "IdentityDictionary",
+    "Loss",
+    "Output",
+    "PCADictionary",
+    "ReluSAE",
+    "load_dictionary",
+    "unit_rows",
+]

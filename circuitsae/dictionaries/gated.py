@@ -1,0 +1,94 @@
+"""The Gated SAE (Rajamanoharan et al. 2024, §3 and App. D/G)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from circuitsae.dictionaries.base import Dictionary, Loss, unit_rows
+
+
+class GatedSAE(Dictionary):
+    r"""Gated sparse autoencoder: which features fire and how much, decided apart.
+
+    ::
+
+        x_c    = x − b_dec
+        π_gate = W_gate x_c + b_gate
+        f_gate = 1[π_gate > 0]                          (Heaviside)
+        W_mag  = exp(r_mag) ⊙ W_gate                    (row i scaled by e^{r_mag,i})
+        f_mag  = ReLU(W_mag x_c + b_mag)
+        f̃      = f_gate ⊙ f_mag                         (the codes)
+        x̂      = W_decᵀ f̃ + b_dec
+
+        L = ||x − x̂||²                                  reconstruction
+          + λ ||ReLU(π_gate)||₁                          sparsity, gate path only
+          + ||x − (sg(W_dec)ᵀ ReLU(π_gate) + sg(b_dec))||²   auxiliary (frozen decoder)
+
+    ``sg`` is stop-gradient: the auxiliary term trains the gate path to
+    reconstruct on its own, without moving the decoder. Feature directions
+    (rows of ``W_dec`` here, ``[d_sae, d]``) are held at unit norm by the
+    trainer. With this tying the encoder is one linear map followed by a
+    JumpReLU: with ``u = W_mag x_c + b_mag`` and
+    ``θ = b_mag − exp(r_mag) ⊙ b_gate``, ``f̃_i = u_i · 1[u_i > max(θ_i, 0)]``
+    (:meth:`jumprelu_threshold`).
+    """
+
+    architecture: ClassVar[str] = "gated"
+    _bias_names = ("b_gate", "b_mag", "b_dec")
+
+    def __init__(self, d: int, d_dict: int) -> None:
+        super().__init__(d, d_dict)
+        w = unit_rows(torch.randn(d_dict, d))
+        self.W_gate = nn.Parameter(w.clone())
+        self.b_gate = nn.Parameter(torch.zeros(d_dict))
+        self.r_mag = nn.Parameter(torch.zeros(d_dict))
+        self.b_mag = nn.Parameter(torch.zeros(d_dict))
+        self.W_dec = nn.Parameter(w)
+        self.b_dec = nn.Parameter(torch.zeros(d))
+
+    def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(π_gate, magnitude pre-activation W_mag x_c + b_mag), both ``[..., d_sae]``.
+
+        One matmul serves both: W_mag x_c = e^{r_mag} ⊙ (W_gate x_c).
+        """
+        shape = (*x.shape[:-1], self.d_dict)
+        proj = ((x - self.b_dec).reshape(-1, self.d) @ self.W_gate.T).reshape(shape)
+        return proj + self.b_gate, proj * self.r_mag.exp() + self.b_mag
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pi_gate, pre_mag = self._paths(x)
+        return torch.where(pi_gate > 0, torch.relu(pre_mag), 0.0)
+
+    def loss(self, x: torch.Tensor, coefficient: float) -> Loss:
+        pi_gate, pre_mag = self._paths(x)
+        codes = torch.where(pi_gate > 0, torch.relu(pre_mag), 0.0)
+        x_hat = self.decode(codes)
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        gate = torch.relu(pi_gate)
+        sparsity = gate.sum(-1).mean()
+        x_aux = gate @ self.W_dec.detach() + self.b_dec.detach()
+        aux = (x_aux - x).pow(2).sum(-1).mean()
+        return Loss(mse + coefficient * sparsity + aux, mse, sparsity, aux, x_hat, codes)
+
+    @torch.no_grad()
+    def jumprelu_threshold(self) -> torch.Tensor:
+        """θ = b_mag − exp(r_mag) ⊙ b_gate: the encoder is u ↦ u · 1[u > max(θ, 0)]."""
+        return self.b_mag - self.r_mag.exp() * self.b_gate
+
+    def constrained(self) -> list[nn.Parameter]:
+        return [self.W_dec]
+
+    @torch.no_grad()
+    def resample(self, dead: torch.Tensor, inputs: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Point dead features at ``inputs`` (one row each); returns (param, rows) whose optimiser state to reset."""
+        directions = unit_rows(inputs - self.b_dec)
+        alive = ~torch.zeros(self.d_dict, dtype=torch.bool, device=dead.device).index_fill_(0, dead, True)
+        norm = self.W_gate[alive].norm(dim=-1).mean() if alive.any() else 1.0
+        self.W_dec[dead] = directions
+        self.W_gate[dead] = directions * 0.2 * norm
+        for p in (self.b_gate, self.r_mag, self.b_mag):
+            p[dead] = 0.0
+        return [(p, dead) for p in (self.W_dec, self.W_gate, self.b_gate, self.r_mag, self.b_mag)]

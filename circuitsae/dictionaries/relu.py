@@ -1,0 +1,88 @@
+"""The baseline ReLU/L1 sparse autoencoder (Cunningham et al. 2023, §2 and App. B–C)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from circuitsae.dictionaries.base import Dictionary, Loss, unit_rows
+
+
+class ReluSAE(Dictionary):
+    r"""Baseline sparse autoencoder with an L1 penalty.
+
+    Paper form (``tied=True, decoder_bias=False``, the default)::
+
+        c    = ReLU(M x + b)          M ∈ R^{d_sae×d}, rows unit-norm
+        x̂    = Mᵀ c
+        L(x) = ||x − x̂||²₂ + α ||c||₁
+
+    Untied (``tied=False``, App. C.3): ``c = ReLU(M_e x + b)``, ``x̂ = M_dᵀ c``
+    with unit-norm rows of M_d. With ``decoder_bias=True`` a learned ``b_dec``
+    is subtracted before the encoder and added after the decoder (the variant
+    later libraries use). Rows are kept unit norm by the trainer (the gradient
+    component along each row is removed, then rows are renormalised), so the
+    L1 term cannot be lowered by scaling. An "α = 0 dictionary" is this SAE
+    trained with α = 0.
+
+    Stored as ``W_dec`` ``[d_sae, d]`` (= M, or M_d), ``W_enc_untied`` ``[d_sae, d]``
+    when untied, ``b_enc`` ``[d_sae]`` and ``b_dec`` ``[d]`` when present.
+    """
+
+    architecture: ClassVar[str] = "relu"
+    _bias_names = ("b_enc", "b_dec")
+
+    def __init__(self, d: int, d_dict: int, tied: bool = True, decoder_bias: bool = False) -> None:
+        super().__init__(d, d_dict)
+        self.tied, self.decoder_bias = bool(tied), bool(decoder_bias)
+        w = unit_rows(torch.randn(d_dict, d))
+        self.W_dec = nn.Parameter(w)
+        self.W_enc_untied = None if tied else nn.Parameter(w.clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_dict))
+        self.b_dec = nn.Parameter(torch.zeros(d)) if decoder_bias else None
+
+    @property
+    def W_enc(self) -> torch.Tensor:  # noqa: N802
+        """Encoder rows: W_dec itself when tied."""
+        return self.W_dec if self.W_enc_untied is None else self.W_enc_untied
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """M (x − b_dec) + b, before the ReLU."""
+        if self.b_dec is not None:
+            x = x - self.b_dec
+        return torch.addmm(self.b_enc, x.reshape(-1, self.d), self.W_enc.T).reshape(*x.shape[:-1], self.d_dict)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.pre_activation(x))
+
+    def loss(self, x: torch.Tensor, coefficient: float) -> Loss:
+        """L = ||x − x̂||² + α ||c||₁ (batch means)."""
+        codes = self.encode(x)
+        x_hat = self.decode(codes)
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        l1 = codes.sum(-1).mean()  # codes >= 0
+        zero = mse.new_zeros(())
+        return Loss(mse + coefficient * l1, mse, l1, zero, x_hat, codes)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "tied": self.tied, "decoder_bias": self.decoder_bias}
+
+    def constrained(self) -> list[nn.Parameter]:
+        """Parameters whose rows are feature directions held at unit norm."""
+        return [self.W_dec]
+
+    @torch.no_grad()
+    def resample(self, dead: torch.Tensor, inputs: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Point dead features at ``inputs`` (one row each); returns (param, rows) whose optimiser state to reset."""
+        directions = unit_rows(inputs - (0 if self.b_dec is None else self.b_dec))
+        alive = ~torch.zeros(self.d_dict, dtype=torch.bool, device=dead.device).index_fill_(0, dead, True)
+        self.W_dec[dead] = directions
+        touched = [(self.W_dec, dead), (self.b_enc, dead)]
+        if self.W_enc_untied is not None:
+            norm = self.W_enc_untied[alive].norm(dim=-1).mean() if alive.any() else 1.0
+            self.W_enc_untied[dead] = directions * 0.2 * norm
+            touched.append((self.W_enc_untied, dead))
+        self.b_enc[dead] = 0.0
+        return touched

@@ -1,0 +1,208 @@
+"""Evaluate dictionaries: reconstruction metrics and loss recovered (REFERENCE §3).
+
+Reconstruction (L0, FVU, γ, dead/dense fractions, density histogram) uses the
+store's held-out activations. Fidelity splices each dictionary into the model
+(:mod:`circuitsae.splice`) on held-out contexts and compares next-token
+cross-entropy with the clean run and with the site zero-ablated::
+
+    loss_recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean)
+
+reported with ΔCE = CE_spliced − CE_clean and KL(clean ‖ spliced) per token.
+CE and KL are taken over the positions the dictionary applies to (after the
+BOS token when the store skipped it), on the same tokens for all three runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from circuitsae import metrics
+from circuitsae.config import option
+from circuitsae.dictionaries import Dictionary, load_dictionary
+from circuitsae.errors import CircuitSAEError
+from circuitsae.splice import check_dictionary, default_start, run_ablated, run_spliced
+from circuitsae.store import ActivationStore, atomic_write
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate saved dictionaries on a store's held-out split."""
+
+    dictionaries: tuple[str, ...] = option((), "saved dictionary folders (or a training output folder)", cli=False)
+    store: "str | None" = option(None, "activation store (default: the one each dictionary was trained on)")
+    model: "str | None" = option(None, "model to splice into (default: the store's model)")
+    contexts: int = option(32, "held-out contexts for loss recovered")
+    rows: int = option(65536, "held-out activations for L0/FVU/γ")
+    batch_size: int = option(8, "contexts per forward pass")
+    out: "str | None" = option(None, "JSON file to write (default: eval.json beside the first dictionary)")
+    device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
+
+    def __post_init__(self) -> None:
+        if self.contexts < 1 or self.rows < 1 or self.batch_size < 1:
+            raise CircuitSAEError("contexts, rows and batch_size must be >= 1")
+        self.dictionaries = tuple(self.dictionaries)
+
+
+def dictionary_folders(paths: "tuple[str, ...] | list[str]") -> list[Path]:
+    """Expand each path: a dictionary folder itself, or a folder of them (a training output)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "cfg.json").is_file():
+            found.append(p)
+        elif p.is_dir() and any(p.glob("*/cfg.json")):
+            found.extend(sorted(c.parent for c in p.glob("*/cfg.json")))
+        else:
+            raise CircuitSAEError(f"{p} is neither a saved dictionary nor a folder of them")
+    if not found:
+        raise CircuitSAEError("no dictionary given to evaluate")
+    return found
+
+
+@torch.no_grad()
+def reconstruction(dictionary: Dictionary, x: torch.Tensor, chunk: int = 8192) -> dict:
+    """L0, FVU, γ, MSE, dead/dense fractions and density histogram of ``dictionary`` on ``x`` ``[n, d]``."""
+    stats = metrics.ReconstructionStats()
+    for i in range(0, x.shape[0], chunk):
+        xi = x[i : i + chunk].to(dictionary.W_dec.device, dictionary.W_dec.dtype)
+        out = dictionary(xi)
+        stats.update(xi, out.x_hat, out.codes)
+    return stats.summary()
+
+
+@torch.no_grad()
+def fidelity(
+    model: Any,
+    dictionaries: "list[tuple[str, Dictionary]]",
+    input_ids: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[dict]:
+    """Loss recovered, ΔCE and KL for each ``(site, dictionary)``, spliced alone, on ``input_ids``.
+
+    The clean run is shared; each site is zero-ablated once.
+    """
+    for site, dictionary in dictionaries:
+        check_dictionary(model, site, dictionary)
+    device = next(model._module.parameters()).device
+    n = input_ids.shape[0]
+    sums = [{"ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0} for _ in dictionaries]
+    ce_clean = {s: 0.0 for s in {default_start(d) for _, d in dictionaries}}
+    zero_cache: dict[tuple[str, int], float] = {}
+    steps = len(range(0, n, batch_size)) * (
+        1 + len({(s, default_start(d)) for s, d in dictionaries}) + len(dictionaries)
+    )
+    bar = tqdm(total=steps, desc="loss recovered", unit="pass", disable=not progress, leave=False)
+    with bar:
+        for b in range(0, n, batch_size):
+            ids = input_ids[b : b + batch_size].to(device)
+            w = ids.shape[0] / n
+            clean = run_spliced(model, ids, {})
+            bar.update()
+            for start in ce_clean:
+                ce_clean[start] += w * float(metrics.cross_entropy(clean, ids, start).mean())
+            zero_batch: dict[tuple[str, int], float] = {}
+            for i, (site, dictionary) in enumerate(dictionaries):
+                start = default_start(dictionary)
+                key = (site, start)
+                if key not in zero_batch:
+                    zero_batch[key] = float(
+                        metrics.cross_entropy(run_ablated(model, ids, [site], start), ids, start).mean()
+                    )
+                    zero_cache[key] = zero_cache.get(key, 0.0) + w * zero_batch[key]
+                    bar.update()
+                spliced = run_spliced(model, ids, {site: dictionary})
+                bar.update()
+                sums[i]["ce_spliced"] += w * float(metrics.cross_entropy(spliced, ids, start).mean())
+                kl = metrics.kl_divergence(clean[:, start:-1], spliced[:, start:-1])
+                sums[i]["kl"] += w * float(kl.mean())
+    results = []
+    for (site, dictionary), s in zip(dictionaries, sums):
+        start = default_start(dictionary)
+        clean_ce, zero_ce = ce_clean[start], zero_cache[(site, start)]
+        results.append(
+            {
+                "ce_clean": clean_ce,
+                "ce_spliced": s["ce_spliced"],
+                "ce_zero": zero_ce,
+                "delta_ce": s["ce_spliced"] - clean_ce,
+                "loss_recovered": metrics.loss_recovered(clean_ce, s["ce_spliced"], zero_ce),
+                "kl": s["kl"],
+                "contexts": n,
+                "tokens": int(n * (input_ids.shape[1] - 1 - start)),
+            }
+        )
+    return results
+
+
+def evaluate(config: "EvalConfig | None" = None, *, model: Any = None, progress: bool = True, **overrides: Any) -> dict:
+    """Evaluate saved dictionaries; returns ``{name: metrics}`` and writes it as JSON."""
+    from circuitsae.models import load_model, model_name
+
+    cfg = EvalConfig(**{**(vars(config) if config else {}), **overrides})
+    folders = dictionary_folders(cfg.dictionaries)
+    loaded = [(f, load_dictionary(f)) for f in folders]
+    store_paths = {cfg.store or d.meta.get("store") for _, d in loaded}
+    if None in store_paths:
+        raise CircuitSAEError("a dictionary does not name its activation store: pass --store")
+    stores = {p: ActivationStore(p) for p in store_paths}
+    wanted = cfg.model or next(iter(stores.values())).config["model"]
+    if model is None:
+        model = load_model(wanted, device=cfg.device)
+    device = next(model._module.parameters()).device
+    results: dict[str, dict] = {}
+    pairs, names = [], []
+    for folder, d in loaded:
+        store = stores[cfg.store or d.meta["store"]]
+        site = d.meta.get("site")
+        if site is None or site not in store.sites:
+            raise CircuitSAEError(f"{folder}: its site {site!r} is not in store {store.root}")
+        x = store.activations(site, "heldout", max_rows=cfg.rows)
+        rec = reconstruction(d, x)
+        results[folder.name] = {
+            "path": str(folder),
+            "architecture": d.architecture,
+            "site": site,
+            "d_dict": d.d_dict,
+            "coefficient": d.meta.get("training", {}).get("coefficient"),
+            **rec,
+        }
+        pairs.append((site, d.to(device)))
+        names.append(folder.name)
+    ids = next(iter(stores.values())).tokens("heldout")[: cfg.contexts]
+    if ids.shape[0] == 0:
+        raise CircuitSAEError("the store has no held-out contexts to measure loss recovered on")
+    for name, fid in zip(names, fidelity(model, pairs, ids, cfg.batch_size, progress)):
+        results[name].update(fid)
+    out = Path(cfg.out) if cfg.out else folders[0].parent / "eval.json"
+    report = {"model": model_name(model), "results": results}
+    atomic_write(out, json.dumps(report, indent=1).encode())
+    report["path"] = str(out)
+    return report
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table of the headline metrics, one row per dictionary."""
+    cols = [
+        ("name", "{}"),
+        ("l0", "{:.1f}"),
+        ("fvu", "{:.3f}"),
+        ("gamma", "{:.3f}"),
+        ("loss_recovered", "{:.3f}"),
+        ("delta_ce", "{:.3f}"),
+        ("kl", "{:.3f}"),
+        ("dead_fraction", "{:.3f}"),
+        ("dense_fraction", "{:.3f}"),
+    ]
+    rows = [[c for c, _ in cols]]
+    for name, r in results.items():
+        rows.append([name] + [fmt.format(r[c]) if r.get(c) is not None else "-" for c, fmt in cols[1:]])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    return "\n".join(
+        "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in rows
+    )

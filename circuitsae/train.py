@@ -1,0 +1,487 @@
+"""Train many SAEs in one pass over an activation store.
+
+Every batch is read once and fed to every run — sites × architectures ×
+sparsity coefficients — so a sweep costs one read of the data, not one per SAE.
+
+Per step and run (x already scaled, see below)::
+
+    L = loss(x; coefficient · min(1, step / coef_warmup_steps))      REFERENCE §1–2
+    g_W ← g_W − (g_W · f) f          for each unit-norm feature row f (parallel part removed)
+    Adam step with lr · min(1, step / lr_warmup_steps)
+    f ← f / ||f||                     rows renormalised
+
+**Input scale.** Each site's activations are multiplied by one scalar
+``s = sqrt(d / E||x||²)`` (estimated on up to 2^17 training rows) so that
+E||s·x||² = d and a sparsity coefficient means the same at every layer and in
+every model. At save ``s`` is folded into the biases (see
+``Dictionary.fold_input_scale``): saved dictionaries take raw activations.
+
+**Default hyperparameters** (from the papers; override per run or flag):
+
+- ``relu``: Adam(lr 1e-3, β = (0.9, 0.999)) — Cunningham et al. App. B.
+- ``gated``: Adam(lr 3e-4, β = (0, 0.999)) — Rajamanoharan et al. App. D.
+- coefficients: ``DEFAULT_COEFFICIENT`` (α for relu, λ for gated), chosen for
+  scaled activations by the sweep in ``benchmarks/pareto.py`` (mid-frontier).
+- warm-up: lr over the first 1% of steps, coefficient over the first 5%.
+
+**Dead-feature resampling** (Bricken et al. 2023, "Towards Monosemanticity"):
+every ``resample_every`` steps (until 80% of training), features that have not
+fired in that window are re-initialised: the decoder row becomes a training
+input from the current batch, drawn with probability ∝ its squared
+reconstruction error, minus b_dec, normalised; the encoder (gate) row becomes
+that direction × 0.2 × the mean norm of live encoder rows; their biases are
+zeroed and the Adam moments of all those rows reset.
+
+**Checkpoints and resume.** Every ``checkpoint_every`` steps all runs'
+weights, optimiser moments, dead-feature counters and RNG state are written
+atomically to ``out/checkpoint.pt``. Re-running the same command resumes
+exactly: the batch stream skips the batches already seen and the JSONL log is
+cut back to the checkpoint, so the result equals an uninterrupted run.
+A non-finite loss stops training with the last good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from circuitsae.config import option
+from circuitsae.dictionaries import Dictionary, GatedSAE, ReluSAE
+from circuitsae.errors import CircuitSAEError
+from circuitsae.metrics import ReconstructionStats
+from circuitsae.models import resolve_device
+from circuitsae.store import ActivationStore, atomic_write
+
+TRAINABLE = {"relu": ReluSAE, "gated": GatedSAE}
+DEFAULT_LR = {"relu": 1e-3, "gated": 3e-4}
+DEFAULT_BETAS = {"relu": (0.9, 0.999), "gated": (0.0, 0.999)}
+DEFAULT_COEFFICIENT = {"relu": 4.0, "gated": 4.0}
+SCALE_ROWS = 1 << 17
+
+
+class TrainingDiverged(CircuitSAEError):
+    """A run's loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """One training pass: every (site, architecture, coefficient) combination is a run."""
+
+    store: str = option("runs/acts", "activation store folder (from `circuitsae harvest`)")
+    out: str = option("runs/saes", "output folder: one sub-folder per trained SAE, plus checkpoint and log")
+    sites: tuple[str, ...] = option((), "sites to train on (default: every site in the store)")
+    arch: tuple[str, ...] = option(("relu", "gated"), "architectures: relu (Cunningham et al.) and/or gated")
+    coefficients: tuple[float, ...] = option(
+        (), "sparsity coefficients (α for relu, λ for gated); one run each (default: the per-arch default)"
+    )
+    expansion: float = option(8.0, "dictionary size as a multiple of d for relu runs (d_sae = expansion·d)")
+    gated_expansion: "float | None" = option(
+        None, "expansion for gated runs (default: same as relu; the Gated paper uses 3/4 for equal compute)"
+    )
+    tied: bool = option(True, "relu: tied encoder/decoder (the paper's form); --no-tied for untied")
+    decoder_bias: bool = option(False, "relu: learn b_dec, subtracted before the encoder and added after the decoder")
+    lr: "float | None" = option(None, "learning rate (default: 1e-3 relu, 3e-4 gated)")
+    batch_size: int = option(4096, "activations per step")
+    epochs: int = option(1, "passes over the training split")
+    lr_warmup: float = option(0.01, "fraction of steps over which the learning rate ramps up linearly")
+    coef_warmup: float = option(0.05, "fraction of steps over which the sparsity coefficient ramps up linearly")
+    resample_every: int = option(0, "resample dead features every N steps (0: every quarter of training, -1: never)")
+    checkpoint_every: int = option(200, "steps between checkpoints")
+    log_every: int = option(25, "steps between log lines (JSONL) and divergence checks")
+    eval_rows: int = option(65536, "held-out activations used for the final L0/FVU/γ of each run")
+    device: "str | None" = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
+    seed: int = option(0, "seed for initialisation, batch order and resampling")
+    stop_after: "int | None" = option(
+        None, "stop (with a checkpoint) after this many steps; re-run to continue", cli=True
+    )
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.arch if a not in TRAINABLE]
+        if unknown or not self.arch:
+            raise CircuitSAEError(f"unknown architecture {unknown or '(none)'}: choose from {', '.join(TRAINABLE)}")
+        if any(c < 0 for c in self.coefficients):
+            raise CircuitSAEError("sparsity coefficients must be >= 0")
+        for name in ("batch_size", "epochs", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise CircuitSAEError(f"{name} must be >= 1")
+        if self.expansion <= 0 or (self.gated_expansion is not None and self.gated_expansion <= 0):
+            raise CircuitSAEError("expansion must be > 0")
+        if self.lr is not None and self.lr <= 0:
+            raise CircuitSAEError("lr must be > 0")
+        if not (0 <= self.lr_warmup <= 1 and 0 <= self.coef_warmup <= 1):
+            raise CircuitSAEError("lr_warmup and coef_warmup are fractions of training in [0, 1]")
+        self.sites, self.arch = tuple(self.sites), tuple(self.arch)
+        self.coefficients = tuple(float(c) for c in self.coefficients)
+
+    def fingerprint(self) -> str:
+        """What must match for a checkpoint to be resumed (not out/device/stop_after/logging)."""
+        keep = {k: v for k, v in asdict(self).items() if k not in ("out", "device", "stop_after", "log_every")}
+        return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Run:
+    """One SAE being trained: its dictionary, optimiser and bookkeeping."""
+
+    name: str
+    site: str
+    arch: str
+    coefficient: float
+    lr: float
+    sae: Dictionary
+    optimizer: torch.optim.Optimizer
+    last_fired: torch.Tensor  # [d_sae] step at which each feature last fired
+
+
+def plan_runs(cfg: TrainConfig, store: ActivationStore) -> list[tuple[str, str, float]]:
+    """The (site, arch, coefficient) of every run, in a fixed order."""
+    sites = cfg.sites or tuple(store.sites)
+    for s in sites:
+        if s not in store.sites:
+            raise CircuitSAEError(f"site {s} is not in store {store.root} (it has {', '.join(store.sites)})")
+    runs = []
+    for site, arch in itertools.product(sites, cfg.arch):
+        for c in cfg.coefficients or (DEFAULT_COEFFICIENT[arch],):
+            runs.append((site, arch, float(c)))
+    return runs
+
+
+def run_name(site: str, arch: str, coefficient: float) -> str:
+    return f"{site}-{arch}-c{coefficient:g}"
+
+
+@torch.no_grad()
+def input_scale(store: ActivationStore, site: str) -> float:
+    """s = sqrt(d / E||x||²) over up to ``SCALE_ROWS`` training rows (store order, deterministic)."""
+    x = store.activations(site, "train", max_rows=SCALE_ROWS, dtype=torch.float64)
+    return math.sqrt(store.d / float(x.pow(2).sum(-1).mean()))
+
+
+def _make_run(cfg: TrainConfig, store: ActivationStore, site: str, arch: str, coef: float, device: torch.device) -> Run:
+    d = store.d
+    if arch == "relu":
+        sae: Dictionary = ReluSAE(d, max(1, round(cfg.expansion * d)), tied=cfg.tied, decoder_bias=cfg.decoder_bias)
+    else:
+        sae = GatedSAE(d, max(1, round((cfg.gated_expansion or cfg.expansion) * d)))
+    sae.to(device)
+    lr = cfg.lr or DEFAULT_LR[arch]
+    kwargs: dict[str, Any] = {"lr": lr, "betas": DEFAULT_BETAS[arch]}
+    if device.type in ("cpu", "cuda"):
+        kwargs["fused"] = True
+    optimizer = torch.optim.Adam(sae.parameters(), **kwargs)
+    last_fired = torch.zeros(sae.d_dict, dtype=torch.long, device=device)
+    return Run(run_name(site, arch, coef), site, arch, coef, lr, sae, optimizer, last_fired)
+
+
+class Trainer:
+    """Owns the runs, the schedule and the checkpoint; :meth:`fit` is a short loop over :meth:`step`."""
+
+    def __init__(self, cfg: TrainConfig, progress: bool = True) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.store = ActivationStore(cfg.store)
+        if self.store.n_rows("train") == 0:
+            raise CircuitSAEError(f"store {self.store.root} has no training activations")
+        self.device = resolve_device(cfg.device)
+        self.out = Path(cfg.out)
+        self.plan = plan_runs(cfg, self.store)
+        self.sites = sorted({s for s, _, _ in self.plan}, key=self.store.sites.index)
+        self.total_steps = self.store.n_batches(cfg.batch_size, epochs=cfg.epochs, drop_last=True)
+        if self.total_steps < 1:
+            raise CircuitSAEError(
+                f"store {self.store.root} has {self.store.n_rows('train')} training rows, fewer than one batch "
+                f"of {cfg.batch_size}: harvest more tokens or lower --batch-size"
+            )
+        self.lr_warmup_steps = max(1, round(cfg.lr_warmup * self.total_steps))
+        self.coef_warmup_steps = max(1, round(cfg.coef_warmup * self.total_steps))
+        self.resample_every = cfg.resample_every or max(1, self.total_steps // 4)
+        self.autocast = self.device.type == "cuda"
+        torch.manual_seed(cfg.seed)
+        self.scales = {s: input_scale(self.store, s) for s in self.sites}
+        self.runs = [_make_run(cfg, self.store, s, a, c, self.device) for s, a, c in self.plan]
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step_count = 0
+        self.last_good = 0
+
+    # -- schedule ---------------------------------------------------------------
+    def lr_factor(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.lr_warmup_steps)
+
+    def coef_factor(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.coef_warmup_steps)
+
+    # -- one step -------------------------------------------------------------------
+    def step(self, batch: dict[str, torch.Tensor]) -> list[Any]:
+        """One optimiser step of every run on the same rows; returns each run's Loss (detached)."""
+        k = self.step_count
+        losses = []
+        for run in self.runs:
+            x = batch[run.site]
+            for g in run.optimizer.param_groups:
+                g["lr"] = run.lr * self.lr_factor(k)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                loss = run.sae.loss(x, run.coefficient * self.coef_factor(k))
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.total.backward()
+            _remove_parallel_grad(run.sae)
+            run.optimizer.step()
+            _renormalise(run.sae)
+            fired = (loss.codes != 0).any(0)
+            run.last_fired.masked_fill_(fired, k + 1)
+            losses.append(type(loss)(*(t.detach() for t in loss)))
+        self.step_count += 1
+        if self.step_count % self.resample_every == 0 and self.step_count < 0.8 * self.total_steps:
+            if self.cfg.resample_every >= 0:
+                for run, loss in zip(self.runs, losses):
+                    self._resample(run, batch[run.site], loss)
+        return losses
+
+    @torch.no_grad()
+    def _resample(self, run: Run, x: torch.Tensor, loss: Any) -> int:
+        dead = (run.last_fired <= self.step_count - self.resample_every).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return 0
+        err = (loss.x_hat.float() - x.float()).pow(2).sum(-1).cpu().double()
+        weights = err.pow(2) if float(err.sum()) > 0 else torch.ones_like(err)
+        rows = torch.multinomial(weights, dead.numel(), replacement=True, generator=self.generator)
+        touched = run.sae.resample(dead, x[rows.to(x.device)].float())
+        for p, idx in touched:
+            state = run.optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][idx] = 0.0
+        run.last_fired[dead] = self.step_count
+        return int(dead.numel())
+
+    # -- checkpoint ---------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        """Write every run's state atomically; refuses (TrainingDiverged) if a weight is not finite."""
+        for run in self.runs:
+            if not all(bool(torch.isfinite(p).all()) for p in run.sae.parameters()):
+                raise TrainingDiverged(
+                    f"run {run.name} has non-finite weights at step {self.step_count}; the last good checkpoint "
+                    f"(step {self.last_good}) is kept in {self.checkpoint_path}: lower the learning rate "
+                    f"(--lr, now {run.lr:g}) or the coefficient (now {run.coefficient:g})"
+                )
+        state = {
+            "fingerprint": self.cfg.fingerprint(),
+            "step": self.step_count,
+            "scales": self.scales,
+            "generator": self.generator.get_state(),
+            "runs": [
+                {
+                    "name": r.name,
+                    "sae": r.sae.state_dict(),
+                    "optimizer": r.optimizer.state_dict(),
+                    "last_fired": r.last_fired,
+                }
+                for r in self.runs
+            ],
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write(self.checkpoint_path, buf.getvalue())
+        self.last_good = self.step_count
+
+    def load_checkpoint(self) -> bool:
+        if not self.checkpoint_path.is_file():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        if state.get("fingerprint") != self.cfg.fingerprint():
+            raise CircuitSAEError(
+                f"{self.checkpoint_path} belongs to a different training command; use another --out "
+                f"or delete the checkpoint to start over"
+            )
+        self.step_count = self.last_good = int(state["step"])
+        self.scales = state["scales"]
+        self.generator.set_state(state["generator"])
+        for run, saved in zip(self.runs, state["runs"]):
+            run.sae.load_state_dict(saved["sae"])
+            run.optimizer.load_state_dict(saved["optimizer"])
+            run.last_fired.copy_(saved["last_fired"])
+        return True
+
+    # -- logging ------------------------------------------------------------------------
+    @property
+    def log_path(self) -> Path:
+        return self.out / "log.jsonl"
+
+    def _cut_log(self) -> None:
+        """Drop log lines written after the checkpoint we resume from."""
+        if not self.log_path.is_file():
+            return
+        keep = [ln for ln in self.log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step_count]
+        atomic_write(self.log_path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+    def check_finite(self, losses: list[Any]) -> None:
+        """Stop with the last good checkpoint kept if any run's loss is NaN or inf."""
+        for run, loss in zip(self.runs, losses):
+            if not math.isfinite(float(loss.total)):
+                raise TrainingDiverged(
+                    f"run {run.name} diverged at step {self.step_count} (loss {float(loss.total)}); "
+                    f"the last good checkpoint (step {self.last_good}) is kept in {self.checkpoint_path}: "
+                    f"lower the learning rate (--lr, now {run.lr:g}) or the coefficient (now {run.coefficient:g})"
+                )
+
+    def log(self, losses: list[Any], batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.check_finite(losses)
+        lines, first = [], {}
+        for run, loss in zip(self.runs, losses):
+            x = batch[run.site].float()
+            mse = float(loss.mse)
+            var = float((x - x.mean(0)).pow(2).sum(-1).mean())
+            rec = {
+                "step": self.step_count,
+                "run": run.name,
+                "loss": float(loss.total),
+                "mse": mse,
+                "sparsity": float(loss.sparsity),
+                "aux": float(loss.aux),
+                "l0": float((loss.codes != 0).sum(-1).float().mean()),
+                "fvu": mse / var,
+                "lr": run.lr * self.lr_factor(self.step_count - 1),
+                "coefficient": run.coefficient * self.coef_factor(self.step_count - 1),
+                "dead_fraction": float((run.last_fired <= self.step_count - self.resample_every).float().mean()),
+            }
+            lines.append(json.dumps(rec))
+            first = first or rec
+        with open(self.log_path, "a") as f:
+            f.write("\n".join(lines) + "\n")
+        return first
+
+    # -- the loop ------------------------------------------------------------------------
+    def fit(self) -> dict[str, Dictionary]:
+        """Train (or resume) every run to the end, save each SAE and return them by name."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = self.load_checkpoint()
+        self._cut_log()
+        stop = self.total_steps if self.cfg.stop_after is None else min(self.total_steps, self.cfg.stop_after)
+        batches = self.store.batches(
+            self.sites,
+            self.cfg.batch_size,
+            epochs=self.cfg.epochs,
+            seed=self.cfg.seed,
+            device=self.device,
+            drop_last=True,
+            skip=self.step_count,
+        )
+        desc = f"train {len(self.runs)} SAE{'s' * (len(self.runs) > 1)}" + (" (resumed)" if resumed else "")
+        bar = tqdm(
+            total=self.total_steps * self.cfg.batch_size,
+            initial=self.step_count * self.cfg.batch_size,
+            unit="act",
+            unit_scale=True,
+            desc=desc,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        t0, start_step = time.perf_counter(), self.step_count
+        with bar:
+            for parts in batches:
+                if self.step_count >= stop:
+                    break
+                batch = {s: p * self.scales[s] for s, p in zip(self.sites, parts)}
+                losses = self.step(batch)
+                bar.update(self.cfg.batch_size)
+                if self.step_count % self.cfg.log_every == 0 or self.step_count == self.total_steps:
+                    rec = self.log(losses, batch)
+                    bar.set_postfix(loss=f"{rec['loss']:.3g}", l0=f"{rec['l0']:.1f}", fvu=f"{rec['fvu']:.3f}")
+                if self.step_count % self.cfg.checkpoint_every == 0 or self.step_count == stop:
+                    self.check_finite(losses)
+                    self.save_checkpoint()
+        seconds = time.perf_counter() - t0
+        if self.step_count < self.total_steps:
+            return {}
+        return self.finish(seconds, self.step_count - start_step)
+
+    def finish(self, seconds: float, steps_this_session: int) -> dict[str, Dictionary]:
+        """Fold the input scale, evaluate on held-out rows, save every SAE; write ``train.json``."""
+        heldout = {
+            s: self.store.activations(s, "heldout", max_rows=self.cfg.eval_rows)
+            if self.store.n_rows("heldout")
+            else None
+            for s in self.sites
+        }
+        saved, summary = {}, {"config": asdict(self.cfg), "steps": self.total_steps, "runs": {}}
+        for run in self.runs:
+            sae = run.sae.float().cpu().eval()
+            sae.fold_input_scale(self.scales[run.site])
+            metrics = _heldout_metrics(sae, heldout[run.site]) if heldout[run.site] is not None else {}
+            sae.meta.update(
+                model=self.store.config["model"],
+                site=run.site,
+                first_position=int(self.store.meta["first_position"]),
+                input_scale=self.scales[run.site],
+                store=str(self.store.root),
+                training={
+                    "coefficient": run.coefficient,
+                    "lr": run.lr,
+                    "betas": list(DEFAULT_BETAS[run.arch]),
+                    "batch_size": self.cfg.batch_size,
+                    "steps": self.total_steps,
+                    "activations": self.total_steps * self.cfg.batch_size,
+                    "lr_warmup_steps": self.lr_warmup_steps,
+                    "coef_warmup_steps": self.coef_warmup_steps,
+                    "resample_every": self.resample_every if self.cfg.resample_every >= 0 else None,
+                    "seed": self.cfg.seed,
+                },
+                metrics=metrics,
+            )
+            sae.save(self.out / run.name)
+            saved[run.name] = sae
+            summary["runs"][run.name] = {"site": run.site, "arch": run.arch, "coefficient": run.coefficient, **metrics}
+        summary["seconds_last_session"] = seconds
+        summary["activations_per_second"] = steps_this_session * self.cfg.batch_size / max(seconds, 1e-9)
+        atomic_write(self.out / "train.json", json.dumps(summary, indent=1, default=str).encode())
+        return saved
+
+
+@torch.no_grad()
+def _heldout_metrics(sae: Dictionary, x: torch.Tensor, chunk: int = 8192) -> dict:
+    stats = ReconstructionStats()
+    for i in range(0, x.shape[0], chunk):
+        xi = x[i : i + chunk]
+        out = sae(xi)
+        stats.update(xi, out.x_hat, out.codes)
+    result = stats.summary()
+    result.pop("density_histogram")
+    return result
+
+
+@torch.no_grad()
+def _remove_parallel_grad(sae: Dictionary) -> None:
+    """g ← g − (g·f) f for every unit-norm row f of the constrained weights."""
+    for w in sae.constrained():
+        if w.grad is not None:
+            w.grad.sub_((w.grad * w).sum(-1, keepdim=True) * w)
+
+
+@torch.no_grad()
+def _renormalise(sae: Dictionary) -> None:
+    for w in sae.constrained():
+        w.div_(w.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+
+def train(config: "TrainConfig | None" = None, *, progress: bool = True, **overrides: Any) -> dict[str, Dictionary]:
+    """Train every run of ``config`` in one pass over the store; return the saved dictionaries by run name.
+
+    ``train(store="runs/acts", arch=["relu", "gated"], coefficients=[1, 4])``
+    trains four SAEs per site, each saved under ``out/<site>-<arch>-c<coef>/``.
+    Re-running the same call resumes from ``out/checkpoint.pt``; with
+    ``stop_after`` set it stops early (checkpointed) and returns ``{}``.
+    """
+    cfg = TrainConfig(**{**(asdict(config) if config else {}), **overrides})
+    return Trainer(cfg, progress=progress).fit()

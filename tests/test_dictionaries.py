@@ -1,0 +1,243 @@
+"""Contract tests every dictionary kind passes, plus each architecture's own maths."""
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from circuitsae import CircuitSAEError
+from circuitsae.dictionaries import GatedSAE, IdentityDictionary, PCADictionary, ReluSAE, load_dictionary
+from circuitsae.splice import run_ablated, run_spliced
+
+D = 64  # the tiny models' width
+
+
+def _randomise(d):
+    """Give every parameter non-trivial values (biases start at zero otherwise)."""
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        d.W_dec.div_(d.W_dec.norm(dim=-1, keepdim=True))  # feature directions stay unit norm
+    return d
+
+
+KINDS = {
+    "relu-tied": lambda: ReluSAE(D, 128),
+    "relu-untied-bdec": lambda: _randomise(ReluSAE(D, 96, tied=False, decoder_bias=True)),
+    "gated": lambda: _randomise(GatedSAE(D, 96)),
+    "pca": lambda: PCADictionary.fit(torch.randn(500, D) @ torch.randn(D, D) + 3.0),
+    "identity": lambda: IdentityDictionary(D),
+}
+
+
+@pytest.fixture(params=list(KINDS))
+def dictionary(request):
+    return KINDS[request.param]()
+
+
+def test_shapes_and_unit_directions(dictionary):
+    x = torch.randn(2, 5, D)
+    codes = dictionary.encode(x)
+    assert codes.shape == (2, 5, dictionary.d_dict)
+    assert dictionary.decode(codes).shape == x.shape
+    out = dictionary(x)
+    assert torch.equal(out.codes, codes) and out.x_hat.shape == x.shape
+    assert dictionary.directions.shape == (dictionary.d_dict, D)
+    torch.testing.assert_close(dictionary.directions.norm(dim=-1), torch.ones(dictionary.d_dict))
+
+
+def test_decode_is_linear_in_directions(dictionary):
+    codes = torch.randn(7, dictionary.d_dict)
+    bias = 0 if dictionary.b_dec is None else dictionary.b_dec
+    torch.testing.assert_close(dictionary.decode(codes), codes @ dictionary.directions + bias)
+
+
+def test_save_load_round_trip(dictionary, tmp_path):
+    dictionary.meta.update(model="tiny-llama", site="resid.1")
+    dictionary.save(tmp_path / "d")
+    loaded = load_dictionary(tmp_path / "d")
+    assert type(loaded) is type(dictionary) and loaded.config() == dictionary.config()
+    assert loaded.meta["site"] == "resid.1"
+    x = torch.randn(9, D)
+    torch.testing.assert_close(loaded(x).x_hat, dictionary(x).x_hat, rtol=0, atol=0)
+
+
+def test_splice_with_error_term_is_the_clean_run(dictionary, tiny_llama):
+    ids = torch.randint(3, 1000, (2, 12))
+    clean = run_spliced(tiny_llama, ids, {})
+    spliced = run_spliced(tiny_llama, ids, {"resid.1": dictionary}, keep_error=True)
+    torch.testing.assert_close(spliced, clean, rtol=1e-5, atol=1e-5)
+
+
+def test_splice_without_error_term_changes_a_lossy_dictionary(tiny_llama):
+    ids = torch.randint(3, 1000, (2, 12))
+    clean = run_spliced(tiny_llama, ids, {})
+    assert not torch.allclose(run_spliced(tiny_llama, ids, {"resid.1": ReluSAE(D, 128)}), clean, atol=1e-3)
+    # lossless dictionaries reproduce the model exactly even without the error term
+    pca = PCADictionary.fit(torch.randn(300, D))
+    torch.testing.assert_close(run_spliced(tiny_llama, ids, {"mlp.2": pca}), clean, rtol=1e-4, atol=1e-4)
+
+
+def test_splice_leaves_positions_before_first_position(tiny_llama):
+    ids = torch.randint(3, 1000, (1, 6))
+    sae = ReluSAE(D, 32)
+    sae.meta["first_position"] = 1
+    clean = run_spliced(tiny_llama, ids, {})
+    spliced = run_spliced(tiny_llama, ids, {"resid.2": sae})
+    torch.testing.assert_close(spliced[:, 0], clean[:, 0])  # causal: position 0 untouched
+    assert not torch.allclose(spliced[:, 1:], clean[:, 1:])
+
+
+def test_zero_ablation_differs_from_clean(tiny_llama):
+    ids = torch.randint(3, 1000, (1, 6))
+    assert not torch.allclose(run_ablated(tiny_llama, ids, ["resid.1"]), run_spliced(tiny_llama, ids, {}))
+
+
+@pytest.mark.parametrize(
+    "make, site, message",
+    [
+        (lambda: ReluSAE(32, 64), "resid.1", "d=32"),
+        (lambda: ReluSAE(D, 64), "resid.9", "out of range"),
+    ],
+)
+def test_splice_refuses_mismatched_dictionary(tiny_llama, make, site, message):
+    with pytest.raises(CircuitSAEError, match=message):
+        run_spliced(tiny_llama, torch.zeros(1, 4, dtype=torch.long), {site: make()})
+
+
+def test_splice_refuses_dictionary_of_another_site_or_model(tiny_llama):
+    sae = ReluSAE(D, 64)
+    sae.meta["site"] = "resid.2"
+    with pytest.raises(CircuitSAEError, match="trained on site resid.2, not resid.1"):
+        run_spliced(tiny_llama, torch.zeros(1, 4, dtype=torch.long), {"resid.1": sae})
+    sae.meta.update(site="resid.1", model="someone/else")
+    with pytest.raises(CircuitSAEError, match="trained on someone/else"):
+        run_spliced(tiny_llama, torch.zeros(1, 4, dtype=torch.long), {"resid.1": sae})
+
+
+@pytest.mark.parametrize("kind", ["relu-tied", "relu-untied-bdec", "gated"])
+def test_folding_the_input_scale(kind):
+    """A dictionary trained on s·x, folded, gives on raw x the codes/s and reconstruction/s."""
+    sae = KINDS[kind]()
+    x, s = torch.randn(20, D), 3.7
+    before = sae(s * x)
+    sae.fold_input_scale(s)
+    after = sae(x)
+    torch.testing.assert_close(after.codes, before.codes / s, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after.x_hat, before.x_hat / s, rtol=1e-5, atol=1e-6)
+
+
+def test_gated_encoder_is_a_jumprelu():
+    """REFERENCE §2: f̃_i = u_i · 1[u_i > max(θ_i, 0)], u = W_mag x_c + b_mag, θ = b_mag − e^{r_mag} b_gate."""
+    sae = GatedSAE(D, 200)
+    with torch.no_grad():
+        sae.b_gate.normal_()
+        sae.r_mag.normal_(0, 0.5)
+        sae.b_mag.normal_()
+        sae.b_dec.normal_()
+    x = torch.randn(300, D)
+    w_mag = sae.r_mag.exp()[:, None] * sae.W_gate
+    u = (x - sae.b_dec) @ w_mag.T + sae.b_mag
+    theta = sae.jumprelu_threshold()
+    expected = u * (u > theta.clamp_min(0)).float()
+    torch.testing.assert_close(sae.encode(x), expected, rtol=1e-5, atol=1e-5)
+    assert 0 < (expected != 0).float().mean() < 1
+
+
+def test_gated_aux_loss_sends_no_gradient_to_the_decoder():
+    sae = _randomise(GatedSAE(D, 48))
+    x = torch.randn(30, D)
+    loss = sae.loss(x, coefficient=0.0)
+    loss.aux.backward()
+    assert sae.W_dec.grad is None or torch.count_nonzero(sae.W_dec.grad) == 0
+    # b_dec gets gradient only through the encoder input x_c = x − b_dec, not as decoder bias:
+    expected = torch.autograd.grad(
+        (x - (torch.relu((x - sae.b_dec) @ sae.W_gate.T + sae.b_gate) @ sae.W_dec.detach() + sae.b_dec.detach()))
+        .pow(2)
+        .sum(-1)
+        .mean(),
+        sae.b_dec,
+    )[0]
+    torch.testing.assert_close(sae.b_dec.grad, expected)
+    assert torch.count_nonzero(sae.W_gate.grad) > 0  # it does train the gate path
+    assert sae.r_mag.grad is None or torch.count_nonzero(sae.r_mag.grad) == 0  # magnitude path is not in it
+
+
+def test_gated_loss_terms_match_the_definition():
+    sae = _randomise(GatedSAE(D, 48))
+    x = torch.randn(30, D)
+    lam = 0.3
+    loss = sae.loss(x, lam)
+    pi = (x - sae.b_dec) @ sae.W_gate.T + sae.b_gate
+    mag = torch.relu((x - sae.b_dec) @ (sae.r_mag.exp()[:, None] * sae.W_gate).T + sae.b_mag)
+    f = (pi > 0).float() * mag
+    x_hat = f @ sae.W_dec + sae.b_dec
+    rec = (x - x_hat).pow(2).sum(-1).mean()
+    sparsity = torch.relu(pi).sum(-1).mean()
+    aux = (x - (torch.relu(pi) @ sae.W_dec + sae.b_dec)).pow(2).sum(-1).mean()
+    torch.testing.assert_close(loss.total, rec + lam * sparsity + aux)
+
+
+def test_relu_loss_matches_the_paper_form():
+    sae = ReluSAE(D, 80)
+    with torch.no_grad():
+        sae.b_enc.normal_()
+    x = torch.randn(25, D)
+    c = torch.relu(x @ sae.W_dec.T + sae.b_enc)  # tied: encoder M = decoder M
+    x_hat = c @ sae.W_dec  # x̂ = Mᵀc, no decoder bias
+    alpha = 0.01
+    expected = (x - x_hat).pow(2).sum(-1).mean() + alpha * c.abs().sum(-1).mean()
+    torch.testing.assert_close(sae.loss(x, alpha).total, expected)
+    assert sae.b_dec is None and sae.W_enc is sae.W_dec
+
+
+def test_pca_is_a_lossless_rotation_sorted_by_variance():
+    x = torch.randn(2000, 8) * torch.tensor([5.0, 1, 3, 0.5, 2, 0.1, 4, 1.5]) + 7
+    pca = PCADictionary.fit(x)
+    eye = pca.directions @ pca.directions.T
+    torch.testing.assert_close(eye, torch.eye(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pca.decode(pca.encode(x)), x, atol=1e-4, rtol=0)
+    assert torch.all(pca.explained_variance[:-1] >= pca.explained_variance[1:])
+    var = pca.encode(x).var(0)
+    torch.testing.assert_close(var, pca.explained_variance, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(pca.b_dec, x.mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_load_errors_are_one_line(tmp_path):
+    sae = ReluSAE(8, 16)
+    sae.save(tmp_path / "ok")
+    with pytest.raises(CircuitSAEError, match="does not exist"):
+        load_dictionary(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CircuitSAEError, match="has no cfg.json"):
+        load_dictionary(tmp_path / "empty")
+    cfg = json.loads((tmp_path / "ok" / "cfg.json").read_text())
+    for name, change in {
+        "foreign": {"format": "something-else"},
+        "unknown": {"architecture": "topk"},
+    }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cfg.json").write_text(json.dumps(cfg | change))
+        (tmp_path / name / "sae.safetensors").write_bytes((tmp_path / "ok" / "sae.safetensors").read_bytes())
+    with pytest.raises(CircuitSAEError, match="not a circuitsae dictionary"):
+        load_dictionary(tmp_path / "foreign")
+    with pytest.raises(CircuitSAEError, match="unknown architecture 'topk'"):
+        load_dictionary(tmp_path / "unknown")
+    (tmp_path / "nokey").mkdir()
+    (tmp_path / "nokey" / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "d"}))
+    with pytest.raises(CircuitSAEError, match="lacks the key 'd'"):
+        load_dictionary(tmp_path / "nokey")
+    (tmp_path / "shape").mkdir()
+    (tmp_path / "shape" / "cfg.json").write_text(json.dumps(cfg | {"d_dict": 17}))
+    (tmp_path / "shape" / "sae.safetensors").write_bytes((tmp_path / "ok" / "sae.safetensors").read_bytes())
+    with pytest.raises(CircuitSAEError, match=r"W_dec has shape \(16, 8\) but cfg.json implies \(17, 8\)"):
+        load_dictionary(tmp_path / "shape")
+    (tmp_path / "ok" / "sae.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CircuitSAEError, match="not a readable safetensors"):
+        load_dictionary(tmp_path / "ok")
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "cfg.json").write_text(json.dumps(cfg))
+    safetensors.torch.save_file({"W_dec": torch.zeros(16, 8)}, tmp_path / "keys" / "sae.safetensors")
+    with pytest.raises(CircuitSAEError, match=r"missing \['b_enc'\]"):
+        load_dictionary(tmp_path / "keys")

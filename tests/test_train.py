@@ -1,0 +1,167 @@
+"""The trainer: recovery of known features, constraints, exact resume, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from circuitsae import CircuitSAEError
+from circuitsae.dictionaries import load_dictionary
+from circuitsae.store import ActivationStore, store_from_tensors
+from circuitsae.train import TrainConfig, Trainer, TrainingDiverged, train
+
+
+def sparse_data(n, d=32, n_features=32, p_active=3 / 32, seed=0):
+    """x = Σ_i a_i g_i with unit ground-truth directions g_i, each active with probability p_active."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n_features, d, generator=g)
+    feats /= feats.norm(dim=1, keepdim=True)
+    active = torch.rand(n, n_features, generator=g) < p_active
+    mags = torch.rand(n, n_features, generator=g) * 2 + 0.5
+    return (active * mags) @ feats, feats
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    x, feats = sparse_data(54_096)
+    root = tmp_path_factory.mktemp("synthetic") / "acts"
+    store_from_tensors(root, {"resid.0": x[:50_000]}, {"resid.0": x[50_000:]})
+    return root, feats
+
+
+def test_training_recovers_known_sparse_features(synthetic, tmp_path):
+    root, feats = synthetic
+    common = dict(store=str(root), expansion=2, batch_size=256, lr=3e-3, epochs=4, progress=False)
+    saes = train(out=str(tmp_path / "relu"), arch=("relu",), coefficients=(1.0,), **common)
+    saes |= train(out=str(tmp_path / "gated"), arch=("gated",), coefficients=(3.0,), **common)
+    for name, sae in saes.items():
+        mmcs = (sae.directions @ feats.T).max(0).values.mean()  # best match for each true feature
+        assert mmcs >= 0.9, f"{name}: mean max cosine similarity {mmcs:.3f}"
+    relu, gated = saes["resid.0-relu-c1"].meta["metrics"], saes["resid.0-gated-c3"].meta["metrics"]
+    assert relu["gamma"] < 0.95 < gated["gamma"] < 1.05  # L1 shrinks, the gate does not (Gated paper)
+    assert gated["fvu"] < 0.1 and gated["l0"] < 5  # true L0 is 3
+
+
+def test_feature_rows_stay_unit_norm(synthetic, tmp_path):
+    root, _ = synthetic
+    tr = Trainer(TrainConfig(store=str(root), out=str(tmp_path), expansion=1, batch_size=128, lr=1e-2), progress=False)
+    batches = ActivationStore(root).batches("resid.0", 128)
+    for _ in range(20):
+        tr.step({"resid.0": next(batches)})
+    for run in tr.runs:
+        for w in run.sae.constrained():
+            torch.testing.assert_close(w.norm(dim=-1), torch.ones(w.shape[0]), atol=1e-5, rtol=0)
+
+
+def _cfg(root, out, **kw):
+    base = dict(
+        store=str(root),
+        out=str(out),
+        arch=("relu", "gated"),
+        coefficients=(0.5, 2.0),
+        expansion=1,
+        batch_size=512,
+        checkpoint_every=5,
+        log_every=3,
+        resample_every=4,
+    )
+    return TrainConfig(**(base | kw))
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(synthetic, tmp_path):
+    root, _ = synthetic
+    full = Trainer(_cfg(root, tmp_path / "full"), progress=False).fit()
+    assert Trainer(_cfg(root, tmp_path / "cut", stop_after=12), progress=False).fit() == {}
+    # as if killed at step 14, after the checkpoint at 12 but before the next one
+    with open(tmp_path / "cut" / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 14, "run": "lost"}) + "\n")
+    resumed = Trainer(_cfg(root, tmp_path / "cut"), progress=False).fit()
+    assert full.keys() == resumed.keys() and len(full) == 4
+    for name in full:
+        a, b = full[name].state_dict(), resumed[name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert (tmp_path / "full" / "log.jsonl").read_text() == (tmp_path / "cut" / "log.jsonl").read_text()
+    saved = load_dictionary(tmp_path / "cut" / "resid.0-gated-c2")
+    assert saved.meta["training"]["steps"] == 97 and saved.meta["site"] == "resid.0"
+
+
+def test_resume_refuses_a_different_command(synthetic, tmp_path):
+    root, _ = synthetic
+    Trainer(_cfg(root, tmp_path, stop_after=5), progress=False).fit()
+    with pytest.raises(CircuitSAEError, match="different training command"):
+        Trainer(_cfg(root, tmp_path, coefficients=(1.0,)), progress=False).fit()
+
+
+def test_saved_sae_takes_raw_activations(synthetic, tmp_path):
+    """The input scale is folded in at save: the saved SAE reconstructs raw x as well as in training."""
+    root, _ = synthetic
+    saes = train(
+        store=str(root),
+        out=str(tmp_path),
+        arch=("gated",),
+        coefficients=(3.0,),
+        expansion=2,
+        batch_size=256,
+        lr=3e-3,
+        progress=False,
+    )
+    sae = load_dictionary(tmp_path / "resid.0-gated-c3")
+    x = ActivationStore(root).activations("resid.0")
+    assert sae.meta["input_scale"] != pytest.approx(1.0, abs=0.05)
+    with torch.no_grad():
+        fvu = float((sae(x).x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert fvu == pytest.approx(saes["resid.0-gated-c3"].meta["metrics"]["fvu"], rel=1e-4) and fvu < 0.5
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(synthetic, tmp_path):
+    root, _ = synthetic
+    cfg = _cfg(
+        root, tmp_path, arch=("relu",), coefficients=(1.0,), lr=1e38, lr_warmup=0.5, checkpoint_every=1, log_every=1
+    )
+    with pytest.raises(TrainingDiverged, match=r"lower the learning rate \(--lr, now 1e\+38\)") as err:
+        Trainer(cfg, progress=False).fit()
+    bad_step = int(str(err.value).split(" at step ")[1].split()[0].rstrip(";"))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == bad_step - 1 and f"(step {bad_step - 1}) is kept" in str(err.value)
+    assert all(torch.isfinite(v).all() for v in state["runs"][0]["sae"].values())
+
+
+def test_non_finite_activations_name_the_shard_and_row(tmp_path):
+    x = torch.randn(300, 8)
+    x[211, 3] = float("nan")
+    store_from_tensors(tmp_path / "acts", {"resid.0": x}, shard_rows=100)
+    with pytest.raises(CircuitSAEError, match=r"train-00002\.resid\.0\.npy at row 11"):
+        train(store=str(tmp_path / "acts"), out=str(tmp_path / "o"), batch_size=32, progress=False)
+
+
+def test_bad_training_input(tmp_path, synthetic):
+    root, _ = synthetic
+    store_from_tensors(tmp_path / "small", {"resid.0": torch.randn(10, 8)})
+    with pytest.raises(CircuitSAEError, match="fewer than one batch"):
+        train(store=str(tmp_path / "small"), out=str(tmp_path / "o"), progress=False)
+    with pytest.raises(CircuitSAEError, match="site resid.7 is not in store"):
+        train(store=str(root), out=str(tmp_path / "o"), sites=("resid.7",), progress=False)
+    with pytest.raises(CircuitSAEError, match="unknown architecture"):
+        TrainConfig(arch=("topk",))
+    with pytest.raises(CircuitSAEError, match="coefficients must be >= 0"):
+        TrainConfig(coefficients=(-1.0,))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_path(synthetic, tmp_path):
+    root, feats = synthetic
+    saes = train(
+        store=str(root),
+        out=str(tmp_path),
+        arch=("relu", "gated"),
+        coefficients=(1.0,),
+        expansion=2,
+        batch_size=256,
+        lr=3e-3,
+        epochs=2,
+        device="cuda",
+        progress=False,
+    )
+    for sae in saes.values():
+        assert sae.W_dec.device.type == "cpu"  # saved and returned on CPU
+        assert sae.meta["metrics"]["fvu"] < 0.5
