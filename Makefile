@@ -45,6 +45,9 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/harvest.py
+	$(PY) benchmarks/pareto.py
+	bash benchmarks/peers/setup.sh
+	$(PY) benchmarks/train_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

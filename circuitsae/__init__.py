@@ -7,26 +7,55 @@ The public API::
     load_corpus / contexts      real text, tokenised into fixed-length contexts
     harvest(...)                record site activations into an on-disk store
     ActivationStore(path)       read a store: shuffled batches, held-out slice, tokens
+    ReluSAE, GatedSAE,          the dictionary interface: encode(x) -> codes,
+    PCADictionary,              decode(codes) -> x̂, directions [d_dict, d],
+    IdentityDictionary          save(path) / load_dictionary(path)
+    train(...)                  train many SAEs in one pass over a store (resumable)
+    evaluate(...)               L0, FVU, γ, dead/dense, loss recovered
+    run_spliced(model, ids, {site: dictionary})   logits with reconstructions spliced in
 """
 
 from circuitsae.data import contexts, load_corpus
+from circuitsae.dictionaries import (
+    Dictionary,
+    GatedSAE,
+    IdentityDictionary,
+    PCADictionary,
+    ReluSAE,
+    load_dictionary,
+)
 from circuitsae.errors import CircuitSAEError
+from circuitsae.evaluate import evaluate
 from circuitsae.harvest import HarvestConfig, harvest
 from circuitsae.models import load_model
 from circuitsae.sites import Site
 from circuitsae.sites import resolve as resolve_sites
+from circuitsae.splice import run_ablated, run_spliced, splice_sites
 from circuitsae.store import ActivationStore
+from circuitsae.train import TrainConfig, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationStore",
     "CircuitSAEError",
+    "Dictionary",
+    "GatedSAE",
     "HarvestConfig",
+    "IdentityDictionary",
+    "PCADictionary",
+    "ReluSAE",
     "Site",
+    "TrainConfig",
     "contexts",
+    "evaluate",
     "harvest",
     "load_corpus",
+    "load_dictionary",
     "load_model",
     "resolve_sites",
+    "run_ablated",
+    "run_spliced",
+    "splice_sites",
+    "train",
 ]

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -96,3 +97,76 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(capsys, monkeypatch):
     monkeypatch.setattr(harvest_mod, "harvest", interrupted)
     assert main(["harvest", "--model", "tiny-llama"]) == 130
     assert "re-run the same command to resume" in capsys.readouterr().err
+
+
+def test_harvest_train_eval_cli(capsys, tmp_path, text_corpus, tiny_llama):
+    acts, saes = str(tmp_path / "acts"), str(tmp_path / "saes")
+    assert (
+        main(
+            [
+                "harvest",
+                "--model",
+                "tiny-llama",
+                "--sites",
+                "resid.1",
+                "resid.2",
+                "--tokens",
+                "2000",
+                "--ctx-len",
+                "32",
+                "--corpus",
+                str(text_corpus),
+                "--out",
+                acts,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--store",
+                acts,
+                "--out",
+                saes,
+                "--arch",
+                "relu",
+                "gated",
+                "--coefficients",
+                "0.5",
+                "--sites",
+                "resid.2",
+                "--expansion",
+                "2",
+                "--batch-size",
+                "128",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "resid.2-relu-c0.5: L0" in out and "resid.2-gated-c0.5" in out and f"circuitsae eval {saes}" in out
+    assert main(["eval", saes, "--contexts", "4", "--rows", "500"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header[:5] == ["name", "l0", "fvu", "gamma", "loss_recovered"]
+    assert sum(line.startswith("resid.2-") for line in out.splitlines()) == 2
+    report = json.loads((tmp_path / "saes" / "eval.json").read_text())
+    for r in report["results"].values():
+        assert r["ce_zero"] > 0 and r["ce_clean"] > 0 and r["contexts"] == 4 and 0 <= r["dead_fraction"] <= 1
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["train", "--store", "{tmp}/none"], "not an activation store"),
+        (["train", "--arch", "topk"], "unknown architecture"),
+        (["train", "--coefficients", "-1"], "coefficients must be >= 0"),
+        (["eval", "{tmp}"], "neither a saved dictionary nor a folder of them"),
+        (["eval"], "the following arguments are required: DICTIONARY"),
+    ],
+)
+def test_train_and_eval_bad_input(capsys, tmp_path, argv, match):
+    code, err = _err(capsys, [a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 2 and match in err and len(err.splitlines()) == 1, err

@@ -190,3 +190,18 @@ def test_meta_records_provenance(tiny_llama, text_corpus, tmp_path):
         assert key in meta["config"]
     assert meta["start_token_id"] == tiny_llama.tokenizer.bos_token_id
     assert isinstance(circuitsae.ActivationStore(tmp_path / "s")["resid.1"].n_rows(), int)
+
+
+def test_multi_site_batches_share_rows_and_skip_resumes_the_stream(tmp_path):
+    from circuitsae.store import store_from_tensors
+
+    a = torch.randn(1000, 4)
+    store = store_from_tensors(tmp_path / "s", {"resid.0": a, "resid.1": 2 * a}, shard_rows=128)
+    pairs = list(store.batches(["resid.0", "resid.1"], 64, seed=3, buffer_rows=256, epochs=2))
+    assert all(torch.equal(y, 2 * x) for x, y in pairs)  # same rows at both sites
+    single = list(store.batches("resid.0", 64, seed=3, buffer_rows=256, epochs=2))
+    assert all(torch.equal(x, s) for (x, _), s in zip(pairs, single))
+    assert len(single) == store.n_batches(64, epochs=2) == 2 * 16
+    rest = list(store.batches("resid.0", 64, seed=3, buffer_rows=256, epochs=2, skip=11))
+    assert len(rest) == len(single) - 11 and all(torch.equal(x, s) for x, s in zip(rest, single[11:]))
+    assert store.n_batches(64, drop_last=True) == 15

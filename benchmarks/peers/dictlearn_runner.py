@@ -1,0 +1,105 @@
+"""Time dictionary_learning's own SAE training step on cached activations.
+
+Run with benchmarks/.venv-dictlearn/bin/python (see setup.sh). Prints one JSON
+line to stdout; everything else goes to stderr.
+
+What is timed, per step, is what `dictionary_learning.training.trainSAE` does
+for one trainer in 0.1.0, minus logging/saving/tqdm:
+
+    act = act.to(dtype=autocast_dtype)          # float32: a no-op
+    with autocast_context:                      # nullcontext on CPU,
+        trainer.update(step, act)               # torch.autocast(float32) on CUDA
+
+`trainer.update` is the library's own step: zero_grad, loss (forward),
+backward, ConstrainedAdam step (gradient projection + decoder renormalisation),
+LambdaLR scheduler step.
+
+  standard: trainers.StandardTrainer      with dictionary.AutoEncoder
+  gated:    trainers.GatedSAETrainer      with dictionary.GatedAutoEncoder
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
+
+
+def main() -> None:
+    args = _common.parse_args(__doc__.splitlines()[0])
+    with contextlib.redirect_stdout(sys.stderr):
+        record = run(args)
+    _common.emit(args, **record)
+
+
+def run(args):
+    import dictionary_learning
+    import torch
+    from dictionary_learning.dictionary import AutoEncoder, GatedAutoEncoder
+    from dictionary_learning.trainers import GatedSAETrainer, StandardTrainer
+
+    acts = _common.load_acts(args.acts)
+    d = int(acts.shape[1])
+    d_sae = args.d_sae or 8 * d
+
+    trainer_cls, dict_cls = {
+        "standard": (StandardTrainer, AutoEncoder),
+        "gated": (GatedSAETrainer, GatedAutoEncoder),
+    }[args.arch]
+    total_steps = args.warmup + args.steps
+    # The library's default lr warm-up (1000 steps) and sparsity warm-up (2000
+    # steps) must be shorter than `steps`, which a short benchmark is not; they
+    # change only scalar factors, not the work per step, so both are turned off.
+    trainer = trainer_cls(
+        steps=total_steps,
+        activation_dim=d,
+        dict_size=d_sae,
+        layer=0,
+        lm_name="benchmark",
+        dict_class=dict_cls,
+        lr=args.lr,
+        warmup_steps=0,
+        sparsity_warmup_steps=None,
+        seed=args.seed,
+        device=args.device,
+    )
+
+    autocast_dtype = torch.float32  # trainSAE's default
+    autocast_context = (
+        contextlib.nullcontext() if args.device == "cpu" else torch.autocast(device_type="cuda", dtype=autocast_dtype)
+    )
+
+    def one_step(step, act):
+        # trainSAE loop body for one trainer, without logging/saving.
+        act = act.to(dtype=autocast_dtype)
+        with autocast_context:
+            trainer.update(step, act)
+
+    times = _common.time_steps(args, _common.Batches(acts, args.batch, args.device), one_step)
+
+    opt = trainer.optimizer
+    notes = (
+        f"timed: dictionary_learning trainSAE loop body per step "
+        f"({trainer_cls.__name__}.update(step, act) on {dict_cls.__name__}); "
+        f"no logging/saving/tqdm; optimizer {type(opt).__name__} "
+        f"betas {tuple(opt.defaults['betas'])}, lr warm-up and sparsity warm-up off, "
+        f"no resampling, no grad clipping (library has none here); " + _common.BATCH_NOTE
+    )
+    return dict(
+        peer="dictionary_learning",
+        version=dictionary_learning.__version__,
+        d=d,
+        d_sae=d_sae,
+        times=times,
+        notes=notes,
+        sae_class=f"{dict_cls.__module__}.{dict_cls.__qualname__}",
+        trainer_class=f"{trainer_cls.__module__}.{trainer_cls.__qualname__}",
+    )
+
+
+if __name__ == "__main__":
+    main()
