@@ -175,6 +175,9 @@ def main() -> None:
                 "goal_1.5x_met": ours["acts_per_s"] / best["acts_per_s"] >= 1.5,
                 "circuitsae_fraction_of_peak": ours["fraction_of_matmul_peak"],
                 "goal_50pct_peak_met": ours["fraction_of_matmul_peak"] >= 0.5,
+                "fastest_peer_fraction_of_peak": best["fraction_of_matmul_peak"],
+                # the most any implementation of the same dense maths could beat that peer by
+                "ratio_ceiling_at_100pct_peak": 1 / best["fraction_of_matmul_peak"],
             }
     out = {
         "machine": describe(),

@@ -25,7 +25,7 @@ EXAMPLES = {
     "train": "examples:\n  circuitsae train --store runs/acts --arch relu gated --out runs/saes\n"
     "  circuitsae train --store runs/acts --sites resid.4 --arch gated --coefficients 1 2 4 8 --expansion 4",
     "eval": "examples:\n  circuitsae eval runs/saes                      # every SAE in a training folder\n"
-    "  circuitsae eval runs/saes/resid.4-gated-c4 --contexts 64 --out eval.json",
+    "  circuitsae eval runs/saes/resid.4-gated-c2 --contexts 64 --out eval.json",
     "demo": "example:\n  circuitsae demo --out runs/demo",
 }
 
