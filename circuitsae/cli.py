@@ -83,6 +83,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         out=str(out / "saes"),
         arch=("relu", "gated"),
         expansion=4.0,
+        gated_expansion=3.0,  # equal compute, as in the Gated paper
+        lr=1e-3,  # one lr for both: the paper's 3e-4 for gated is for far longer runs
         batch_size=1024,
         epochs=2,
         tied=False,

@@ -90,7 +90,9 @@ class TrainConfig:
     )
     tied: bool = option(True, "relu: tied encoder/decoder (the paper's form); --no-tied for untied")
     decoder_bias: bool = option(False, "relu: learn b_dec, subtracted before the encoder and added after the decoder")
-    lr: "float | None" = option(None, "learning rate (default: 1e-3 relu, 3e-4 gated)")
+    lr: "float | None" = option(
+        None, "learning rate (default: 1e-3 relu, 3e-4 gated, the papers'; for short runs 1e-3 suits both)"
+    )
     batch_size: int = option(4096, "activations per step")
     epochs: int = option(1, "passes over the training split")
     lr_warmup: float = option(0.01, "fraction of steps over which the learning rate ramps up linearly")
