@@ -88,8 +88,12 @@ class TrainConfig:
     gated_expansion: "float | None" = option(
         None, "expansion for gated runs (default: same as relu; the Gated paper uses 3/4 for equal compute)"
     )
-    tied: bool = option(True, "relu: tied encoder/decoder (the paper's form); --no-tied for untied")
-    decoder_bias: bool = option(False, "relu: learn b_dec, subtracted before the encoder and added after the decoder")
+    tied: bool = option(
+        False, "relu: tie encoder and decoder (with --no-decoder-bias: Cunningham et al.'s exact form)"
+    )
+    decoder_bias: bool = option(
+        True, "relu: learn b_dec, subtracted before the encoder and added after the decoder (the Gated paper's baseline)"
+    )
     lr: "float | None" = option(
         None, "learning rate (default: 1e-3 relu, 3e-4 gated, the papers'; for short runs 1e-3 suits both)"
     )

@@ -40,7 +40,10 @@ class ReluSAE(Dictionary):
         self.tied, self.decoder_bias = bool(tied), bool(decoder_bias)
         w = unit_rows(torch.randn(d_dict, d))
         self.W_dec = nn.Parameter(w)
-        self.W_enc_untied = None if tied else nn.Parameter(w.clone())
+        # Untied: start the encoder at W_dec · min(1, 2d/d_sae). With random unit rows about half
+        # the features fire and Σ_i ReLU(f_i·x) f_i ≈ (d_sae / 2d)·x, so this makes x̂ ≈ x at init
+        # instead of overshooting by d_sae/2d (the tied form cannot do this and takes longer to settle).
+        self.W_enc_untied = None if tied else nn.Parameter(w * min(1.0, 2 * d / d_dict))
         self.b_enc = nn.Parameter(torch.zeros(d_dict))
         self.b_dec = nn.Parameter(torch.zeros(d)) if decoder_bias else None
 
