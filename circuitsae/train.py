@@ -88,11 +88,10 @@ class TrainConfig:
     gated_expansion: "float | None" = option(
         None, "expansion for gated runs (default: same as relu; the Gated paper uses 3/4 for equal compute)"
     )
-    tied: bool = option(
-        False, "relu: tie encoder and decoder (with --no-decoder-bias: Cunningham et al.'s exact form)"
-    )
+    tied: bool = option(False, "relu: tie encoder and decoder (with --no-decoder-bias: Cunningham et al.'s exact form)")
     decoder_bias: bool = option(
-        True, "relu: learn b_dec, subtracted before the encoder and added after the decoder (the Gated paper's baseline)"
+        True,
+        "relu: learn b_dec, subtracted before the encoder and added after the decoder (the Gated paper's baseline)",
     )
     lr: "float | None" = option(
         None, "learning rate (default: 1e-3 relu, 3e-4 gated, the papers'; for short runs 1e-3 suits both)"
@@ -127,6 +126,14 @@ class TrainConfig:
         if not (0 <= self.lr_warmup <= 1 and 0 <= self.coef_warmup <= 1):
             raise CircuitSAEError("lr_warmup and coef_warmup are fractions of training in [0, 1]")
         self.sites, self.arch = tuple(self.sites), tuple(self.arch)
+        # one canonical type per field, so an API call and the same CLI command resume each other
+        self.expansion, self.lr_warmup, self.coef_warmup = (
+            float(self.expansion),
+            float(self.lr_warmup),
+            float(self.coef_warmup),
+        )
+        self.gated_expansion = None if self.gated_expansion is None else float(self.gated_expansion)
+        self.lr = None if self.lr is None else float(self.lr)
         self.coefficients = tuple(float(c) for c in self.coefficients)
 
     def fingerprint(self) -> str:

@@ -171,3 +171,71 @@ def test_cuda_training_path(synthetic, tmp_path):
     for sae in saes.values():
         assert sae.W_dec.device.type == "cpu"  # saved and returned on CPU
         assert sae.meta["metrics"]["fvu"] < 0.5
+
+
+def test_killed_training_process_resumes_to_the_same_result(synthetic, tmp_path):
+    """SIGKILL a real `circuitsae train` once it has checkpointed; the re-run finishes identically."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _ = synthetic
+    argv = [
+        "--store",
+        str(root),
+        "--arch",
+        "relu",
+        "gated",
+        "--expansion",
+        "2",
+        "--batch-size",
+        "256",
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "20",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "circuitsae", "train", *argv, "--out", str(tmp_path / "k")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (tmp_path / "k" / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = torch.load(tmp_path / "k" / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < killed_at < 2 * 195  # a mid-run checkpoint (195 batches per epoch)
+    resumed = train(
+        TrainConfig(
+            store=str(root),
+            out=str(tmp_path / "k"),
+            arch=("relu", "gated"),
+            expansion=2,
+            batch_size=256,
+            epochs=2,
+            checkpoint_every=20,
+        ),
+        progress=False,
+    )
+    full = train(
+        TrainConfig(
+            store=str(root),
+            out=str(tmp_path / "f"),
+            arch=("relu", "gated"),
+            expansion=2,
+            batch_size=256,
+            epochs=2,
+            checkpoint_every=20,
+        ),
+        progress=False,
+    )
+    for name in full:
+        a, b = full[name].state_dict(), resumed[name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name

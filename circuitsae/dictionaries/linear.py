@@ -47,7 +47,15 @@ class PCADictionary(Dictionary):
             if site is None:
                 raise CircuitSAEError("PCADictionary.fit(store, site=...) needs the site to fit")
             chunks = _store_chunks(store, site, max_rows)
-            d, meta = store.d, {"model": store.config["model"], "site": site, "store": str(store.root)}
+            d, meta = (
+                store.d,
+                {
+                    "model": store.config["model"],
+                    "site": site,
+                    "store": str(store.root),
+                    "first_position": int(store.meta["first_position"]),
+                },
+            )
         n, s1, s2 = 0, torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
         for c in chunks:
             c = c.reshape(-1, d).double()
