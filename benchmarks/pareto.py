@@ -54,12 +54,15 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, default=64, help="held-out contexts for loss recovered")
     ap.add_argument("--work", default="runs/bench/pareto", help="folder for activations and SAEs")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--gated-ratio", type=float, default=0.75, help="gated width / baseline width (paper: 3/4)")
+    ap.add_argument("--tag", default="", help="suffix for the work folder and result files (e.g. equal-width)")
     args = ap.parse_args()
+    suffix = f"-{args.tag}" if args.tag else ""
 
-    work = Path(args.work)
+    work = Path(args.work + suffix)
     times = {}
     t = time.perf_counter()
-    store = circuitsae.harvest(sites=[args.site], tokens=args.tokens, out=str(work.parent / "pareto-acts"))
+    store = circuitsae.harvest(sites=[args.site], tokens=args.tokens, out=str(Path(args.work).parent / "pareto-acts"))
     times["harvest_s"] = time.perf_counter() - t
     t = time.perf_counter()
     train(
@@ -68,7 +71,7 @@ def main() -> None:
         arch=("relu", "gated"),
         coefficients=tuple(args.coefficients),
         expansion=args.expansion,
-        gated_expansion=args.expansion * 0.75,
+        gated_expansion=args.expansion * args.gated_ratio,
         tied=False,
         decoder_bias=True,
         lr=args.lr,
@@ -116,17 +119,17 @@ def main() -> None:
             "heldout_tokens": store.n_rows("heldout"),
             "corpus": store.config["corpus"],
         },
-        "settings": vars(args) | {"gated_expansion": args.expansion * 0.75},
+        "settings": vars(args) | {"gated_expansion": args.expansion * args.gated_ratio},
         "wall_seconds": times,
         "train_activations_per_second_all_runs": train_log.get("activations_per_second"),
         "runs": runs,
         "verdict": verdict,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "pareto.json").write_text(json.dumps(out, indent=1))
-    plot(runs, args, RESULTS / "pareto.png", report["model"])
+    (RESULTS / f"pareto{suffix}.json").write_text(json.dumps(out, indent=1))
+    plot(runs, args, RESULTS / f"pareto{suffix}.png", report["model"])
     print(json.dumps(verdict, indent=1))
-    print(f"wrote {RESULTS / 'pareto.json'} and pareto.png")
+    print(f"wrote {RESULTS / f'pareto{suffix}.json'} and .png")
 
 
 def _interp(l0: float, pts: list[tuple[float, float]]) -> "float | None":
