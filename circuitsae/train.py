@@ -25,8 +25,9 @@ every model. At save ``s`` is folded into the biases (see
 - warm-up: lr over the first 1% of steps, coefficient over the first 5%.
 
 **Dead-feature resampling** (Bricken et al. 2023, "Towards Monosemanticity"):
-every ``resample_every`` steps (until 80% of training), features that have not
-fired in that window are re-initialised: the decoder row becomes a training
+every ``resample_every`` steps (default: every quarter of training, skipped
+when a quarter is under 50 steps; until 80% of training), features that have
+not fired in that window are re-initialised: the decoder row becomes a training
 input from the current batch, drawn with probability ∝ its squared
 reconstruction error, minus b_dec, normalised; the encoder (gate) row becomes
 that direction × 0.2 × the mean norm of live encoder rows; their biases are
@@ -67,6 +68,7 @@ DEFAULT_LR = {"relu": 1e-3, "gated": 3e-4}
 DEFAULT_BETAS = {"relu": (0.9, 0.999), "gated": (0.0, 0.999)}
 DEFAULT_COEFFICIENT = {"relu": 1.0, "gated": 2.0}  # L0 ≈ 70 and ≈ 47 at SmolLM2 resid.6 (pareto.json)
 SCALE_ROWS = 1 << 17
+MIN_RESAMPLE_WINDOW = 50  # steps; the default schedule does not resample over shorter windows
 
 
 class TrainingDiverged(CircuitSAEError):
@@ -100,7 +102,9 @@ class TrainConfig:
     epochs: int = option(1, "passes over the training split")
     lr_warmup: float = option(0.01, "fraction of steps over which the learning rate ramps up linearly")
     coef_warmup: float = option(0.05, "fraction of steps over which the sparsity coefficient ramps up linearly")
-    resample_every: int = option(0, "resample dead features every N steps (0: every quarter of training, -1: never)")
+    resample_every: int = option(
+        0, "resample dead features every N steps (0: every quarter of training if that is >= 50 steps; -1: never)"
+    )
     checkpoint_every: int = option(200, "steps between checkpoints")
     log_every: int = option(25, "steps between log lines (JSONL) and divergence checks")
     eval_rows: int = option(65536, "held-out activations used for the final L0/FVU/γ of each run")
@@ -216,7 +220,16 @@ class Trainer:
             )
         self.lr_warmup_steps = max(1, round(cfg.lr_warmup * self.total_steps))
         self.coef_warmup_steps = max(1, round(cfg.coef_warmup * self.total_steps))
-        self.resample_every = cfg.resample_every or max(1, self.total_steps // 4)
+        # Dead = not fired for ``dead_window`` steps. The default schedule resamples every quarter
+        # of training, but only when a quarter is at least MIN_RESAMPLE_WINDOW steps: over a
+        # shorter window "dead" means little, and early resampled features (b_dec not yet learned)
+        # all point along the data mean, fire on every input and blow up the reconstruction.
+        self.dead_window = cfg.resample_every if cfg.resample_every > 0 else max(1, self.total_steps // 4)
+        self.resample_every = (
+            None
+            if cfg.resample_every < 0 or (cfg.resample_every == 0 and self.dead_window < MIN_RESAMPLE_WINDOW)
+            else self.dead_window
+        )
         self.autocast = self.device.type == "cuda"
         torch.manual_seed(cfg.seed)
         self.scales = {s: input_scale(self.store, s) for s in self.sites}
@@ -252,15 +265,15 @@ class Trainer:
             run.last_fired.masked_fill_(fired, k + 1)
             losses.append(type(loss)(*(t.detach() for t in loss)))
         self.step_count += 1
-        if self.step_count % self.resample_every == 0 and self.step_count < 0.8 * self.total_steps:
-            if self.cfg.resample_every >= 0:
+        if self.resample_every and self.step_count % self.resample_every == 0:
+            if self.step_count < 0.8 * self.total_steps:
                 for run, loss in zip(self.runs, losses):
                     self._resample(run, batch[run.site], loss)
         return losses
 
     @torch.no_grad()
     def _resample(self, run: Run, x: torch.Tensor, loss: Any) -> int:
-        dead = (run.last_fired <= self.step_count - self.resample_every).nonzero().squeeze(1)
+        dead = (run.last_fired <= self.step_count - self.dead_window).nonzero().squeeze(1)
         if dead.numel() == 0:
             return 0
         err = (loss.x_hat.float() - x.float()).pow(2).sum(-1).cpu().double()
@@ -367,7 +380,7 @@ class Trainer:
                 "fvu": mse / var,
                 "lr": run.lr * self.lr_factor(self.step_count - 1),
                 "coefficient": run.coefficient * self.coef_factor(self.step_count - 1),
-                "dead_fraction": float((run.last_fired <= self.step_count - self.resample_every).float().mean()),
+                "dead_fraction": float((run.last_fired <= self.step_count - self.dead_window).float().mean()),
             }
             lines.append(json.dumps(rec))
             first = first or rec
@@ -448,7 +461,7 @@ class Trainer:
                     "activations": self.total_steps * self.cfg.batch_size,
                     "lr_warmup_steps": self.lr_warmup_steps,
                     "coef_warmup_steps": self.coef_warmup_steps,
-                    "resample_every": self.resample_every if self.cfg.resample_every >= 0 else None,
+                    "resample_every": self.resample_every,
                     "seed": self.cfg.seed,
                 },
                 metrics=metrics,

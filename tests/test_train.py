@@ -239,3 +239,15 @@ def test_killed_training_process_resumes_to_the_same_result(synthetic, tmp_path)
     for name in full:
         a, b = full[name].state_dict(), resumed[name].state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_default_resampling_needs_a_long_enough_window(synthetic, tmp_path):
+    root, _ = synthetic
+    short = Trainer(TrainConfig(store=str(root), out=str(tmp_path / "a"), batch_size=1024), progress=False)
+    assert short.total_steps == 48 and short.resample_every is None and short.dead_window == 12
+    long = Trainer(TrainConfig(store=str(root), out=str(tmp_path / "b"), batch_size=128), progress=False)
+    assert long.total_steps == 390 and long.resample_every == long.dead_window == 97
+    never = Trainer(
+        TrainConfig(store=str(root), out=str(tmp_path / "c"), batch_size=128, resample_every=-1), progress=False
+    )
+    assert never.resample_every is None and never.dead_window == 97
