@@ -6,6 +6,7 @@ returns the right class, named by ``cfg.json``'s ``architecture``.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def load_dictionary(path: "str | Path", device: "str | torch.device" = "cpu") ->
         raise CircuitSAEError(
             f"{cfg_path}: unknown architecture {cfg['architecture']!r} (known: {', '.join(ARCHITECTURES)})"
         )
-    args = {k: cfg[k] for k in cls(**_small_args(cls)).config()}
+    params = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+    args = {k: cfg[k] for k in params if k in cfg}
     dictionary = cls(**args)
     weights = path / "sae.safetensors"
     expected = dictionary.state_dict()
@@ -69,11 +71,6 @@ def load_dictionary(path: "str | Path", device: "str | torch.device" = "cpu") ->
         dictionary.load_state_dict(tensors)
     dictionary.meta = {k: v for k, v in cfg.items() if k not in ("format", "architecture", *args)}
     return dictionary.to(device)
-
-
-def _small_args(cls: type[Dictionary]) -> dict:
-    """Constructor arguments for a throwaway 1×1 instance (to learn which keys cfg.json must give)."""
-    return {"d": 1, "d_dict": 1}
 
 
 __all__ = [
