@@ -91,48 +91,41 @@ def fidelity(
         check_dictionary(model, site, dictionary)
     device = next(model._module.parameters()).device
     n = input_ids.shape[0]
-    sums = [{"ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0} for _ in dictionaries]
-    ce_clean = {s: 0.0 for s in {default_start(d) for _, d in dictionaries}}
-    zero_cache: dict[tuple[str, int], float] = {}
-    steps = len(range(0, n, batch_size)) * (
-        1 + len({(s, default_start(d)) for s, d in dictionaries}) + len(dictionaries)
-    )
-    bar = tqdm(total=steps, desc="loss recovered", unit="pass", disable=not progress, leave=False)
-    with bar:
+    starts = [default_start(d) for _, d in dictionaries]
+    ablations = sorted({(site, start) for (site, _), start in zip(dictionaries, starts)})
+    # batch-weighted means, keyed by what was run: ("clean", start), ("zero", site, start), ("spliced"|"kl", i)
+    totals: dict[tuple, float] = {}
+
+    def add(key: tuple, value: torch.Tensor, w: float) -> None:
+        totals[key] = totals.get(key, 0.0) + w * float(value.mean())
+
+    steps = len(range(0, n, batch_size)) * (1 + len(ablations) + len(dictionaries))
+    with tqdm(total=steps, desc="loss recovered", unit="pass", disable=not progress, leave=False) as bar:
         for b in range(0, n, batch_size):
             ids = input_ids[b : b + batch_size].to(device)
             w = ids.shape[0] / n
             clean = run_spliced(model, ids, {})
-            bar.update()
-            for start in ce_clean:
-                ce_clean[start] += w * float(metrics.cross_entropy(clean, ids, start).mean())
-            zero_batch: dict[tuple[str, int], float] = {}
-            for i, (site, dictionary) in enumerate(dictionaries):
-                start = default_start(dictionary)
-                key = (site, start)
-                if key not in zero_batch:
-                    zero_batch[key] = float(
-                        metrics.cross_entropy(run_ablated(model, ids, [site], start), ids, start).mean()
-                    )
-                    zero_cache[key] = zero_cache.get(key, 0.0) + w * zero_batch[key]
-                    bar.update()
+            for start in set(starts):
+                add(("clean", start), metrics.cross_entropy(clean, ids, start), w)
+            for site, start in ablations:
+                add(("zero", site, start), metrics.cross_entropy(run_ablated(model, ids, [site], start), ids, start), w)
+            bar.update(1 + len(ablations))
+            for i, ((site, dictionary), start) in enumerate(zip(dictionaries, starts)):
                 spliced = run_spliced(model, ids, {site: dictionary})
+                add(("spliced", i), metrics.cross_entropy(spliced, ids, start), w)
+                add(("kl", i), metrics.kl_divergence(clean[:, start:-1], spliced[:, start:-1]), w)
                 bar.update()
-                sums[i]["ce_spliced"] += w * float(metrics.cross_entropy(spliced, ids, start).mean())
-                kl = metrics.kl_divergence(clean[:, start:-1], spliced[:, start:-1])
-                sums[i]["kl"] += w * float(kl.mean())
     results = []
-    for (site, dictionary), s in zip(dictionaries, sums):
-        start = default_start(dictionary)
-        clean_ce, zero_ce = ce_clean[start], zero_cache[(site, start)]
+    for i, ((site, _), start) in enumerate(zip(dictionaries, starts)):
+        ce_clean, ce_zero, ce_spliced = totals["clean", start], totals["zero", site, start], totals["spliced", i]
         results.append(
             {
-                "ce_clean": clean_ce,
-                "ce_spliced": s["ce_spliced"],
-                "ce_zero": zero_ce,
-                "delta_ce": s["ce_spliced"] - clean_ce,
-                "loss_recovered": metrics.loss_recovered(clean_ce, s["ce_spliced"], zero_ce),
-                "kl": s["kl"],
+                "ce_clean": ce_clean,
+                "ce_spliced": ce_spliced,
+                "ce_zero": ce_zero,
+                "delta_ce": ce_spliced - ce_clean,
+                "loss_recovered": metrics.loss_recovered(ce_clean, ce_spliced, ce_zero),
+                "kl": totals["kl", i],
                 "contexts": n,
                 "tokens": int(n * (input_ids.shape[1] - 1 - start)),
             }

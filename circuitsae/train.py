@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from circuitsae.config import option
 from circuitsae.dictionaries import Dictionary, GatedSAE, ReluSAE
 from circuitsae.errors import CircuitSAEError
-from circuitsae.metrics import ReconstructionStats
+from circuitsae.evaluate import reconstruction
 from circuitsae.models import resolve_device
 from circuitsae.store import ActivationStore, atomic_write
 
@@ -110,9 +110,7 @@ class TrainConfig:
     eval_rows: int = option(65536, "held-out activations used for the final L0/FVU/γ of each run")
     device: "str | None" = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
     seed: int = option(0, "seed for initialisation, batch order and resampling")
-    stop_after: "int | None" = option(
-        None, "stop (with a checkpoint) after this many steps; re-run to continue", cli=True
-    )
+    stop_after: "int | None" = option(None, "stop (with a checkpoint) after this many steps; re-run to continue")
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.arch if a not in TRAINABLE]
@@ -445,7 +443,8 @@ class Trainer:
         for run in self.runs:
             sae = run.sae.float().cpu().eval()
             sae.fold_input_scale(self.scales[run.site])
-            metrics = _heldout_metrics(sae, heldout[run.site]) if heldout[run.site] is not None else {}
+            metrics = reconstruction(sae, heldout[run.site]) if heldout[run.site] is not None else {}
+            metrics.pop("density_histogram", None)
             sae.meta.update(
                 model=self.store.config["model"],
                 site=run.site,
@@ -473,18 +472,6 @@ class Trainer:
         summary["activations_per_second"] = steps_this_session * self.cfg.batch_size / max(seconds, 1e-9)
         atomic_write(self.out / "train.json", json.dumps(summary, indent=1, default=str).encode())
         return saved
-
-
-@torch.no_grad()
-def _heldout_metrics(sae: Dictionary, x: torch.Tensor, chunk: int = 8192) -> dict:
-    stats = ReconstructionStats()
-    for i in range(0, x.shape[0], chunk):
-        xi = x[i : i + chunk]
-        out = sae(xi)
-        stats.update(xi, out.x_hat, out.codes)
-    result = stats.summary()
-    result.pop("density_histogram")
-    return result
 
 
 @torch.no_grad()

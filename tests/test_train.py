@@ -212,30 +212,9 @@ def test_killed_training_process_resumes_to_the_same_result(synthetic, tmp_path)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = torch.load(tmp_path / "k" / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < killed_at < 2 * 195  # a mid-run checkpoint (195 batches per epoch)
-    resumed = train(
-        TrainConfig(
-            store=str(root),
-            out=str(tmp_path / "k"),
-            arch=("relu", "gated"),
-            expansion=2,
-            batch_size=256,
-            epochs=2,
-            checkpoint_every=20,
-        ),
-        progress=False,
-    )
-    full = train(
-        TrainConfig(
-            store=str(root),
-            out=str(tmp_path / "f"),
-            arch=("relu", "gated"),
-            expansion=2,
-            batch_size=256,
-            epochs=2,
-            checkpoint_every=20,
-        ),
-        progress=False,
-    )
+    same = dict(store=str(root), arch=("relu", "gated"), expansion=2, batch_size=256, epochs=2, checkpoint_every=20)
+    resumed = train(out=str(tmp_path / "k"), progress=False, **same)
+    full = train(out=str(tmp_path / "f"), progress=False, **same)
     for name in full:
         a, b = full[name].state_dict(), resumed[name].state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name

@@ -8,6 +8,7 @@ this file must therefore depend on nothing but numpy, torch and the stdlib.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -141,3 +142,15 @@ def emit(
     # real stdout carries this one JSON line only.
     sys.__stdout__.write(json.dumps(record) + "\n")
     sys.__stdout__.flush()
+
+
+def main(description: str, run: Callable[[argparse.Namespace], dict]) -> None:
+    """Parse the shared flags, call ``run(args)`` with library prints sent to stderr, emit its record."""
+    args = parse_args(description)
+    with contextlib.redirect_stdout(sys.stderr):
+        record = run(args)
+    emit(args, **record)
+
+
+def qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -4,6 +4,8 @@ Run with the project's own python (.venv). ``--arch standard`` is the ReLU SAE
 in the form the peers train (untied encoder, learned b_dec); ``gated`` is the
 Gated SAE. ``--runs N`` trains N SAEs of that architecture on each batch in
 one step (the multi-SAE pass); throughput is then counted per SAE-activation.
+``--autograd`` trains through the plain-autograd losses (``loss_reference``)
+instead of the hand-written backward passes, to measure what those gain.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import circuitsae  # noqa: E402
+from circuitsae.dictionaries import GatedSAE, ReluSAE  # noqa: E402
 from circuitsae.store import store_from_tensors  # noqa: E402
 from circuitsae.train import TrainConfig, Trainer  # noqa: E402
 
@@ -29,6 +32,10 @@ def main() -> None:
         i = sys.argv.index("--runs")
         runs = int(sys.argv[i + 1])
         del sys.argv[i : i + 2]
+    autograd = "--autograd" in sys.argv
+    if autograd:
+        sys.argv.remove("--autograd")
+        ReluSAE.loss, GatedSAE.loss = ReluSAE.loss_reference, GatedSAE.loss_reference
     args = _common.parse_args(__doc__.splitlines()[0])
     acts = _common.load_acts(args.acts)
     d = acts.shape[1]
@@ -58,7 +65,9 @@ def main() -> None:
     times = [t / runs for t in times]  # seconds per SAE-step
     _common.emit(
         args,
-        peer="circuitsae" if runs == 1 else f"circuitsae ({runs} SAEs per pass)",
+        peer="circuitsae"
+        + (f" ({runs} SAEs per pass)" if runs > 1 else "")
+        + (" (plain autograd)" if autograd else ""),
         version=circuitsae.__version__ if hasattr(circuitsae, "__version__") else "dev",
         d=d,
         d_sae=d_sae,

@@ -29,13 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 
-def main() -> None:
-    args = _common.parse_args(__doc__.splitlines()[0])
-    with contextlib.redirect_stdout(sys.stderr):
-        record = run(args)
-    _common.emit(args, **record)
-
-
 def run(args):
     import dictionary_learning
     import torch
@@ -96,10 +89,10 @@ def run(args):
         d_sae=d_sae,
         times=times,
         notes=notes,
-        sae_class=f"{dict_cls.__module__}.{dict_cls.__qualname__}",
-        trainer_class=f"{trainer_cls.__module__}.{trainer_cls.__qualname__}",
+        sae_class=_common.qualname(dict_cls),
+        trainer_class=_common.qualname(trainer_cls),
     )
 
 
 if __name__ == "__main__":
-    main()
+    _common.main(__doc__.splitlines()[0], run)

@@ -22,20 +22,12 @@ not a re-implementation.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
-
-
-def main() -> None:
-    args = _common.parse_args(__doc__.splitlines()[0])
-    with contextlib.redirect_stdout(sys.stderr):
-        record = run(args)
-    _common.emit(args, **record)
 
 
 def run(args):
@@ -97,10 +89,10 @@ def run(args):
         d_sae=d_sae,
         times=times,
         notes=notes,
-        sae_class=f"{sae_cls.__module__}.{sae_cls.__qualname__}",
-        trainer_class=f"{SAETrainer.__module__}.{SAETrainer.__qualname__}",
+        sae_class=_common.qualname(sae_cls),
+        trainer_class=_common.qualname(SAETrainer),
     )
 
 
 if __name__ == "__main__":
-    main()
+    _common.main(__doc__.splitlines()[0], run)
