@@ -10,7 +10,7 @@ recovered with it spliced into the model.
 The paper expects: gated Pareto-better (higher loss recovered at equal L0),
 γ ≈ 1 for gated and γ < 1 (shrinkage) for the baseline.
 
-    python benchmarks/pareto.py                 # ~40 min on 2 CPU cores (harvest included)
+    python benchmarks/pareto.py                 # 2 CPU cores: ~19 min after the harvest (wall times in the JSON)
     python benchmarks/pareto.py --tokens 20000000 --expansion 16 --batch-size 4096 --contexts 512   # GPU scale
 
 Harvest, training and evaluation all resume if interrupted. Writes

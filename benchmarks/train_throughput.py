@@ -13,7 +13,7 @@ of the SAE maths (standard: 10·B·d·d_sae per step; gated: 14·B·d·d_sae, th
 auxiliary decode included).
 
     bash benchmarks/peers/setup.sh          # once: peer venvs (~5 min)
-    python benchmarks/train_throughput.py   # ~12 min on 2 CPU cores
+    python benchmarks/train_throughput.py   # ~10 min on 2 CPU cores
     python benchmarks/train_throughput.py --device cuda   # on a GPU machine (peers need CUDA torch)
 
 Writes ``benchmarks/results/train_throughput.json`` (and ``_cuda`` for GPU) and a PNG.
