@@ -26,6 +26,8 @@ EXAMPLES = {
     "  circuitsae train --store runs/acts --sites resid.4 --arch gated --coefficients 1 2 4 8 --expansion 4",
     "eval": "examples:\n  circuitsae eval runs/saes                      # every SAE in a training folder\n"
     "  circuitsae eval runs/saes/resid.4-gated-c2 --contexts 64 --out eval.json",
+    "ioi": "examples:\n  circuitsae ioi runs/saes                       # every dictionary in a training folder, + PCA\n"
+    "  circuitsae ioi runs/saes/resid.16-relu-c1 runs/saes/resid.16-relu-c0 --prompts 50 --out runs/ioi",
     "demo": "example:\n  circuitsae demo --out runs/demo",
 }
 
@@ -68,6 +70,20 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     report = evaluate(from_arguments(EvalConfig, args))
     print(format_table(report["results"]))
     print(f"wrote {report['path']}")
+
+
+def _cmd_ioi(args: argparse.Namespace) -> None:
+    from circuitsae.ioi_curves import IOIConfig, run_ioi
+
+    args.dictionaries = args.paths
+    report = run_ioi(from_arguments(IOIConfig, args))
+    ioi = report["ioi"]
+    print(f"IOI on {report['prompts']} prompts: logit diff {ioi['logit_diff']:.2f}, accuracy {ioi['accuracy']:.2f}")
+    for r in report["results"]:
+        last = r["start"]["all"]
+        print(f"{r['site']} {r['label']:28s} {r['method']:11s} candidates {r['n_candidates']:5d}  "
+              f"KL all {last['kl']:.3g}  {r['seconds']:.0f} s")  # fmt: skip
+    print(f"wrote {report['path']} and kl_vs_patches.png ({report['seconds']:.0f} s)")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -129,6 +145,7 @@ def _add(
 
 def build_parser() -> argparse.ArgumentParser:
     from circuitsae.evaluate import EvalConfig
+    from circuitsae.ioi_curves import IOIConfig
     from circuitsae.train import TrainConfig
 
     parser = _Parser(prog="circuitsae", description="Sparse-autoencoder circuits on real language models.")
@@ -160,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
         EvalConfig,
     )
     e.add_argument("paths", nargs="+", metavar="DICTIONARY", help="dictionary folders or training output folders")
+    i = _add(
+        sub,
+        "ioi",
+        "IOI feature patching with ACDC ordering: KL curves vs PCA and alpha=0",
+        "Patch dictionary features from counterfactual IOI prompts into base prompts, order them by ACDC "
+        "(and attribution), and plot KL against features patched and edit magnitude (Cunningham et al. Fig. 3).",
+        _cmd_ioi,
+        IOIConfig,
+    )
+    i.add_argument("paths", nargs="+", metavar="DICTIONARY", help="dictionary folders or training output folders")
     d = _add(
         sub,
         "demo",

@@ -68,9 +68,14 @@ def cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, first: int = 0)
     return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(-1)
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least float32 (float64 stays float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """D_KL(p ‖ q) over the last dimension, from logits (any leading shape)."""
-    logp, logq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
+    logp, logq = wide(p_logits).log_softmax(-1), wide(q_logits).log_softmax(-1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 

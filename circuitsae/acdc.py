@@ -1,0 +1,350 @@
+"""Order features by how much the patch needs them: ACDC on a flat graph (REFERENCE §4).
+
+Start with F = every candidate (a feature whose patch is non-zero on some
+prompt). For each threshold τ in ``logspace(−5, 0, 50)``, visit the features
+of F in one fixed, seeded order and remove j when
+
+    KL(F ∖ {j}) − KL(F) < τ
+
+(KL = mean over prompts of D_KL(z ‖ y) at the final token; KL(F) is the value
+measured when F was last changed, as in Conmy et al.'s Algorithm 1 and the
+authors' code). After each τ record (|F|, KL, edit magnitude). Features
+removed later matter more; the records are the curves "KL vs features
+patched" and "KL vs edit magnitude".
+
+:func:`acdc_reference` is that loop written plainly: one full nnsight forward
+pass per visit. :func:`acdc` gives exactly the same decisions, faster:
+
+* the layers below the site never run again and only positions from a
+  subset's first change on are recomputed (:mod:`circuitsae.downstream`);
+* **memo**: a visit whose set F ∖ {j} was already evaluated (no removal since)
+  reuses that value — later thresholds often change nothing;
+* **speculation**: visits are evaluated in batches, each assuming the
+  decisions before it in the batch come out as predicted (from the feature's
+  last measured effect, else its attribution estimate); the batch is accepted
+  up to and including the first wrong prediction, and the rest is
+  re-evaluated. Every accepted evaluation used exactly the set the sequential
+  loop would have used.
+
+``order="attribution"`` is the cheap alternative: one forward and backward pass
+give each feature's linear effect on the KL, ⟨∂KL/∂x', −(c̄_j − c_j) f_j⟩,
+features are ranked by it, and the KL is measured for growing prefixes of
+that ranking.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from circuitsae.dictionaries import Dictionary
+from circuitsae.downstream import Evaluator, make_evaluator
+from circuitsae.errors import CircuitSAEError
+from circuitsae.metrics import kl_divergence
+from circuitsae.patching import FeatureDeltas, _as_ids, check_pair, feature_deltas, patched_run, target_run
+from circuitsae.splice import check_dictionary
+
+
+def default_thresholds() -> np.ndarray:
+    """τ in logspace(−5, 0, 50), as in the authors' code."""
+    return np.logspace(-5, 0, 50)
+
+
+@dataclass
+class ACDCResult:
+    """Curves and ordering from one run.
+
+    ``records``: one dict per threshold (or per prefix size for attribution)
+    with ``tau``, ``n_features``, ``kl`` (D_KL(z ‖ y)), ``kl_reverse``
+    (D_KL(y ‖ z)), ``edit_magnitude`` and, when answer tokens were given,
+    ``logit_diff``. ``order``: dictionary feature ids, most important first.
+    """
+
+    site: str
+    method: str
+    n_candidates: int
+    records: list[dict[str, Any]]
+    order: list[int]
+    removed_at: dict[int, float]
+    evaluations: int
+    seconds: float
+    engine: str
+    start: dict[str, Any] = field(default_factory=dict)  # the F = all-candidates and F = ∅ points
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["removed_at"] = {str(k): v for k, v in self.removed_at.items()}
+        return d
+
+
+def _unpack(base: Any, target: Any, lengths: Any, answer_tokens: Any) -> tuple:
+    """Accept an IOI dataset (anything with base/target/lengths/io_token/s_token) in place of tensors."""
+    if target is None and hasattr(base, "target"):
+        ds = base
+        return ds.base, ds.target, ds.lengths, (ds.io_token, ds.s_token) if answer_tokens is None else answer_tokens
+    if target is None:
+        raise CircuitSAEError("give target prompts, or an IOI dataset as base")
+    return base, target, lengths, answer_tokens
+
+
+def _record(
+    tau: "float | None",
+    member: torch.Tensor,
+    kl: torch.Tensor,
+    kl_rev: torch.Tensor,
+    logits: torch.Tensor,
+    fd: FeatureDeltas,
+    answers: Any,
+) -> dict[str, Any]:
+    rec = {
+        "tau": None if tau is None else float(tau),
+        "n_features": int(member.sum()),
+        "kl": float(kl.mean()),
+        "kl_reverse": float(kl_rev.mean()),
+        "edit_magnitude": fd.edit_magnitude(member),
+    }
+    if answers is not None:
+        io, s = answers
+        n = torch.arange(len(logits))
+        rec["logit_diff"] = float((logits[n, io] - logits[n, s]).mean())
+    return rec
+
+
+def _order(fd: FeatureDeltas, removed_at: dict[int, float], removal_rank: dict[int, int]) -> list[int]:
+    """Feature ids, most important first: never removed, then removed latest first."""
+    feats = fd.features.tolist()
+    survivors = [f for f in feats if f not in removed_at]
+    removed = sorted(removal_rank, key=lambda f: -removal_rank[f])
+    return survivors + removed
+
+
+def _visit_order(k: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(k, generator=g).tolist()
+
+
+def _prepare(model: Any, dictionary: Dictionary, site: str, base: Any, target: Any, lengths: Any, start: Any):
+    base_t, target_t = _as_ids(base, "base"), _as_ids(target, "target")
+    check_pair(base_t, target_t, lengths)
+    check_dictionary(model, site, dictionary)
+    fd = feature_deltas(model, dictionary, site, base_t, target_t, lengths=lengths, start=start)
+    return base_t, target_t, fd
+
+
+def acdc(
+    model: Any,
+    dictionary: Dictionary,
+    site: str,
+    base: Any,
+    target: Any = None,
+    *,
+    lengths: Any = None,
+    answer_tokens: Any = None,
+    thresholds: Any = None,
+    seed: int = 0,
+    order: str = "acdc",
+    engine: str = "auto",
+    start: "int | None" = None,
+    token_budget: int = 4096,
+    batch_visits: int = 64,
+    progress: bool = True,
+) -> ACDCResult:
+    """Order the dictionary's features for patching target into base (see the module docstring).
+
+    ``base`` may be an IOI dataset (then ``target``, ``lengths`` and the IO/S
+    answer tokens come from it). ``order`` is ``"acdc"`` (exact) or
+    ``"attribution"`` (linear estimate, one backward pass). ``engine`` picks the
+    evaluator (``auto``: the downstream-only one where it applies).
+    """
+    base, target, lengths, answers = _unpack(base, target, lengths, answer_tokens)
+    if order not in ("acdc", "attribution"):
+        raise CircuitSAEError(f"order must be 'acdc' or 'attribution', not {order!r}")
+    t0 = time.perf_counter()
+    base_t, _, fd = _prepare(model, dictionary, site, base, target, lengths, start)
+    ev = make_evaluator(model, fd, base_t, engine, token_budget)
+    if order == "attribution":
+        return _attribution(ev, fd, answers, t0, progress)
+    taus = np.sort(np.asarray(default_thresholds() if thresholds is None else thresholds, dtype=float))
+    k = fd.n_candidates
+    visit = _visit_order(k, seed)
+    member = torch.ones(k, dtype=torch.bool)
+    ends = _endpoints(ev, fd, answers)
+    state = ev.set_state(member)
+    kl_f = float(state["kl"].mean())
+    est = _attribution_scores(ev, member)  # predictions for the first threshold
+    last_effect: dict[int, float] = {}
+    memo: dict[int, tuple[int, float]] = {}  # candidate -> (version of F \ {j} it was measured at, KL)
+    version, state_version, removed_at, rank = 0, 0, {}, {}
+    width = 1  # visits per speculative batch: doubles after a fully accepted batch, halves after a miss
+    records = []
+    bar = tqdm(taus, desc=f"acdc {fd.site}", unit="τ", disable=not progress)
+    for tau in bar:
+        queue = [j for j in visit if member[j]]
+        i = 0
+        while i < len(queue):
+            j = queue[i]
+            if j in memo and memo[j][0] == version:  # F has not changed since F \ {j} was measured
+                div = memo[j][1]
+                last_effect[j] = div - kl_f
+                if div - kl_f < tau:
+                    member[j], kl_f, version = False, div, version + 1
+                    removed_at[int(fd.features[j])], rank[int(fd.features[j])] = float(tau), len(rank)
+                i += 1
+                continue
+            chunk = []
+            while i + len(chunk) < len(queue) and len(chunk) < width:
+                jj = queue[i + len(chunk)]
+                if chunk and jj in memo and memo[jj][0] == version:
+                    break
+                chunk.append(jj)
+            predicted = [last_effect.get(jj, float(est[jj])) < tau for jj in chunk]
+            sets, pending = [], []
+            for jj, pred in zip(chunk, predicted):
+                sets.append(torch.tensor(pending + [jj]))
+                if pred:
+                    pending.append(jj)
+            if state_version != version:  # the evaluator's state must be the current F
+                ev.set_state(member)
+                state_version = version
+            divs = ev.without(sets).tolist()
+            n_done = 0
+            for jj, pred, div in zip(chunk, predicted, divs):
+                n_done += 1
+                memo[jj] = (version, div)
+                last_effect[jj] = div - kl_f
+                remove = div - kl_f < tau
+                if remove:
+                    member[jj], kl_f, version = False, div, version + 1
+                    removed_at[int(fd.features[jj])], rank[int(fd.features[jj])] = float(tau), len(rank)
+                if remove != pred:
+                    break
+            width = min(batch_visits, width * 2) if n_done == len(chunk) else max(1, width // 2)
+            i += n_done
+        state = ev.set_state(member)
+        state_version = version
+        records.append(_record(tau, member, state["kl"], state["kl_reverse"], state["logits"], fd, answers))
+        bar.set_postfix(F=int(member.sum()), kl=f"{kl_f:.3g}", evals=ev.evaluations)
+    return ACDCResult(
+        site=fd.site,
+        method="acdc",
+        n_candidates=k,
+        records=records,
+        order=_order(fd, removed_at, rank),
+        removed_at=removed_at,
+        evaluations=ev.evaluations,
+        seconds=time.perf_counter() - t0,
+        engine=ev.name,
+        start=ends,
+    )
+
+
+def _endpoints(ev: Evaluator, fd: FeatureDeltas, answers: Any) -> dict[str, Any]:
+    """The two ends of every curve: nothing patched (the base run) and every candidate patched."""
+    out = {}
+    for name, member in (("none", torch.zeros(fd.n_candidates, dtype=torch.bool)), ("all", None)):
+        member = torch.ones(fd.n_candidates, dtype=torch.bool) if member is None else member
+        s = ev.set_state(member)
+        out[name] = _record(None, member, s["kl"], s["kl_reverse"], s["logits"], fd, answers)
+    return out
+
+
+def _attribution_scores(ev: Evaluator, member: torch.Tensor) -> torch.Tensor:
+    """Linear estimate of KL(F ∖ {j}) − KL(F) for every candidate j: ⟨∂KL/∂x', −(c̄_j − c_j) f_j⟩."""
+    g = ev.gradient(member)  # [N, T, d]
+    gw = g @ ev.fd.directions.T  # [N, T, K]
+    return -(gw * ev.fd.delta).sum((0, 1)) * member
+
+
+def _attribution(ev: Evaluator, fd: FeatureDeltas, answers: Any, t0: float, progress: bool) -> ACDCResult:
+    k = fd.n_candidates
+    ends = _endpoints(ev, fd, answers)
+    scores = _attribution_scores(ev, torch.ones(k, dtype=torch.bool))
+    ranked = torch.argsort(scores, descending=True, stable=True)
+    sizes = sorted({0, k, *np.unique(np.round(np.logspace(0, np.log10(k), 40)).astype(int)).tolist()})
+    records = []
+    for n in tqdm(sizes, desc=f"attribution {fd.site}", unit="set", disable=not progress):
+        member = torch.zeros(k, dtype=torch.bool)
+        member[ranked[:n]] = True
+        s = ev.set_state(member)
+        rec = _record(None, member, s["kl"], s["kl_reverse"], s["logits"], fd, answers)
+        rec["estimated_effect"] = float(scores[ranked[n - 1]]) if n else None
+        records.append(rec)
+    records.reverse()  # like ACDC: from many features to few
+    return ACDCResult(
+        site=fd.site,
+        method="attribution",
+        n_candidates=k,
+        records=records,
+        order=[int(fd.features[j]) for j in ranked],
+        removed_at={},
+        evaluations=ev.evaluations,
+        seconds=time.perf_counter() - t0,
+        engine=ev.name,
+        start=ends,
+    )
+
+
+@torch.no_grad()
+def acdc_reference(
+    model: Any,
+    dictionary: Dictionary,
+    site: str,
+    base: Any,
+    target: Any = None,
+    *,
+    lengths: Any = None,
+    answer_tokens: Any = None,
+    thresholds: Any = None,
+    seed: int = 0,
+    start: "int | None" = None,
+    progress: bool = False,
+) -> ACDCResult:
+    """The sequential oracle: a full nnsight forward pass of the base prompts for every visit."""
+    base, target, lengths, answers = _unpack(base, target, lengths, answer_tokens)
+    t0 = time.perf_counter()
+    base_t, target_t, fd = _prepare(model, dictionary, site, base, target, lengths, start)
+    lengths_t = fd.lengths
+    saved = target_run(model, target_t, [fd.site], lengths_t)
+    y = saved["logits"]
+    evaluations = 0
+
+    def run(member: torch.Tensor) -> torch.Tensor:
+        nonlocal evaluations
+        evaluations += 1
+        plan = {fd.site: (dictionary, fd.features[member])}
+        return patched_run(model, plan, base_t, saved, lengths_t, start)[0]
+
+    taus = np.sort(np.asarray(default_thresholds() if thresholds is None else thresholds, dtype=float))
+    k = fd.n_candidates
+    member = torch.ones(k, dtype=torch.bool)
+    prev = float(kl_divergence(run(member), y).mean())
+    removed_at, rank, records = {}, {}, []
+    for tau in tqdm(taus, desc=f"reference {fd.site}", disable=not progress):
+        for j in _visit_order(k, seed):
+            if not member[j]:
+                continue
+            member[j] = False
+            div = float(kl_divergence(run(member), y).mean())
+            if div - prev < tau:
+                prev = div
+                removed_at[int(fd.features[j])], rank[int(fd.features[j])] = float(tau), len(rank)
+            else:
+                member[j] = True
+        z = run(member)
+        records.append(_record(tau, member, kl_divergence(z, y), kl_divergence(y, z), z, fd, answers))
+    return ACDCResult(
+        site=fd.site,
+        method="reference",
+        n_candidates=k,
+        records=records,
+        order=_order(fd, removed_at, rank),
+        removed_at=removed_at,
+        evaluations=evaluations,
+        seconds=time.perf_counter() - t0,
+        engine="nnsight",
+    )

@@ -1,0 +1,306 @@
+"""Evaluate many feature subsets fast: only the computation downstream of the site is repeated.
+
+An evaluator holds one *state* — a subset F of the candidate features patched
+in (:meth:`set_state`) — and answers "what is the KL with the features of R
+also un-patched?" for many sets R at once (:meth:`without`). The layers below
+the site never run again: the base activation x at the site was recorded once
+(:class:`~circuitsae.patching.FeatureDeltas`), and x' = x + edit(F \\ R).
+
+Two evaluators, same answers:
+
+* :class:`DownstreamEvaluator` (Llama-style models — Llama, Mistral, Qwen2,
+  SmolLM2 — at ``resid`` sites) runs only the decoder layers after the site,
+  with Hugging Face's own layer modules. It keeps the state's keys and values
+  at every later layer, so a subset that differs from the state only from
+  position p on recomputes positions ≥ p only (attention is causal, so earlier
+  positions cannot change), prompts where R changes nothing are not run at
+  all, and the unembedding is applied at the final token only. Sets are
+  batched into windows of similar length under a token budget, which bounds
+  memory however many candidates there are.
+* :class:`HookEvaluator` (any model, any site) runs the full model with a
+  forward hook that writes x' at the site, batched over sets and prompts.
+
+Both check themselves on construction against the nnsight run the deltas came
+from; the fast one falls back to the hook one (with a warning) if its answer
+differs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from circuitsae import sites as sites_mod
+from circuitsae.metrics import kl_divergence, wide
+from circuitsae.patching import FeatureDeltas
+
+_LLAMA_STYLE = ("llama", "mistral", "qwen2")
+
+
+class Evaluator:
+    """Common state handling; subclasses implement :meth:`_final_logits` (and the fast path overrides more)."""
+
+    def __init__(self, model: Any, deltas: FeatureDeltas, token_budget: int = 4096) -> None:
+        self.hf = getattr(model, "_module", model)
+        self.fd = deltas
+        self.token_budget = int(token_budget)
+        self.y_logp = wide(deltas.target_logits).log_softmax(-1)
+        p = self.hf.lm_head.weight if hasattr(self.hf, "lm_head") else next(self.hf.parameters())
+        self.dtype = p.dtype
+        self.evaluations = 0  # subsets evaluated (each over every affected prompt)
+        self.member = torch.zeros(deltas.n_candidates, dtype=torch.bool)
+        self.state_x = deltas.x_base.clone()
+        self.state_logits = deltas.base_logits.clone()
+        self.state_kl = kl_divergence(self.state_logits, deltas.target_logits)
+
+    # -- shared ------------------------------------------------------------------
+    def kl_of(self, logits: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """D_KL(z ‖ y) per row, z = ``logits`` of the rows, y the target logits of each row's prompt."""
+        logz = wide(logits).log_softmax(-1)
+        return (logz.exp() * (logz - self.y_logp[prompts])).sum(-1)
+
+    def removal_edit(self, removed: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """[R, T, d]: edit of the candidates ``removed`` at each of ``prompts``."""
+        return self.fd.delta[prompts][..., removed] @ self.fd.directions[removed]
+
+    def affected(self, removed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts where un-patching ``removed`` changes something, and the first position that changes."""
+        nz = self.fd.delta[..., removed].ne(0).any(-1)  # [N, T]
+        prompts = nz.any(-1).nonzero().flatten()
+        first = nz[prompts].float().argmax(-1)
+        return prompts, first
+
+    def set_state(self, member: torch.Tensor) -> dict[str, Any]:
+        """Make ``member`` (bool [K]) the state; return its final logits and per-prompt KLs both ways."""
+        self.member = member.clone()
+        self.state_x = self.fd.x_base + self.fd.edit(member)
+        n = len(self.fd.lengths)
+        self.state_logits = self._state_run(self.state_x)
+        self.state_kl = self.kl_of(self.state_logits, torch.arange(n))
+        self.evaluations += 1
+        return {
+            "logits": self.state_logits,
+            "kl": self.state_kl,
+            "kl_reverse": kl_divergence(self.fd.target_logits, self.state_logits),
+        }
+
+    def without(self, removals: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Mean KL(z ‖ y) over prompts with each set of candidate indices un-patched from the state."""
+        per_prompt = self.state_kl[None].repeat(len(removals), 1)
+        rows = []  # (set index, prompt, first changed position)
+        for i, removed in enumerate(removals):
+            prompts, first = self.affected(torch.as_tensor(removed, dtype=torch.long))
+            rows += [(i, int(p), int(f)) for p, f in zip(prompts.tolist(), first.tolist())]
+        if rows:
+            kl = self._rows_kl(rows, removals)
+            for (i, p, _), v in zip(rows, kl.tolist()):
+                per_prompt[i, p] = v
+        self.evaluations += len(removals)
+        return per_prompt.mean(-1)
+
+    def gradient(self, member: torch.Tensor) -> torch.Tensor:
+        """d mean_n KL(z_n ‖ y_n) / d x' at the site for the subset ``member`` ([N, T, d])."""
+        x = (self.fd.x_base + self.fd.edit(member)).detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self._state_run(x, grad=True)
+            self.kl_of(logits, torch.arange(len(self.fd.lengths))).mean().backward()
+        return x.grad.detach()
+
+    # -- per engine --------------------------------------------------------------
+    def _state_run(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _rows_kl(self, rows: list[tuple[int, int, int]], removals: Sequence[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class HookEvaluator(Evaluator):
+    """Full forward passes with the site's output overwritten by a forward hook; any model, any site."""
+
+    name = "hook"
+
+    def __init__(self, model: Any, deltas: FeatureDeltas, base_ids: torch.Tensor, token_budget: int = 4096) -> None:
+        super().__init__(model, deltas, token_budget)
+        self.ids = base_ids
+        self.module = sites_mod.module(self.hf, deltas.site)
+        vocab = deltas.target_logits.shape[-1]
+        # full logits [R, T, V] are the memory peak: keep them near 256 MB
+        self.max_rows = max(1, min(token_budget // base_ids.shape[1], (64 << 20) // (base_ids.shape[1] * vocab)))
+
+    def _forward(self, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        def hook(_mod: Any, _inp: Any, out: Any) -> Any:
+            if isinstance(out, tuple):
+                return (x.to(out[0].dtype), *out[1:])
+            return x.to(out.dtype)
+
+        handle = self.module.register_forward_hook(hook)
+        try:
+            logits = self.hf(input_ids=self.ids[prompts]).logits
+        finally:
+            handle.remove()
+        return wide(logits[torch.arange(len(prompts)), self.fd.lengths[prompts] - 1])
+
+    def _state_run(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        n = len(self.fd.lengths)
+        with torch.set_grad_enabled(grad):
+            if grad:
+                return self._forward(x, torch.arange(n))
+            return torch.cat(
+                [
+                    self._forward(x[i : i + self.max_rows], torch.arange(i, min(n, i + self.max_rows)))
+                    for i in range(0, n, self.max_rows)
+                ]
+            )
+
+    @torch.no_grad()
+    def _rows_kl(self, rows: list[tuple[int, int, int]], removals: Sequence[torch.Tensor]) -> torch.Tensor:
+        out = []
+        for c in range(0, len(rows), self.max_rows):
+            chunk = rows[c : c + self.max_rows]
+            prompts = torch.tensor([p for _, p, _ in chunk])
+            x = self.state_x[prompts].clone()
+            for r, (i, p, _) in enumerate(chunk):
+                removed = torch.as_tensor(removals[i], dtype=torch.long)
+                x[r] -= self.removal_edit(removed, torch.tensor([p]))[0]
+            out.append(self.kl_of(self._forward(x, prompts), prompts))
+        return torch.cat(out)
+
+
+class _KV:
+    """The cache object HF attention layers call as ``update(k, v, layer_idx)``.
+
+    Recording: keeps each layer's keys/values (the state's). Replaying: writes
+    the window's new keys/values over the state's, row by row, and returns the
+    full-length tensors.
+    """
+
+    def __init__(self) -> None:
+        self.store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.replay: "tuple[torch.Tensor, torch.Tensor] | None" = None  # (prompt rows, window positions)
+        self.record = True  # False: a pass that must not replace the state (gradients)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+        if self.replay is None:
+            if self.record:
+                self.store[layer_idx] = (k.detach(), v.detach())
+            return k, v
+        prompts, index = self.replay
+        ks, vs = self.store[layer_idx]
+        ks, vs = ks[prompts], vs[prompts]  # [R, heads, T, hd]
+        idx = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        return ks.scatter(2, idx, k), vs.scatter(2, idx, v)
+
+
+class DownstreamEvaluator(Evaluator):
+    """Only the decoder layers after a ``resid`` site run; positions before the first change reuse the state's keys."""
+
+    name = "downstream"
+
+    def __init__(self, model: Any, deltas: FeatureDeltas, token_budget: int = 4096) -> None:
+        super().__init__(model, deltas, token_budget)
+        site = sites_mod.Site.parse(deltas.site)
+        inner = self.hf.model
+        self.layers = list(inner.layers)[site.layer + 1 :]
+        self.norm, self.rotary, self.lm_head = inner.norm, inner.rotary_emb, self.hf.lm_head
+        self.kv = _KV()
+
+    @staticmethod
+    def supports(model: Any, site: str) -> bool:
+        hf = getattr(model, "_module", model)
+        inner = getattr(hf, "model", None)
+        return (
+            getattr(hf.config, "model_type", None) in _LLAMA_STYLE
+            and sites_mod.Site.parse(site).kind == "resid"
+            and all(hasattr(inner, a) for a in ("layers", "norm", "rotary_emb"))
+            and hasattr(hf, "lm_head")
+        )
+
+    def _run(self, h: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Run the later layers on windows ``h`` [R, Q, d] at positions ``pos`` [R, Q]; logits at ``last`` [R]."""
+        h = h.to(self.dtype)
+        rope = self.rotary(h, pos)
+        for layer in self.layers:
+            h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=self.kv, position_embeddings=rope)
+            h = h[0] if isinstance(h, tuple) else h
+        h = h[torch.arange(len(h)), last]
+        return wide(self.lm_head(self.norm(h)))
+
+    def _state_run(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        n, t, _ = x.shape
+        pos = torch.arange(t)[None].expand(n, t)
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        mask = torch.zeros(n, 1, t, t, dtype=self.dtype).masked_fill(~causal, torch.finfo(self.dtype).min)
+        self.kv.replay, self.kv.record = None, not grad
+        try:
+            with torch.set_grad_enabled(grad):
+                return self._run(x, pos, mask, self.fd.lengths - 1)
+        finally:
+            self.kv.record = True
+
+    @torch.no_grad()
+    def _rows_kl(self, rows: list[tuple[int, int, int]], removals: Sequence[torch.Tensor]) -> torch.Tensor:
+        t = self.fd.x_base.shape[1]
+        lengths = self.fd.lengths
+        need = torch.tensor([int(lengths[p]) - f for _, p, f in rows])  # positions each row recomputes
+        # windows of similar length: Q a power of two, rows sorted so each batch pads little
+        q_of = (2 ** torch.ceil(torch.log2(need.float()))).long().clamp(max=t)
+        out = torch.empty(len(rows), dtype=self.state_kl.dtype)
+        for q in q_of.unique().tolist():
+            members = (q_of == q).nonzero().flatten()
+            per_batch = max(1, self.token_budget // q)
+            for b in range(0, len(members), per_batch):
+                sel = members[b : b + per_batch]
+                out[sel] = self._window_kl([rows[i] for i in sel.tolist()], removals, q)
+        return out
+
+    def _window_kl(self, rows: list[tuple[int, int, int]], removals: Sequence[torch.Tensor], q: int) -> torch.Tensor:
+        prompts = torch.tensor([p for _, p, _ in rows])
+        ends = self.fd.lengths[prompts]
+        starts = (ends - q).clamp(min=0)  # window [start, start + q) ends at or after the final token
+        pos = starts[:, None] + torch.arange(q)[None]
+        h = self.state_x[prompts[:, None], pos]  # [R, q, d]
+        for r, (i, p, _) in enumerate(rows):
+            removed = torch.as_tensor(removals[i], dtype=torch.long)
+            d = self.fd.delta[p, pos[r]][:, removed] @ self.fd.directions[removed]
+            h[r] -= d
+        t = self.fd.x_base.shape[1]
+        allowed = torch.arange(t)[None, None, :] <= pos[:, :, None]  # [R, q, T]
+        mask = torch.zeros(len(rows), 1, q, t, dtype=self.dtype).masked_fill(
+            ~allowed[:, None], torch.finfo(self.dtype).min
+        )
+        self.kv.replay = (prompts, pos)
+        try:
+            logits = self._run(h, pos, mask, ends - 1 - starts)
+        finally:
+            self.kv.replay = None
+        return self.kl_of(logits, prompts)
+
+
+def make_evaluator(
+    model: Any, deltas: FeatureDeltas, base_ids: torch.Tensor, engine: str = "auto", token_budget: int = 4096
+) -> Evaluator:
+    """The fastest evaluator that reproduces the nnsight run's logits; ``engine`` forces one."""
+    if engine not in ("auto", "downstream", "hook"):
+        raise ValueError(f"engine must be auto, downstream or hook, not {engine!r}")
+    if engine != "hook" and DownstreamEvaluator.supports(model, deltas.site):
+        ev: Evaluator = DownstreamEvaluator(model, deltas, token_budget)
+    elif engine == "downstream":
+        raise ValueError(f"the downstream engine needs a Llama-style model at a resid site, not {deltas.site}")
+    else:
+        ev = HookEvaluator(model, deltas, base_ids, token_budget)
+    got = ev.set_state(torch.zeros(deltas.n_candidates, dtype=torch.bool))["logits"]
+    ev.evaluations = 0
+    ref = deltas.base_logits
+    tol = 1e-3 * float(ref.abs().max()) + 1e-4
+    if not torch.allclose(got, ref, atol=tol, rtol=0):
+        err = float((got - ref).abs().max())
+        if isinstance(ev, DownstreamEvaluator) and engine == "auto":
+            warnings.warn(
+                f"downstream evaluator off by {err:.2e} on this model; using full forward passes", stacklevel=2
+            )
+            return make_evaluator(model, deltas, base_ids, "hook", token_budget)
+        raise RuntimeError(f"the {ev.name} evaluator does not reproduce the model's logits (max error {err:.2e})")
+    return ev

@@ -1,0 +1,185 @@
+"""The IOI feature-patching experiment (Cunningham et al. Fig. 3 and Fig. 17) end to end.
+
+For every dictionary given (baseline SAEs, Gated SAEs, the α = 0 dictionary)
+plus a PCA rotation fitted at each site, on the same IOI prompts: order the
+features by ACDC (and, optionally, by attribution), and plot KL(patched ‖
+target) against the number of features patched and against the mean edit
+size. ``circuitsae ioi DICT ...`` runs it from the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from circuitsae.config import option
+from circuitsae.dictionaries import Dictionary, PCADictionary, load_dictionary
+from circuitsae.errors import CircuitSAEError
+from circuitsae.store import atomic_write
+
+
+@dataclass
+class IOIConfig:
+    """Feature patching on IOI with ACDC ordering, for several dictionaries."""
+
+    dictionaries: tuple[str, ...] = option((), "saved dictionary folders (or training output folders)", cli=False)
+    model: "str | None" = option(None, "model (default: the one the dictionaries were trained on)")
+    prompts: int = option(50, "IOI prompt pairs")
+    seed: int = option(0, "seed of the prompts and of ACDC's visiting order")
+    thresholds: int = option(50, "ACDC thresholds τ, log-spaced over [1e-5, 1]")
+    pca: bool = option(True, "add a PCA baseline per site, fitted on the dictionaries' activation store")
+    pca_rows: int = option(200_000, "activations to fit PCA on")
+    attribution: bool = option(True, "also order by attribution (one backward pass) and plot it beside ACDC")
+    engine: str = option("auto", "evaluator: auto, downstream (later layers only) or hook (full passes)")
+    out: str = option("runs/ioi", "output folder: kl_vs_patches.json and .png")
+    device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
+
+    def __post_init__(self) -> None:
+        self.dictionaries = tuple(self.dictionaries)
+        if self.prompts < 1 or self.thresholds < 1:
+            raise CircuitSAEError("prompts and thresholds must be >= 1")
+        if self.engine not in ("auto", "downstream", "hook"):
+            raise CircuitSAEError(f"engine must be auto, downstream or hook, not {self.engine!r}")
+
+
+def label(dictionary: Dictionary) -> str:
+    """A short legend label: kind, coefficient and width."""
+    arch = dictionary.architecture
+    if arch == "pca":
+        return "PCA"
+    if arch == "identity":
+        return "neuron basis"
+    coef = dictionary.meta.get("training", {}).get("coefficient")
+    r = dictionary.d_dict / dictionary.d
+    width = f"R={r:g}"
+    if arch == "relu":
+        return f"baseline α=0 ({width})" if coef == 0 else f"baseline α={coef:g} ({width})"
+    return f"gated λ={coef:g} ({width})" if coef is not None else f"{arch} ({width})"
+
+
+def _pca_for(site: str, dictionaries: list[Dictionary], rows: int) -> PCADictionary:
+    from circuitsae.store import ActivationStore
+
+    stores = {d.meta.get("store") for d in dictionaries} - {None}
+    if not stores:
+        raise CircuitSAEError(f"cannot fit PCA at {site}: the dictionaries do not record their store (use --no-pca)")
+    store = sorted(stores)[0]
+    if not Path(store).exists():
+        raise CircuitSAEError(f"cannot fit PCA at {site}: store {store} is missing (use --no-pca)")
+    pca = PCADictionary.fit(ActivationStore(store), site=site, max_rows=rows)
+    return pca
+
+
+def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: bool = True, **overrides: Any) -> dict:
+    """Run the experiment; write ``kl_vs_patches.json`` and ``.png`` into ``config.out``; return the report."""
+    from circuitsae.acdc import acdc, default_thresholds
+    from circuitsae.evaluate import dictionary_folders
+    from circuitsae.models import load_model
+    from circuitsae.tasks.ioi import ioi_performance, make_ioi
+
+    cfg = IOIConfig(**{**(asdict(config) if config else {}), **overrides})
+    t_all = time.perf_counter()
+    folders = dictionary_folders(cfg.dictionaries)
+    dicts = [(str(p), load_dictionary(p, device=cfg.device or "cpu")) for p in folders]
+    models = {d.meta.get("model") for _, d in dicts} - {None}
+    if model is None:
+        if cfg.model is None and len(models) > 1:
+            raise CircuitSAEError(f"the dictionaries come from different models: {sorted(models)}")
+        model = load_model(cfg.model or (models.pop() if models else "smollm2-135m"), device=cfg.device)
+    ds = make_ioi(model, n=cfg.prompts, seed=cfg.seed)
+    perf = ioi_performance(model, ds)
+    by_site: dict[str, list[tuple[str, Dictionary]]] = {}
+    for path, d in dicts:
+        site = d.meta.get("site")
+        if site is None:
+            raise CircuitSAEError(f"{path} does not record its site")
+        by_site.setdefault(site, []).append((path, d))
+    thresholds = np.logspace(-5, 0, cfg.thresholds) if cfg.thresholds != 50 else default_thresholds()
+    results = []
+    for site, entries in sorted(by_site.items(), key=lambda kv: int(kv[0].split(".")[1])):
+        if cfg.pca:
+            t0 = time.perf_counter()
+            pca = _pca_for(site, [d for _, d in entries], cfg.pca_rows)
+            pca.meta["fit_seconds"] = time.perf_counter() - t0
+            entries = entries + [("pca", pca)]
+        for path, d in entries:
+            orders = ["acdc", "attribution"] if cfg.attribution else ["acdc"]
+            for order in orders:
+                res = acdc(model, d, site, ds, thresholds=thresholds, seed=cfg.seed, order=order,
+                           engine=cfg.engine, progress=progress)  # fmt: skip
+                row = res.to_json()
+                row.update(label=label(d), path=path, architecture=d.architecture, d_dict=d.d_dict)
+                row["order"] = row["order"][:100]  # the most important features; the full list is long
+                results.append(row)
+                if progress:
+                    print(f"{site} {label(d):28s} {order:11s} {res.n_candidates:5d} candidates "
+                          f"{res.evaluations:6d} evaluations {res.seconds:7.1f} s")  # fmt: skip
+    report = {
+        "model": str(getattr(getattr(model, "_module", model).config, "name_or_path", "")),
+        "machine": platform.node() or "unknown",
+        "prompts": cfg.prompts,
+        "seed": cfg.seed,
+        "thresholds": [float(t) for t in thresholds],
+        "ioi": perf,
+        "config": asdict(cfg),
+        "results": results,
+        "seconds": time.perf_counter() - t_all,
+    }
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "kl_vs_patches.json", json.dumps(report, indent=1).encode())
+    plot_curves(report, out / "kl_vs_patches.png")
+    report["path"] = str(out / "kl_vs_patches.json")
+    return report
+
+
+def plot_curves(report: dict, path: "str | Path", sites: "list[str] | None" = None) -> Path:
+    """KL vs features patched (left) and KL vs edit magnitude (right), one row per site."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    sites = sites or sorted({r["site"] for r in results}, key=lambda s: int(s.split(".")[1]))
+    fig, axes = plt.subplots(len(sites), 2, figsize=(12, 4.2 * len(sites)), squeeze=False)
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    colours = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
+    for row, site in zip(axes, sites):
+        floor = None
+        for r in (r for r in results if r["site"] == site):
+            recs = [r["start"]["all"]] + r["records"] if r["method"] == "acdc" else r["records"]
+            n = np.array([x["n_features"] for x in recs], float)
+            kl = np.array([x["kl"] for x in recs])
+            edit = np.array([x["edit_magnitude"] for x in recs])
+            style = dict(color=colours[r["label"]], lw=1.6 if r["method"] == "acdc" else 1.0)
+            style["ls"] = "-" if r["method"] == "acdc" else ":"
+            name = r["label"] if r["method"] == "acdc" else f"{r['label']} (attribution)"
+            ok = n > 0
+            row[0].plot(n[ok], kl[ok], marker="." if r["method"] == "acdc" else None, label=name, **style)
+            row[1].plot(edit[ok], kl[ok], marker="." if r["method"] == "acdc" else None, **style)
+            floor = r["start"]["none"]["kl"]
+        for ax in row:
+            if floor is not None:
+                ax.axhline(floor, color="grey", ls="--", lw=0.8)
+            ax.set_yscale("log")
+            ax.set_xscale("log")
+            ax.set_ylabel("KL(patched ‖ target), mean over prompts")
+            ax.grid(alpha=0.3, which="both")
+        row[0].set_xlabel("features patched")
+        row[1].set_xlabel("mean edit magnitude ‖x' − x‖")
+        row[0].set_title(f"{site}: KL vs number of features patched (grey: nothing patched)")
+        row[1].set_title(f"{site}: KL vs edit magnitude")
+        row[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"IOI feature patching, {report['model']}, {report['prompts']} prompts, ACDC order (solid)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,316 @@
+"""Feature-level activation patching (Cunningham et al. §4; REFERENCE §4).
+
+Run the *target* (counterfactual) prompts and keep their codes c̄ at a site;
+run the *base* prompts, encode their activations to codes c, and replace the
+activation at every position i by
+
+    x'_i = x_i + Σ_{j∈F} (c̄_ij − c_ij) f_j
+
+(f_j the decoder row of feature j). The base run's reconstruction error stays,
+since x' starts from x: patching no feature gives the base run back exactly,
+and patching every feature of a lossless dictionary (PCA, identity) gives the
+target's activation, hence the target run. The metrics are read at each
+prompt's final token: D_KL(z ‖ y) (patched ‖ target, the paper's direction),
+D_KL(y ‖ z) beside it, and the mean edit size ‖x' − x‖₂ over prompts and
+positions.
+
+:func:`patch_features` is the readable, nnsight-based API (any model, any site,
+several sites at once). :class:`FeatureDeltas` holds the per-position code
+differences of one site that the fast ACDC machinery in :mod:`circuitsae.acdc`
+works from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from circuitsae import sites as sites_mod
+from circuitsae.dictionaries import Dictionary
+from circuitsae.errors import CircuitSAEError
+from circuitsae.metrics import kl_divergence, wide
+from circuitsae.splice import check_dictionary, default_start, logits_of
+
+Features = "Iterable[int] | str | None"
+
+
+@dataclass
+class PatchResult:
+    """What one patched run gives, all at each prompt's final token.
+
+    ``kl`` is the mean over prompts of D_KL(z ‖ y), ``kl_reverse`` of D_KL(y ‖ z);
+    ``edit_magnitude`` is the mean of ‖x' − x‖₂ over prompts and patched positions
+    (over sites too when several are patched; ``edit_by_site`` splits it).
+    """
+
+    logits: torch.Tensor  # [N, V] patched run, z
+    target_logits: torch.Tensor  # [N, V] target run, y
+    base_logits: torch.Tensor  # [N, V] unpatched base run
+    kl: float
+    kl_reverse: float
+    kl_per_prompt: torch.Tensor  # [N]
+    edit_magnitude: float
+    edit_by_site: dict[str, float]
+
+
+def _as_ids(ids: Any, name: str) -> torch.Tensor:
+    t = torch.as_tensor(ids)
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2 or t.dtype not in (torch.int64, torch.int32):
+        raise CircuitSAEError(f"{name} must be token ids of shape [N, T], got {tuple(t.shape)} {t.dtype}")
+    return t.long()
+
+
+def check_pair(base: torch.Tensor, target: torch.Tensor, lengths: "torch.Tensor | None") -> torch.Tensor:
+    """Validate base/target token ids and return per-prompt lengths (one-line errors)."""
+    if base.shape != target.shape:
+        raise CircuitSAEError(
+            f"base and target prompts must tokenise to the same length: shapes {tuple(base.shape)} and "
+            f"{tuple(target.shape)}"
+        )
+    n, t = base.shape
+    if lengths is None:
+        return torch.full((n,), t, dtype=torch.long)
+    lengths = torch.as_tensor(lengths).long().reshape(-1)
+    if lengths.numel() != n or int(lengths.min()) < 1 or int(lengths.max()) > t:
+        raise CircuitSAEError(f"lengths must be {n} integers in 1..{t}")
+    return lengths
+
+
+def feature_index(dictionary: Dictionary, features: Features) -> torch.Tensor:
+    """Feature ids as a LongTensor; ``"all"`` means every feature, ``None`` none."""
+    if features is None:
+        return torch.zeros(0, dtype=torch.long)
+    if isinstance(features, str):
+        if features != "all":
+            raise CircuitSAEError(f"features must be a list of ids or 'all', got {features!r}")
+        return torch.arange(dictionary.d_dict)
+    idx = torch.as_tensor(list(features) if not torch.is_tensor(features) else features, dtype=torch.long).reshape(-1)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= dictionary.d_dict):
+        raise CircuitSAEError(f"feature ids must lie in 0..{dictionary.d_dict - 1}")
+    return idx
+
+
+def position_mask(lengths: torch.Tensor, t: int, start: int) -> torch.Tensor:
+    """[N, T] bool: positions ``start <= i < length`` (the ones that are patched and measured)."""
+    pos = torch.arange(t)[None]
+    return (pos >= start) & (pos < lengths[:, None])
+
+
+def edit(dictionary: Dictionary, x: torch.Tensor, x_target: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Σ_{j∈F} (c̄_j − c_j) f_j for activations ``x`` (base) and ``x_target``, any leading shape."""
+    if features.numel() == 0:
+        return torch.zeros_like(x)
+    w = dictionary.W_dec.to(x.dtype)
+    dc = dictionary.encode(x_target.to(w.dtype))[..., features] - dictionary.encode(x.to(w.dtype))[..., features]
+    return dc @ w[features]
+
+
+def _normalise(
+    model: Any, dictionary: "Dictionary | Mapping[str, Dictionary]", site: "str | None", features: Any
+) -> dict[str, tuple[Dictionary, torch.Tensor]]:
+    if isinstance(dictionary, Dictionary):
+        if site is None:
+            raise CircuitSAEError("name the site the dictionary belongs to, e.g. site='resid.6'")
+        dictionary, features = {str(site): dictionary}, {str(site): features}
+    elif site is not None:
+        raise CircuitSAEError("with a mapping {site: dictionary}, pass site=None and features as {site: ids}")
+    if not isinstance(features, Mapping):
+        features = {s: features for s in dictionary}
+    unknown = set(features) - set(dictionary)
+    if unknown:
+        raise CircuitSAEError(f"features given for sites without a dictionary: {sorted(unknown)}")
+    out = {}
+    for s, d in dictionary.items():
+        check_dictionary(model, s, d)
+        out[str(sites_mod.Site.parse(s))] = (d, feature_index(d, features.get(s)))
+    return out
+
+
+def _final(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    return wide(logits[torch.arange(len(lengths)), lengths - 1])
+
+
+@torch.no_grad()
+def target_run(model: Any, target: torch.Tensor, sites: "list[str]", lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One clean run of the target prompts: each site's activation and the final-token logits (``"logits"``)."""
+    saved = {}
+    with model.trace(target):
+        for s in sites_mod.resolve(model, sites):
+            saved[str(s)] = sites_mod.read(model, s).save()
+        logits = logits_of(model).save()
+    out = {s: v.detach() for s, v in saved.items()}
+    out["logits"] = _final(logits, lengths)
+    return out
+
+
+@torch.no_grad()
+def patched_run(
+    model: Any,
+    plan: Mapping[str, tuple[Dictionary, torch.Tensor]],
+    base: torch.Tensor,
+    target_acts: Mapping[str, torch.Tensor],
+    lengths: torch.Tensor,
+    start: "int | None" = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One base run with the features of ``plan`` patched in; returns final logits and per-site edit norms [N, T].
+
+    Sites are patched in forward order within the one trace, so a later site's
+    codes c are read from the already-patched run.
+    """
+    norms = {}
+    t = base.shape[1]
+    with model.trace(base):
+        for s in sites_mod.resolve(model, list(plan)):
+            dictionary, features = plan[str(s)]
+            first = default_start(dictionary) if start is None else start
+            x = sites_mod.read(model, s)
+            delta = edit(dictionary, x[:, first:], target_acts[str(s)][:, first:], features)
+            delta = delta * position_mask(lengths, t, first)[:, first:, None].to(delta.dtype)
+            x[:, first:] = x[:, first:] + delta.to(x.dtype)
+            norms[str(s)] = torch.nn.functional.pad(delta.norm(dim=-1), (first, 0)).save()
+        logits = logits_of(model).save()
+    return _final(logits, lengths), {s: v.detach() for s, v in norms.items()}
+
+
+@torch.no_grad()
+def patch_features(
+    model: Any,
+    dictionary: "Dictionary | Mapping[str, Dictionary]",
+    site: "str | None",
+    base: Any,
+    target: Any,
+    features: Any,
+    *,
+    lengths: Any = None,
+    start: "int | None" = None,
+) -> PatchResult:
+    """Patch features of the target run into the base run (REFERENCE §4) and measure the effect.
+
+    ``patch_features(model, sae, "resid.6", base_ids, target_ids, [12, 345])``;
+    ``features="all"`` patches every feature, ``[]`` none. For several sites at
+    once pass ``{site: dictionary}`` and ``site=None``; ``features`` is then
+    ``{site: ids}`` (or one list/"all" for every site). ``lengths`` gives each
+    prompt's real length when prompts are right-padded (the final token is
+    ``lengths − 1``); ``start`` overrides the first patched position (default:
+    the dictionary's ``first_position``, which skips the start token).
+    """
+    base, target = _as_ids(base, "base"), _as_ids(target, "target")
+    lengths = check_pair(base, target, lengths)
+    plan = _normalise(model, dictionary, site, features)
+    saved = target_run(model, target, list(plan), lengths)
+    with model.trace(base):
+        base_logits = logits_of(model).save()
+    z, norms = patched_run(model, plan, base, saved, lengths, start)
+    y = saved["logits"]
+    kl = kl_divergence(z, y)
+    by_site, all_norms = {}, []
+    for s, (d, _) in plan.items():
+        first = default_start(d) if start is None else start
+        mask = position_mask(lengths, base.shape[1], first)
+        by_site[s] = float(norms[s][mask].mean()) if mask.any() else 0.0
+        all_norms.append(norms[s][mask])
+    edits = torch.cat(all_norms)
+    return PatchResult(
+        logits=z,
+        target_logits=y,
+        base_logits=_final(base_logits, lengths),
+        kl=float(kl.mean()),
+        kl_reverse=float(kl_divergence(y, z).mean()),
+        kl_per_prompt=kl,
+        edit_magnitude=float(edits.mean()) if edits.numel() else 0.0,
+        edit_by_site=by_site,
+    )
+
+
+@dataclass
+class FeatureDeltas:
+    """One site's code differences between target and base runs, for the candidate features only.
+
+    ``delta[n, t, k] = c̄ − c`` of candidate ``features[k]`` at prompt n,
+    position t (zero outside the patched positions), and ``directions[k]`` its
+    decoder row, so the edit of a set S is ``delta[..., S] @ directions[S]``.
+    Candidates are the features whose patch is non-zero on some prompt.
+    """
+
+    site: str
+    features: torch.Tensor  # [K] feature ids in the dictionary
+    delta: torch.Tensor  # [N, T, K]
+    directions: torch.Tensor  # [K, d]
+    x_base: torch.Tensor  # [N, T, d] the base activation at the site
+    target_logits: torch.Tensor  # [N, V]
+    base_logits: torch.Tensor  # [N, V]
+    lengths: torch.Tensor  # [N]
+    mask: torch.Tensor  # [N, T] patched positions
+    d_dict: int
+
+    @property
+    def n_candidates(self) -> int:
+        return int(self.features.numel())
+
+    def edit(self, member: torch.Tensor) -> torch.Tensor:
+        """[N, T, d]: the edit of the candidate subset ``member`` (bool [K])."""
+        return self.delta[..., member] @ self.directions[member]
+
+    def edit_magnitude(self, member: torch.Tensor) -> float:
+        """Mean of ‖x' − x‖₂ over prompts and patched positions for the subset ``member``."""
+        return float(self.edit(member).norm(dim=-1)[self.mask].mean())
+
+    def member(self, features: Iterable[int]) -> torch.Tensor:
+        """Bool [K] for dictionary feature ids (ids that are not candidates change nothing and are ignored)."""
+        pos = {int(f): k for k, f in enumerate(self.features.tolist())}
+        m = torch.zeros(self.n_candidates, dtype=torch.bool)
+        for f in features:
+            if int(f) in pos:
+                m[pos[int(f)]] = True
+        return m
+
+
+@torch.no_grad()
+def feature_deltas(
+    model: Any,
+    dictionary: Dictionary,
+    site: str,
+    base: Any,
+    target: Any,
+    *,
+    lengths: Any = None,
+    start: "int | None" = None,
+) -> FeatureDeltas:
+    """Run target and base once each and collect what patching any feature subset needs."""
+    base, target = _as_ids(base, "base"), _as_ids(target, "target")
+    lengths = check_pair(base, target, lengths)
+    check_dictionary(model, site, dictionary)
+    site = str(sites_mod.Site.parse(site))
+    saved = target_run(model, target, [site], lengths)
+    with model.trace(base):
+        x_save = sites_mod.read(model, site).save()
+        base_logits = logits_of(model).save()
+    x = wide(x_save.detach())
+    first = default_start(dictionary) if start is None else start
+    mask = position_mask(lengths, base.shape[1], first)
+    w = dictionary.W_dec.detach().to(x.dtype)
+    wd = dictionary.W_dec.dtype
+    dc = (dictionary.encode(saved[site].to(wd)) - dictionary.encode(x.to(wd))).to(x.dtype) * mask[..., None]
+    candidates = dc.abs().amax(dim=(0, 1)).nonzero().flatten()
+    if candidates.numel() == 0:
+        raise CircuitSAEError(
+            f"no feature of the {dictionary.architecture} dictionary at {site} differs between base and target "
+            "prompts: nothing to patch"
+        )
+    return FeatureDeltas(
+        site=site,
+        features=candidates,
+        delta=dc[..., candidates].contiguous(),
+        directions=w[candidates].contiguous(),
+        x_base=x,
+        target_logits=saved["logits"],
+        base_logits=_final(base_logits, lengths),
+        lengths=lengths,
+        mask=mask,
+        d_dict=dictionary.d_dict,
+    )

@@ -1,0 +1,118 @@
+"""The IOI dataset: prompt structure, determinism, name validation, metrics, and the real model doing IOI."""
+
+import math
+
+import pytest
+import torch
+
+from circuitsae.errors import CircuitSAEError
+from circuitsae.models import start_token_id
+from circuitsae.tasks import TEMPLATES, final_logits, ioi_performance, logit_diff, make_ioi, single_token_names
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_llama):
+    return tiny_llama.tokenizer
+
+
+@pytest.fixture(scope="module")
+def ds(tok):
+    return make_ioi(tok, n=60, seed=0)
+
+
+def test_prompt_structure(ds, tok):
+    assert ds.base.shape == ds.target.shape and ds.base.dtype == torch.long and len(ds) == 60
+    assert (ds.base[:, 0] == start_token_id(tok)).all() and (ds.target[:, 0] == start_token_id(tok)).all()
+    assert torch.equal(ds.end_position, ds.lengths - 1)
+    for i in range(len(ds)):
+        n = int(ds.lengths[i])
+        diff = (ds.base[i] != ds.target[i]).nonzero().flatten().tolist()
+        assert diff == [int(ds.io_position[i])]
+        assert ds.base[i, ds.io_position[i]] == ds.io_token[i] and ds.target[i, ds.io_position[i]] == ds.target_token[i]
+        io, s = tok.decode([int(ds.io_token[i])]), tok.decode([int(ds.s_token[i])])
+        assert io.startswith(" ") and s.startswith(" ")
+        assert tok.decode([int(ds.base[i, ds.io_position[i]])]) == io
+        assert tok.decode([int(ds.base[i, ds.s1_position[i]])]) == s
+        assert tok.decode([int(ds.base[i, ds.s2_position[i]])]) == s
+        assert 0 < ds.s1_position[i] < ds.s2_position[i] < n - 1 and ds.io_position[i] < ds.s2_position[i]
+        assert (ds.io_position[i] < ds.s1_position[i]) == (ds.orders[i] == "ABBA")
+        assert n == ds.base.shape[1] or (ds.base[i, n:] == tok.pad_token_id).all()
+        assert tok.decode(ds.base[i, 1:n]) == ds.texts[i] and tok.decode(ds.target[i, 1:n]) == ds.target_texts[i]
+        assert ds.texts[i].count(io.strip()) == 1 and ds.texts[i].endswith(" to")
+    assert ((ds.target_token != ds.io_token) & (ds.target_token != ds.s_token) & (ds.io_token != ds.s_token)).all()
+
+
+def test_deterministic_from_seed(tok):
+    a, b, c = make_ioi(tok, n=20, seed=7), make_ioi(tok, n=20, seed=7), make_ioi(tok, n=20, seed=8)
+    for name in ("base", "target", "lengths", "io_token", "s_token", "target_token", "io_position"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert a.texts == b.texts and a.seed == 7
+    assert a.texts != c.texts
+
+
+def test_orders_and_templates(tok, ds):
+    assert len(TEMPLATES) >= 15
+    assert set(ds.orders) == {"ABBA", "BABA"}
+    big = make_ioi(tok, n=200, seed=1)
+    assert len(set(big.templates)) >= 15
+    assert {(t, o) for t, o in zip(big.templates, big.orders)} == {
+        (t, o) for t in big.templates for o in ("ABBA", "BABA")
+    }
+
+
+def test_name_validation(tok):
+    assert "Xzqwvbn" not in single_token_names(tok, ["John", "Xzqwvbn", "Mary"])
+    assert single_token_names(tok, ["John", "Mary"]) == ["John", "Mary"]
+    assert len(single_token_names(tok)) >= 80
+    with pytest.raises(CircuitSAEError, match="Xzqwvbn"):
+        make_ioi(tok, n=4, names=["John", "Mary", "Tom", "Xzqwvbn"])
+    with pytest.raises(CircuitSAEError, match="at least 3"):
+        make_ioi(tok, n=4, names=["John", "Mary"])
+    ds = make_ioi(tok, n=10, names=["John", "Mary", "Tom"])
+    names = {int(t) for t in tok.encode(" John Mary Tom", add_special_tokens=False)}
+    assert set(ds.io_token.tolist()) | set(ds.s_token.tolist()) | set(ds.target_token.tolist()) <= names
+
+
+def test_bad_template_raises(tok):
+    # a name at the very start has no leading space, so it is not the " Name" token
+    with pytest.raises(CircuitSAEError, match="template 0"):
+        make_ioi(tok, n=4, templates=["{A} and {B} went to the {PLACE}. {S} gave a {OBJECT} to"])
+    with pytest.raises(CircuitSAEError, match="may use only"):
+        make_ioi(tok, n=4, templates=["Then, {A} and {B} met {C}. {S} gave a {OBJECT} to"])
+
+
+def test_subset(ds):
+    sub = ds.subset([3, 0])
+    assert len(sub) == 2 and sub.texts == [ds.texts[3], ds.texts[0]] and sub.orders == [ds.orders[3], ds.orders[0]]
+    assert sub.base.shape[1] == int(sub.lengths.max())
+    assert torch.equal(sub.base[0, : sub.lengths[0]], ds.base[3, : ds.lengths[3]])
+
+
+def test_logit_diff_and_final_logits(ds):
+    sub = ds.subset([0, 1])
+    final = torch.zeros(2, 49152)
+    final[0, sub.io_token[0]], final[0, sub.s_token[0]] = 3.0, 1.0
+    final[1, sub.io_token[1]], final[1, sub.s_token[1]] = -2.0, 0.5
+    assert torch.allclose(logit_diff(final, sub), torch.tensor([2.0, -2.5]))
+    full = torch.randn(2, sub.base.shape[1], 7)
+    gathered = final_logits(full, sub)
+    for i in range(2):
+        assert torch.equal(gathered[i], full[i, sub.lengths[i] - 1])
+
+
+def test_ioi_performance_tiny(tiny_llama, ds):
+    perf = ioi_performance(tiny_llama, ds.subset(range(10)), batch_size=6)
+    assert set(perf) == {"logit_diff", "logit_diff_std", "accuracy", "target_logit_diff", "n"}
+    assert perf["n"] == 10 and 0.0 <= perf["accuracy"] <= 1.0
+    assert all(math.isfinite(v) for v in perf.values())
+    # batching and padding do not change the answer
+    assert perf["logit_diff"] == pytest.approx(
+        ioi_performance(tiny_llama, ds.subset(range(10)))["logit_diff"], abs=1e-4
+    )
+
+
+@pytest.mark.real
+def test_smollm2_does_ioi(smollm2):
+    perf = ioi_performance(smollm2, make_ioi(smollm2, n=50))
+    assert perf["accuracy"] >= 0.9 and perf["logit_diff"] > 1.0, perf
+    assert perf["target_logit_diff"] > 1.0, perf

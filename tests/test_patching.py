@@ -1,0 +1,205 @@
+"""Feature patching (REFERENCE §4) and ACDC ordering on a tiny float64 Llama."""
+
+import numpy as np
+import pytest
+import torch
+
+import circuitsae
+from circuitsae import sites
+from circuitsae.acdc import acdc, acdc_reference
+from circuitsae.downstream import DownstreamEvaluator, HookEvaluator
+from circuitsae.errors import CircuitSAEError
+from circuitsae.metrics import kl_divergence
+from circuitsae.patching import feature_deltas, patch_features
+
+SITE = "resid.1"
+TAUS = np.logspace(-5, -1, 6)
+
+
+@pytest.fixture(scope="module")
+def llama64():
+    return circuitsae.load_model("tiny-llama", device="cpu", dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def gpt64():
+    return circuitsae.load_model("tiny-gpt2", device="cpu", dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Right-padded base/target pairs that differ at one position (like IOI's swapped name)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(100, 5000, (5, 9), generator=g)
+    base[:, 0] = 1
+    target = base.clone()
+    target[:, 3] = torch.randint(100, 5000, (5,), generator=g)
+    return base, target, torch.tensor([9, 8, 9, 7, 6])
+
+
+def _site_acts(model, ids, site=SITE, n=256):
+    with model.trace(ids):
+        x = sites.read(model, site).save()
+    return x.reshape(-1, x.shape[-1])
+
+
+def _dicts(model, prompts, site=SITE):
+    """One of every kind, in float64, set to skip position 0 like a harvested dictionary."""
+    torch.manual_seed(1)
+    base, target, _ = prompts
+    x = torch.cat([_site_acts(model, base, site), _site_acts(model, target, site)])
+    relu = circuitsae.ReluSAE(64, 48, tied=False, decoder_bias=True).double()
+    with torch.no_grad():
+        relu.b_enc.fill_(0.0)  # about half the codes fire: sparse deltas exercise the windowed path
+    out = {
+        "relu": relu,
+        "gated": circuitsae.GatedSAE(64, 48).double(),
+        "pca": circuitsae.PCADictionary.fit(torch.cat([x, torch.randn(128, 64, dtype=x.dtype)])).double(),
+        "identity": circuitsae.IdentityDictionary(64).double(),
+    }
+    for d in out.values():
+        d.meta = {"first_position": 1, "site": site}
+    return out
+
+
+def _final(model, ids, lengths):
+    with model.trace(ids):
+        logits = model.output.logits.save()
+    return logits[torch.arange(len(ids)), lengths - 1]
+
+
+@pytest.mark.parametrize("kind", ["relu", "gated", "pca", "identity"])
+def test_patching_nothing_is_the_base_run(llama64, prompts, kind):
+    base, target, lengths = prompts
+    d = _dicts(llama64, prompts)[kind]
+    r = patch_features(llama64, d, SITE, base, target, [], lengths=lengths)
+    torch.testing.assert_close(r.logits, _final(llama64, base, lengths), rtol=0, atol=1e-10)
+    assert r.edit_magnitude == 0.0
+    assert r.kl == pytest.approx(float(kl_divergence(r.base_logits, r.target_logits).mean()), abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["pca", "identity"])
+def test_patching_every_feature_of_a_lossless_dictionary_is_the_target_run(llama64, prompts, kind):
+    base, target, lengths = prompts
+    d = _dicts(llama64, prompts)[kind]
+    r = patch_features(llama64, d, SITE, base, target, "all", lengths=lengths)
+    # PCA's components were fitted in float64 but are kept in float32: a rotation to ~1e-7
+    torch.testing.assert_close(r.logits, _final(llama64, target, lengths), rtol=0, atol=1e-6)
+    assert r.kl == pytest.approx(0.0, abs=1e-10) and r.kl_reverse == pytest.approx(0.0, abs=1e-10)
+    assert r.edit_magnitude > 0
+
+
+def test_patch_is_the_formula_at_the_site(llama64, prompts):
+    """x' = x + Σ_{j∈F} (c̄_j − c_j) f_j, base error kept, positions from first_position on."""
+    base, target, lengths = prompts
+    sae = _dicts(llama64, prompts)["relu"]
+    feats = [0, 5, 7, 20]
+    x, xt = _site_acts(llama64, base).reshape(5, 9, 64), _site_acts(llama64, target).reshape(5, 9, 64)
+    dc = sae.encode(xt) - sae.encode(x)
+    x_new = x.clone()
+    x_new[:, 1:] += dc[:, 1:, feats] @ sae.W_dec[feats]
+    with llama64.trace(base):
+        sites.read(llama64, SITE)[:] = x_new
+        logits = llama64.output.logits.save()
+    r = patch_features(llama64, sae, SITE, base, target, feats, lengths=lengths)
+    torch.testing.assert_close(r.logits, logits[torch.arange(5), lengths - 1].detach(), rtol=0, atol=1e-10)
+    norms = (x_new - x).norm(dim=-1)
+    valid = (torch.arange(9)[None] >= 1) & (torch.arange(9)[None] < lengths[:, None])
+    assert r.edit_magnitude == pytest.approx(float(norms[valid].mean().detach()), rel=1e-10)
+
+
+def test_patching_several_sites_at_once(llama64, prompts):
+    base, target, lengths = prompts
+    ident = circuitsae.IdentityDictionary(64).double()
+    ident.meta = {"first_position": 1}
+    both = {"resid.0": ident, "resid.2": ident}
+    r = patch_features(llama64, both, None, base, target, "all", lengths=lengths)
+    torch.testing.assert_close(r.logits, _final(llama64, target, lengths), rtol=0, atol=1e-8)
+    assert set(r.edit_by_site) == {"resid.0", "resid.2"}
+    r0 = patch_features(llama64, both, None, base, target, {"resid.0": [], "resid.2": []}, lengths=lengths)
+    torch.testing.assert_close(r0.logits, r0.base_logits, rtol=0, atol=1e-10)
+
+
+def test_kl_of_identical_runs_is_zero():
+    z = torch.randn(4, 50, dtype=torch.float64)
+    assert kl_divergence(z, z).abs().max() < 1e-12
+    assert kl_divergence(z, z + 3.0).abs().max() < 1e-12  # a constant shift is the same distribution
+
+
+@pytest.mark.parametrize("kind", ["relu", "pca"])
+def test_acdc_equals_the_sequential_reference(llama64, prompts, kind):
+    base, target, lengths = prompts
+    d = _dicts(llama64, prompts)[kind]
+    fast = acdc(llama64, d, SITE, base, target, lengths=lengths, thresholds=TAUS, progress=False)
+    ref = acdc_reference(llama64, d, SITE, base, target, lengths=lengths, thresholds=TAUS)
+    assert fast.engine == "downstream"
+    assert fast.removed_at == ref.removed_at and fast.order == ref.order
+    for a, b in zip(fast.records, ref.records):
+        assert a["n_features"] == b["n_features"]
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-8, abs=1e-12)
+        assert a["edit_magnitude"] == pytest.approx(b["edit_magnitude"], rel=1e-10)
+    assert sum(r["n_features"] for r in fast.records) < fast.n_candidates * len(TAUS)  # removals happened
+
+
+def test_acdc_on_a_model_without_the_fast_path_uses_hooks_and_agrees(gpt64, prompts):
+    base, target, lengths = prompts
+    d = circuitsae.IdentityDictionary(64).double()
+    d.meta = {"first_position": 1}
+    fast = acdc(gpt64, d, "resid.1", base, target, lengths=lengths, thresholds=TAUS, progress=False)
+    ref = acdc_reference(gpt64, d, "resid.1", base, target, lengths=lengths, thresholds=TAUS)
+    assert fast.engine == "hook"
+    assert fast.removed_at == ref.removed_at
+
+
+def test_acdc_curves_are_monotone_as_acdc_guarantees(llama64, prompts):
+    base, target, lengths = prompts
+    d = _dicts(llama64, prompts)["relu"]
+    res = acdc(llama64, d, SITE, base, target, lengths=lengths, progress=False)
+    n = [r["n_features"] for r in res.records]
+    assert n == sorted(n, reverse=True) and n[0] <= res.n_candidates
+    prev_kl, prev_n = res.start["all"]["kl"], res.n_candidates
+    for r in res.records:  # each removal at τ raised the KL by less than τ
+        assert r["kl"] - prev_kl < r["tau"] * max(prev_n - r["n_features"], 1) + 1e-9
+        prev_kl, prev_n = r["kl"], r["n_features"]
+    assert len(res.order) == res.n_candidates == len(set(res.order))
+    assert res.records[-1]["n_features"] == 0 or res.records[-1]["tau"] == 1.0
+
+
+def test_downstream_and_hook_evaluators_agree(llama64, prompts):
+    base, target, lengths = prompts
+    d = _dicts(llama64, prompts)["relu"]
+    fd = feature_deltas(llama64, d, SITE, base, target, lengths=lengths)
+    k = fd.n_candidates
+    member = torch.rand(k, generator=torch.Generator().manual_seed(3)) < 0.7
+    fast, hook = DownstreamEvaluator(llama64, fd), HookEvaluator(llama64, fd, base)
+    sf, sh = fast.set_state(member), hook.set_state(member)
+    torch.testing.assert_close(sf["logits"], sh["logits"], rtol=0, atol=1e-9)
+    sets = [torch.tensor([j]) for j in range(0, k, 3)] + [torch.tensor([0, 1, 2])]
+    torch.testing.assert_close(fast.without(sets), hook.without(sets), rtol=1e-9, atol=1e-12)
+
+
+def test_attribution_order_gives_a_curve_from_all_to_none(llama64, prompts):
+    base, target, lengths = prompts
+    d = _dicts(llama64, prompts)["pca"]
+    res = acdc(llama64, d, SITE, base, target, lengths=lengths, order="attribution", progress=False)
+    n = [r["n_features"] for r in res.records]
+    assert n[0] == res.n_candidates and n[-1] == 0 and n == sorted(n, reverse=True)
+    assert res.records[0]["kl"] == pytest.approx(res.start["all"]["kl"], abs=1e-10)
+    assert res.records[-1]["kl"] == pytest.approx(res.start["none"]["kl"], abs=1e-10)
+    assert sorted(res.order) == sorted(res.order) and len(res.order) == res.n_candidates
+
+
+def test_bad_input_is_one_line(llama64, prompts):
+    base, target, lengths = prompts
+    d = _dicts(llama64, prompts)["relu"]
+    with pytest.raises(CircuitSAEError, match="same length"):
+        patch_features(llama64, d, SITE, base, target[:, :-1], [1])
+    with pytest.raises(CircuitSAEError, match="trained on site resid.1, not resid.2"):
+        patch_features(llama64, d, "resid.2", base, target, [1])
+    wide = circuitsae.ReluSAE(32, 48)
+    with pytest.raises(CircuitSAEError, match="d=32"):
+        patch_features(llama64, wide, SITE, base, target, [1])
+    with pytest.raises(CircuitSAEError, match="nothing to patch"):
+        acdc(llama64, d, SITE, base, base, lengths=lengths, progress=False)
+    with pytest.raises(CircuitSAEError, match="lie in 0..47"):
+        patch_features(llama64, d, SITE, base, target, [48])
