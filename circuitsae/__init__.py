@@ -13,8 +13,13 @@ The public API::
     train(...)                  train many SAEs in one pass over a store (resumable)
     evaluate(...)               L0, FVU, γ, dead/dense, loss recovered
     run_spliced(model, ids, {site: dictionary})   logits with reconstructions spliced in
+    make_ioi / ioi_performance  IOI prompts with counterfactual targets; the model's logit diff
+    patch_features(...)         patch chosen features of the target run into the base run: KL, edit size
+    acdc(...)                   order features by ACDC (or attribution): KL vs features / edit curves
+    run_ioi(...)                the whole IOI experiment for many dictionaries + PCA, JSON and PNG
 """
 
+from circuitsae.acdc import acdc, acdc_reference
 from circuitsae.data import contexts, load_corpus
 from circuitsae.dictionaries import (
     Dictionary,
@@ -27,11 +32,14 @@ from circuitsae.dictionaries import (
 from circuitsae.errors import CircuitSAEError
 from circuitsae.evaluate import evaluate
 from circuitsae.harvest import HarvestConfig, harvest
+from circuitsae.ioi_curves import IOIConfig, run_ioi
 from circuitsae.models import load_model
+from circuitsae.patching import PatchResult, patch_features
 from circuitsae.sites import Site
 from circuitsae.sites import resolve as resolve_sites
 from circuitsae.splice import run_ablated, run_spliced, splice_sites
 from circuitsae.store import ActivationStore
+from circuitsae.tasks import ioi_performance, make_ioi
 from circuitsae.train import TrainConfig, train
 
 __version__ = "0.1.0"
@@ -42,19 +50,27 @@ __all__ = [
     "Dictionary",
     "GatedSAE",
     "HarvestConfig",
+    "IOIConfig",
+    "PatchResult",
     "IdentityDictionary",
     "PCADictionary",
     "ReluSAE",
     "Site",
     "TrainConfig",
+    "acdc",
+    "acdc_reference",
     "contexts",
     "evaluate",
     "harvest",
     "load_corpus",
     "load_dictionary",
+    "ioi_performance",
     "load_model",
+    "make_ioi",
+    "patch_features",
     "resolve_sites",
     "run_ablated",
+    "run_ioi",
     "run_spliced",
     "splice_sites",
     "train",

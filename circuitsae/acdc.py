@@ -179,7 +179,7 @@ def acdc(
     est = _attribution_scores(ev, member)  # predictions for the first threshold
     last_effect: dict[int, float] = {}
     memo: dict[int, tuple[int, float]] = {}  # candidate -> (version of F \ {j} it was measured at, KL)
-    version, state_version, removed_at, rank = 0, 0, {}, {}
+    version, removed_at, rank = 0, {}, {}
     width = 1  # visits per speculative batch: doubles after a fully accepted batch, halves after a miss
     records = []
     bar = tqdm(taus, desc=f"acdc {fd.site}", unit="τ", disable=not progress)
@@ -193,6 +193,7 @@ def acdc(
                 last_effect[j] = div - kl_f
                 if div - kl_f < tau:
                     member[j], kl_f, version = False, div, version + 1
+                    ev.remove([j])
                     removed_at[int(fd.features[j])], rank[int(fd.features[j])] = float(tau), len(rank)
                 i += 1
                 continue
@@ -208,10 +209,7 @@ def acdc(
                 sets.append(torch.tensor(pending + [jj]))
                 if pred:
                     pending.append(jj)
-            if state_version != version:  # the evaluator's state must be the current F
-                ev.set_state(member)
-                state_version = version
-            divs = ev.without(sets).tolist()
+            divs = ev.without(sets).tolist()  # the evaluator's state is the current F
             n_done = 0
             for jj, pred, div in zip(chunk, predicted, divs):
                 n_done += 1
@@ -220,13 +218,13 @@ def acdc(
                 remove = div - kl_f < tau
                 if remove:
                     member[jj], kl_f, version = False, div, version + 1
+                    ev.remove([jj])
                     removed_at[int(fd.features[jj])], rank[int(fd.features[jj])] = float(tau), len(rank)
                 if remove != pred:
                     break
             width = min(batch_visits, width * 2) if n_done == len(chunk) else max(1, width // 2)
             i += n_done
-        state = ev.set_state(member)
-        state_version = version
+        state = ev.state()
         records.append(_record(tau, member, state["kl"], state["kl_reverse"], state["logits"], fd, answers))
         bar.set_postfix(F=int(member.sum()), kl=f"{kl_f:.3g}", evals=ev.evaluations)
     return ACDCResult(

@@ -51,7 +51,7 @@ class Evaluator:
         p = self.hf.lm_head.weight if hasattr(self.hf, "lm_head") else next(self.hf.parameters())
         self.dtype = p.dtype
         self.evaluations = 0  # subsets evaluated (each over every affected prompt)
-        self.member = torch.zeros(deltas.n_candidates, dtype=torch.bool)
+        self.member: "torch.Tensor | None" = None  # the state's subset; None until the first set_state
         self.state_x = deltas.x_base.clone()
         self.state_logits = deltas.base_logits.clone()
         self.state_kl = kl_divergence(self.state_logits, deltas.target_logits)
@@ -74,13 +74,27 @@ class Evaluator:
         return prompts, first
 
     def set_state(self, member: torch.Tensor) -> dict[str, Any]:
-        """Make ``member`` (bool [K]) the state; return its final logits and per-prompt KLs both ways."""
-        self.member = member.clone()
-        self.state_x = self.fd.x_base + self.fd.edit(member)
-        n = len(self.fd.lengths)
-        self.state_logits = self._state_run(self.state_x)
-        self.state_kl = self.kl_of(self.state_logits, torch.arange(n))
-        self.evaluations += 1
+        """Make ``member`` (bool [K]) the state; return its final logits and per-prompt KLs both ways.
+
+        Nothing runs when ``member`` already is the state.
+        """
+        if self.member is None or not torch.equal(member, self.member):
+            self.member = member.clone()
+            self.state_x = self.fd.x_base + self.fd.edit(member)
+            n = len(self.fd.lengths)
+            self.state_logits = self._state_run(self.state_x)
+            self.state_kl = self.kl_of(self.state_logits, torch.arange(n))
+            self.evaluations += 1
+        return self.state()
+
+    def remove(self, removed: Sequence[int]) -> None:
+        """Un-patch the candidates ``removed`` from the state (here: recompute it; the fast path updates it)."""
+        member = self.member.clone()
+        member[torch.as_tensor(removed, dtype=torch.long)] = False
+        self.set_state(member)
+
+    def state(self) -> dict[str, Any]:
+        """The state's final logits, per-prompt D_KL(z ‖ y) and D_KL(y ‖ z)."""
         return {
             "logits": self.state_logits,
             "kl": self.state_kl,
@@ -181,6 +195,7 @@ class _KV:
         self.store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.replay: "tuple[torch.Tensor, torch.Tensor] | None" = None  # (prompt rows, window positions)
         self.record = True  # False: a pass that must not replace the state (gradients)
+        self.commit = False  # True: a replayed window becomes the state's keys/values for its prompts
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
         if self.replay is None:
@@ -191,7 +206,11 @@ class _KV:
         ks, vs = self.store[layer_idx]
         ks, vs = ks[prompts], vs[prompts]  # [R, heads, T, hd]
         idx = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-        return ks.scatter(2, idx, k), vs.scatter(2, idx, v)
+        ks, vs = ks.scatter(2, idx, k), vs.scatter(2, idx, v)
+        if self.commit:
+            self.store[layer_idx][0][prompts] = ks
+            self.store[layer_idx][1][prompts] = vs
+        return ks, vs
 
 
 class DownstreamEvaluator(Evaluator):
@@ -256,7 +275,34 @@ class DownstreamEvaluator(Evaluator):
                 out[sel] = self._window_kl([rows[i] for i in sel.tolist()], removals, q)
         return out
 
+    @torch.no_grad()
+    def remove(self, removed: Sequence[int]) -> None:
+        """Update the state in place: only the prompts and positions the removal changes are recomputed."""
+        removed = torch.as_tensor(removed, dtype=torch.long)
+        prompts, first = self.affected(removed)
+        self.member = self.member.clone()
+        self.member[removed] = False
+        self.evaluations += 1
+        if len(prompts) == 0:
+            return
+        self.state_x[prompts] -= self.removal_edit(removed, prompts)
+        q = int((self.fd.lengths[prompts] - first).max())
+        rows = [(0, int(p), int(f)) for p, f in zip(prompts.tolist(), first.tolist())]
+        self.kv.commit = True
+        try:
+            logits = self._window_logits(rows, [torch.zeros(0, dtype=torch.long)], q)
+        finally:
+            self.kv.commit = False
+        self.state_logits[prompts] = logits
+        self.state_kl[prompts] = self.kl_of(logits, prompts)
+
     def _window_kl(self, rows: list[tuple[int, int, int]], removals: Sequence[torch.Tensor], q: int) -> torch.Tensor:
+        prompts = torch.tensor([p for _, p, _ in rows])
+        return self.kl_of(self._window_logits(rows, removals, q), prompts)
+
+    def _window_logits(
+        self, rows: list[tuple[int, int, int]], removals: Sequence[torch.Tensor], q: int
+    ) -> torch.Tensor:
         prompts = torch.tensor([p for _, p, _ in rows])
         ends = self.fd.lengths[prompts]
         starts = (ends - q).clamp(min=0)  # window [start, start + q) ends at or after the final token
@@ -273,10 +319,9 @@ class DownstreamEvaluator(Evaluator):
         )
         self.kv.replay = (prompts, pos)
         try:
-            logits = self._run(h, pos, mask, ends - 1 - starts)
+            return self._run(h, pos, mask, ends - 1 - starts)
         finally:
             self.kv.replay = None
-        return self.kl_of(logits, prompts)
 
 
 def make_evaluator(

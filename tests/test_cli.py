@@ -155,6 +155,18 @@ def test_harvest_train_eval_cli(capsys, tmp_path, text_corpus, tiny_llama):
     report = json.loads((tmp_path / "saes" / "eval.json").read_text())
     for r in report["results"].values():
         assert r["ce_zero"] > 0 and r["ce_clean"] > 0 and r["contexts"] == 4 and 0 <= r["dead_fraction"] <= 1
+    # IOI curves from the same SAEs, with the PCA baseline fitted on their store
+    curves = tmp_path / "ioi"
+    argv = ["ioi", saes, "--prompts", "4", "--thresholds", "5", "--no-attribution", "--out", str(curves)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "IOI on 4 prompts" in out and "wrote" in out
+    report = json.loads((curves / "kl_vs_patches.json").read_text())
+    labels = {r["label"] for r in report["results"]}
+    assert labels == {"baseline α=0.5 (R=2)", "gated λ=0.5 (R=2)", "PCA"}
+    for r in report["results"]:
+        assert len(r["records"]) == 5 and r["n_candidates"] > 0 and r["seconds"] > 0
+    assert (curves / "kl_vs_patches.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize(
@@ -165,6 +177,8 @@ def test_harvest_train_eval_cli(capsys, tmp_path, text_corpus, tiny_llama):
         (["train", "--coefficients", "-1"], "coefficients must be >= 0"),
         (["eval", "{tmp}"], "neither a saved dictionary nor a folder of them"),
         (["eval"], "the following arguments are required: DICTIONARY"),
+        (["ioi", "{tmp}"], "neither a saved dictionary nor a folder of them"),
+        (["ioi", "x", "--engine", "warp"], "engine must be auto, downstream or hook"),
     ],
 )
 def test_train_and_eval_bad_input(capsys, tmp_path, argv, match):
