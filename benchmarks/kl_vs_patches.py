@@ -104,6 +104,8 @@ def main() -> None:
             res = speedup(model, args)
             res["wall_seconds"] = time.perf_counter() - t0
             sp.write_text(json.dumps(res, indent=1))
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / "kl_vs_patches_speedup.json").write_text(json.dumps({**res, "machine": describe()}, indent=1))
         out["speedup"] = json.loads(sp.read_text())
         print(json.dumps({k: v for k, v in out["speedup"].items() if "n_features" not in k}, indent=1))
     reports = {}
