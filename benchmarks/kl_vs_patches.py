@@ -82,8 +82,8 @@ def speedup(model, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sites", nargs="+", default=["resid.16", "resid.24", "resid.8"], help="main site first")
-    ap.add_argument("--main-site", default="resid.16", help="the site of the Fig. 3 analogue")
+    ap.add_argument("--sites", nargs="+", default=["resid.24", "resid.16", "resid.8"], help="main site first")
+    ap.add_argument("--main-site", default="resid.24", help="the site of the Fig. 3 analogue")
     ap.add_argument("--tokens", type=int, default=300_000)
     ap.add_argument("--coefficients", type=float, nargs="+", default=[1.0, 4.0], help="baseline α (α = 0 is added)")
     ap.add_argument("--gated", type=float, default=2.0, help="Gated SAE λ")

@@ -17,14 +17,17 @@ pass per visit. :func:`acdc` gives exactly the same decisions, faster:
 
 * the layers below the site never run again and only positions from a
   subset's first change on are recomputed (:mod:`circuitsae.downstream`);
-* **memo**: a visit whose set F ∖ {j} was already evaluated (no removal since)
-  reuses that value — later thresholds often change nothing;
+* **per-prompt memo**: un-patching j changes only the prompts where j's patch
+  is non-zero, and KL is a mean over prompts, so a measured per-prompt value
+  of KL(F ∖ {j}) stays exact until a removal changes that prompt. A revisit
+  re-runs only the prompts that changed since (none, often, at later
+  thresholds);
 * **speculation**: visits are evaluated in batches, each assuming the
   decisions before it in the batch come out as predicted (from the feature's
-  last measured effect, else its attribution estimate); the batch is accepted
-  up to and including the first wrong prediction, and the rest is
-  re-evaluated. Every accepted evaluation used exactly the set the sequential
-  loop would have used.
+  last measured effect, else its attribution estimate); decisions are taken
+  up to and including the first wrong prediction, and the later measurements
+  are kept only for the prompts the wrong guess did not touch. Every decision
+  uses exactly the set the sequential loop would have used.
 
 ``order="attribution"`` is the cheap alternative: one forward and backward pass
 give each feature's linear effect on the KL, ⟨∂KL/∂x', −(c̄_j − c_j) f_j⟩,
@@ -136,6 +139,89 @@ def _prepare(model: Any, dictionary: Dictionary, site: str, base: Any, target: A
     return base_t, target_t, fd
 
 
+class _Search:
+    """ACDC's bookkeeping: F, KL(F), and a per-prompt memo of KL(F ∖ {j}).
+
+    Un-patching j changes only the prompts where j's patch is non-zero
+    (``touches[j]``), so KL(F ∖ {j}) − KL(F) is a sum over those prompts, and a
+    measured per-prompt value stays exact until a removal changes that prompt.
+    Each prompt carries a version (removals that changed it); a memo entry
+    records the versions it was measured at, so a revisit re-runs only the
+    prompts that changed since.
+    """
+
+    def __init__(self, ev: Evaluator, fd: FeatureDeltas, member: torch.Tensor, kl_f: float) -> None:
+        self.ev, self.fd, self.member, self.kl_f = ev, fd, member, kl_f
+        self.touches = fd.delta.ne(0).any(1).T.contiguous()  # [K, N]
+        self.version = torch.zeros(self.touches.shape[1], dtype=torch.long)
+        self.memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # j -> (versions, per-prompt KL of F ∖ {j})
+        self.last_effect: dict[int, float] = {}
+        self.removed_at: dict[int, float] = {}
+        self.rank: dict[int, int] = {}
+
+    def stale(self, j: int) -> torch.Tensor:
+        """Prompts j changes whose KL(F ∖ {j}) is not known for the current F."""
+        m = self.memo.get(j)
+        return self.touches[j].clone() if m is None else self.touches[j] & (m[0] != self.version)
+
+    def div(self, j: int) -> float:
+        """KL(F ∖ {j}) from the memo: j's prompts from there, every other prompt is F's own."""
+        kl = self.ev.state_kl.clone()
+        if j in self.memo:
+            t = self.touches[j]
+            kl[t] = self.memo[j][1][t]
+        return float(kl.mean())
+
+    def decide(self, j: int, div: float, tau: float) -> bool:
+        """Remove j from F when KL(F ∖ {j}) − KL(F) < τ; return whether it was removed."""
+        self.last_effect[j] = div - self.kl_f
+        if div - self.kl_f >= tau:
+            return False
+        self.member[j], self.kl_f = False, div
+        self.ev.remove([j])
+        self.version[self.touches[j]] += 1
+        feature = int(self.fd.features[j])
+        self.removed_at[feature], self.rank[feature] = float(tau), len(self.rank)
+        return True
+
+    def _store(self, j: int, fresh: torch.Tensor, ran: torch.Tensor, invalid: "torch.Tensor | None" = None) -> None:
+        old = self.memo.get(j)
+        kl = old[1].clone() if old is not None else torch.full_like(fresh, float("nan"))
+        kl[ran] = fresh[ran]
+        version = self.version.clone()
+        if invalid is not None:
+            version[invalid] = -1
+        self.memo[j] = (version, kl)
+
+    def speculate(self, chunk: list[int], predicted: list[bool], tau: float) -> int:
+        """Measure ``chunk`` in one batch, each visit assuming the predicted decisions before it.
+
+        Decisions are taken in order up to and including the first wrong
+        prediction; returns how many. Later measurements are kept in the memo
+        for the prompts the wrong guess (and the unapplied guesses after it)
+        did not touch.
+        """
+        sets, only, pending = [], [], []
+        pend = torch.zeros_like(self.version, dtype=torch.bool)
+        for j, pred in zip(chunk, predicted):
+            sets.append(torch.tensor(pending + [j]))
+            only.append(self.touches[j] & (self.stale(j) | pend))
+            if pred:
+                pending.append(j)
+                pend |= self.touches[j]
+        values = self.ev.without_per_prompt(sets, only)
+        for n, (j, pred) in enumerate(zip(chunk, predicted)):
+            self._store(j, values[n], only[n])
+            if self.decide(j, self.div(j), tau) != pred:
+                invalid = self.touches[j].clone()
+                for m in range(n + 1, len(chunk)):
+                    self._store(chunk[m], values[m], only[m], invalid)
+                    if predicted[m]:
+                        invalid |= self.touches[chunk[m]]
+                return n + 1
+        return len(chunk)
+
+
 def acdc(
     model: Any,
     dictionary: Dictionary,
@@ -177,9 +263,7 @@ def acdc(
     state = ev.set_state(member)
     kl_f = float(state["kl"].mean())
     est = _attribution_scores(ev, member)  # predictions for the first threshold
-    last_effect: dict[int, float] = {}
-    memo: dict[int, tuple[int, float]] = {}  # candidate -> (version of F \ {j} it was measured at, KL)
-    version, removed_at, rank = 0, {}, {}
+    search = _Search(ev, fd, member, kl_f)
     width = 1  # visits per speculative batch: doubles after a fully accepted batch, halves after a miss
     records = []
     bar = tqdm(taus, desc=f"acdc {fd.site}", unit="τ", disable=not progress)
@@ -188,45 +272,22 @@ def acdc(
         i = 0
         while i < len(queue):
             j = queue[i]
-            if j in memo and memo[j][0] == version:  # F has not changed since F \ {j} was measured
-                div = memo[j][1]
-                last_effect[j] = div - kl_f
-                if div - kl_f < tau:
-                    member[j], kl_f, version = False, div, version + 1
-                    ev.remove([j])
-                    removed_at[int(fd.features[j])], rank[int(fd.features[j])] = float(tau), len(rank)
+            if not search.stale(j).any():  # every prompt j changes is as it was when F ∖ {j} was measured
+                search.decide(j, search.div(j), tau)
                 i += 1
                 continue
-            chunk = []
-            while i + len(chunk) < len(queue) and len(chunk) < width:
-                jj = queue[i + len(chunk)]
-                if chunk and jj in memo and memo[jj][0] == version:
-                    break
-                chunk.append(jj)
-            predicted = [last_effect.get(jj, float(est[jj])) < tau for jj in chunk]
-            sets, pending = [], []
-            for jj, pred in zip(chunk, predicted):
-                sets.append(torch.tensor(pending + [jj]))
-                if pred:
-                    pending.append(jj)
-            divs = ev.without(sets).tolist()  # the evaluator's state is the current F
-            n_done = 0
-            for jj, pred, div in zip(chunk, predicted, divs):
-                n_done += 1
-                memo[jj] = (version, div)
-                last_effect[jj] = div - kl_f
-                remove = div - kl_f < tau
-                if remove:
-                    member[jj], kl_f, version = False, div, version + 1
-                    ev.remove([jj])
-                    removed_at[int(fd.features[jj])], rank[int(fd.features[jj])] = float(tau), len(rank)
-                if remove != pred:
-                    break
+            chunk = [j]
+            while i + len(chunk) < len(queue) and len(chunk) < width and search.stale(queue[i + len(chunk)]).any():
+                chunk.append(queue[i + len(chunk)])
+            predicted = [search.last_effect.get(jj, float(est[jj])) < tau for jj in chunk]
+            n_done = search.speculate(chunk, predicted, tau)
             width = min(batch_visits, width * 2) if n_done == len(chunk) else max(1, width // 2)
             i += n_done
+            bar.set_postfix(F=int(member.sum()), visit=f"{i}/{len(queue)}", evals=ev.evaluations)
         state = ev.state()
         records.append(_record(tau, member, state["kl"], state["kl_reverse"], state["logits"], fd, answers))
-        bar.set_postfix(F=int(member.sum()), kl=f"{kl_f:.3g}", evals=ev.evaluations)
+        bar.set_postfix(F=int(member.sum()), kl=f"{search.kl_f:.3g}", evals=ev.evaluations)
+    removed_at, rank = search.removed_at, search.rank
     return ACDCResult(
         site=fd.site,
         method="acdc",

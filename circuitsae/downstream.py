@@ -103,17 +103,32 @@ class Evaluator:
 
     def without(self, removals: Sequence[torch.Tensor]) -> torch.Tensor:
         """Mean KL(z ‖ y) over prompts with each set of candidate indices un-patched from the state."""
+        return self.without_per_prompt(removals).mean(-1)
+
+    def without_per_prompt(
+        self, removals: Sequence[torch.Tensor], only: "Sequence[torch.Tensor] | None" = None
+    ) -> torch.Tensor:
+        """[S, N]: per-prompt KL(z ‖ y) with each set un-patched from the state.
+
+        Prompts a set does not change keep the state's KL. ``only`` (bool [N]
+        per set) restricts the prompts actually run; the others are returned as
+        NaN, for the caller to fill from what it already knows.
+        """
         per_prompt = self.state_kl[None].repeat(len(removals), 1)
         rows = []  # (set index, prompt, first changed position)
         for i, removed in enumerate(removals):
             prompts, first = self.affected(torch.as_tensor(removed, dtype=torch.long))
+            if only is not None:
+                per_prompt[i, ~only[i]] = float("nan")
+                keep = only[i][prompts]
+                prompts, first = prompts[keep], first[keep]
             rows += [(i, int(p), int(f)) for p, f in zip(prompts.tolist(), first.tolist())]
         if rows:
             kl = self._rows_kl(rows, removals)
             for (i, p, _), v in zip(rows, kl.tolist()):
                 per_prompt[i, p] = v
         self.evaluations += len(removals)
-        return per_prompt.mean(-1)
+        return per_prompt
 
     def gradient(self, member: torch.Tensor) -> torch.Tensor:
         """d mean_n KL(z_n ‖ y_n) / d x' at the site for the subset ``member`` ([N, T, d])."""

@@ -76,6 +76,16 @@ def _pca_for(site: str, dictionaries: list[Dictionary], rows: int) -> PCADiction
     return pca
 
 
+def _fingerprint(cfg: IOIConfig, path: str, thresholds: np.ndarray) -> str:
+    """Names a finished curve by everything it depends on, so a changed setting is never served stale."""
+    import hashlib
+
+    folder = Path(path)
+    stamp = [str(p.stat().st_mtime_ns) for p in sorted(folder.glob("*")) if p.is_file()] if folder.is_dir() else []
+    key = json.dumps([cfg.model, cfg.prompts, cfg.seed, cfg.pca_rows, cfg.engine, path, stamp, list(thresholds)])
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
 def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: bool = True, **overrides: Any) -> dict:
     """Run the experiment; write ``kl_vs_patches.json`` and ``.png`` into ``config.out``; return the report."""
     from circuitsae.acdc import acdc, default_thresholds
@@ -101,6 +111,8 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
             raise CircuitSAEError(f"{path} does not record its site")
         by_site.setdefault(site, []).append((path, d))
     thresholds = np.logspace(-5, 0, cfg.thresholds) if cfg.thresholds != 50 else default_thresholds()
+    parts = Path(cfg.out) / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
     results = []
     for site, entries in sorted(by_site.items(), key=lambda kv: int(kv[0].split(".")[1])):
         if cfg.pca:
@@ -108,14 +120,22 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
             pca = _pca_for(site, [d for _, d in entries], cfg.pca_rows)
             pca.meta["fit_seconds"] = time.perf_counter() - t0
             entries = entries + [("pca", pca)]
+        # sparse dictionaries first: dense ones (α = 0, PCA: every feature a candidate) take longest
+        entries.sort(key=lambda e: e[1].architecture == "pca" or e[1].meta.get("training", {}).get("coefficient") == 0)
         for path, d in entries:
             orders = ["acdc", "attribution"] if cfg.attribution else ["acdc"]
             for order in orders:
+                # each curve is kept as it finishes, so an interrupted run resumes at the next one
+                part = parts / f"{site}-{label(d)}-{order}-{_fingerprint(cfg, path, thresholds)}.json".replace(" ", "_")
+                if part.exists():
+                    results.append(json.loads(part.read_text()))
+                    continue
                 res = acdc(model, d, site, ds, thresholds=thresholds, seed=cfg.seed, order=order,
                            engine=cfg.engine, progress=progress)  # fmt: skip
                 row = res.to_json()
                 row.update(label=label(d), path=path, architecture=d.architecture, d_dict=d.d_dict)
                 row["order"] = row["order"][:100]  # the most important features; the full list is long
+                atomic_write(part, json.dumps(row).encode())
                 results.append(row)
                 if progress:
                     print(f"{site} {label(d):28s} {order:11s} {res.n_candidates:5d} candidates "

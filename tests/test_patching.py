@@ -126,11 +126,13 @@ def test_kl_of_identical_runs_is_zero():
     assert kl_divergence(z, z + 3.0).abs().max() < 1e-12  # a constant shift is the same distribution
 
 
-@pytest.mark.parametrize("kind", ["relu", "pca"])
-def test_acdc_equals_the_sequential_reference(llama64, prompts, kind):
+@pytest.mark.parametrize("kind,batch_visits", [("relu", 64), ("relu", 3), ("pca", 64)])
+def test_acdc_equals_the_sequential_reference(llama64, prompts, kind, batch_visits):
+    """Same decisions however the visits are batched (small batches: many wrong guesses, memo partly reused)."""
     base, target, lengths = prompts
     d = _dicts(llama64, prompts)[kind]
-    fast = acdc(llama64, d, SITE, base, target, lengths=lengths, thresholds=TAUS, progress=False)
+    fast = acdc(llama64, d, SITE, base, target, lengths=lengths, thresholds=TAUS, progress=False,
+                batch_visits=batch_visits)  # fmt: skip
     ref = acdc_reference(llama64, d, SITE, base, target, lengths=lengths, thresholds=TAUS)
     assert fast.engine == "downstream"
     assert fast.removed_at == ref.removed_at and fast.order == ref.order
