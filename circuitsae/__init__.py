@@ -17,6 +17,9 @@ The public API::
     patch_features(...)         patch chosen features of the target run into the base run: KL, edit size
     acdc(...)                   order features by ACDC (or attribution): KL vs features / edit curves
     run_ioi(...)                the whole IOI experiment for many dictionaries + PCA, JSON and PNG
+    analyse_feature(...)        one feature: top/random contexts, token histogram, logit effect, unembedding
+    causal_tree(model, {site: dictionary}, (site, feature))   ablation tree of a feature: a networkx DiGraph
+    render_tree(graph, stem)    draw it: stem.dot, .svg, .png (graphviz) and node-link .json
 """
 
 from circuitsae.acdc import acdc, acdc_reference
@@ -31,16 +34,19 @@ from circuitsae.dictionaries import (
 )
 from circuitsae.errors import CircuitSAEError
 from circuitsae.evaluate import evaluate
+from circuitsae.features import FeatureReport, analyse_feature
 from circuitsae.harvest import HarvestConfig, harvest
 from circuitsae.ioi_curves import IOIConfig, run_ioi
 from circuitsae.models import load_model
 from circuitsae.patching import PatchResult, patch_features
+from circuitsae.render import render as render_tree
 from circuitsae.sites import Site
 from circuitsae.sites import resolve as resolve_sites
 from circuitsae.splice import run_ablated, run_spliced, splice_sites
 from circuitsae.store import ActivationStore
 from circuitsae.tasks import ioi_performance, make_ioi
 from circuitsae.train import TrainConfig, train
+from circuitsae.trees import causal_tree
 
 __version__ = "0.1.0"
 
@@ -48,6 +54,7 @@ __all__ = [
     "ActivationStore",
     "CircuitSAEError",
     "Dictionary",
+    "FeatureReport",
     "GatedSAE",
     "HarvestConfig",
     "IOIConfig",
@@ -59,6 +66,8 @@ __all__ = [
     "TrainConfig",
     "acdc",
     "acdc_reference",
+    "analyse_feature",
+    "causal_tree",
     "contexts",
     "evaluate",
     "harvest",
@@ -68,6 +77,7 @@ __all__ = [
     "load_model",
     "make_ioi",
     "patch_features",
+    "render_tree",
     "resolve_sites",
     "run_ablated",
     "run_ioi",

@@ -6,6 +6,7 @@ Every dictionary — baseline SAE, Gated SAE, PCA, the neuron basis, the
     codes = encode(x)            x: [..., d]  ->  codes: [..., d_dict]
     x̂     = decode(codes)        x̂ = codes @ W_dec + b_dec
     directions                   W_dec, [d_dict, d], unit-norm rows f_i
+    encode_features(x, idx)      encode(x)[..., idx], computing only those codes where it can
 
 Decoding is linear for every kind, so feature patching
 (``x' = x + Σ_j (c̄_j − c_j) f_j``), ablation (``x − c_i f_i``) and causal
@@ -75,6 +76,10 @@ class Dictionary(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def encode_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """``encode(x)[..., features]``; sparse autoencoders override it to compute only those codes."""
+        return self.encode(x)[..., features]
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """x̂ = codes @ W_dec (+ b_dec)."""

@@ -63,6 +63,12 @@ class GatedSAE(Dictionary):
         pi_gate, pre_mag = self._paths(x)
         return torch.where(pi_gate > 0, torch.relu(pre_mag), 0.0)
 
+    def encode_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        proj = (x - self.b_dec) @ self.W_gate[features].T
+        pi_gate = proj + self.b_gate[features]
+        pre_mag = proj * self.r_mag[features].exp() + self.b_mag[features]
+        return torch.where(pi_gate > 0, torch.relu(pre_mag), 0.0)
+
     def loss(self, x: torch.Tensor, coefficient: float) -> Loss:
         """The loss above (batch means); hand-written backward unless under autocast."""
         if torch.is_autocast_enabled(x.device.type):

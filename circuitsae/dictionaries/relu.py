@@ -61,6 +61,11 @@ class ReluSAE(Dictionary):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.pre_activation(x))
 
+    def encode_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        if self.b_dec is not None:
+            x = x - self.b_dec
+        return torch.relu(x @ self.W_enc[features].T + self.b_enc[features])
+
     def loss(self, x: torch.Tensor, coefficient: float) -> Loss:
         """L = ||x − x̂||² + α ||c||₁ (batch means); hand-written backward unless under autocast."""
         if torch.is_autocast_enabled(x.device.type):

@@ -1,0 +1,188 @@
+"""Causal trees (REFERENCE §5) and their rendering, on tiny-llama with hand-wired dictionaries."""
+
+import json
+import re
+import xml.etree.ElementTree as ET
+
+import networkx as nx
+import pytest
+import torch
+
+import circuitsae
+from circuitsae import sites
+from circuitsae.cli import main
+from circuitsae.errors import CircuitSAEError
+from circuitsae.features import ablate, site_hook
+from circuitsae.render import MISSING_DOT, render, to_dot
+from circuitsae.trees import causal_tree, record
+
+
+def _copy(d, **meta):
+    out = circuitsae.ReluSAE(d.d, d.d_dict)
+    out.load_state_dict(d.state_dict())
+    out.meta = {**d.meta, **meta}
+    return out
+
+
+@pytest.fixture(scope="module")
+def tree(tiny_llama, wired):
+    store, dicts = wired
+    return causal_tree(tiny_llama, dicts, ("resid.2", 7), depth=2, branching=3, contexts=8, progress=False)
+
+
+def test_the_wired_edge_comes_first_with_a_positive_effect(tree):
+    parents = sorted(tree.in_edges("resid.1:3", data=True), key=lambda e: -e[2]["effect"])
+    assert parents[0][0] == "resid.0:5" and parents[0][2]["effect"] > 0
+    assert parents[0][2]["effect"] > 3 * parents[1][2]["effect"]
+    top = max(tree.in_edges("resid.2:7", data=True), key=lambda e: e[2]["effect"])
+    assert top[0] == "resid.1:3" and top[2]["relative"] > 0.5
+    for u, v, e in tree.edges(data=True):  # parents are upstream, effects positive, relative = effect / mean
+        assert sites.Site.parse(tree.nodes[u]["site"]).layer + 1 == sites.Site.parse(tree.nodes[v]["site"]).layer
+        assert e["effect"] > 0
+        assert e["relative"] == pytest.approx(e["effect"] / tree.nodes[v]["mean_activation"])
+    assert tree.in_degree("resid.1:3") <= 3
+    a = tree.graph
+    assert a["target"] == "resid.2:7" and a["contexts"] == 8 and a["seconds"] > 0
+    assert set(a["engines"].values()) == {"downstream"}
+    for _, n in tree.nodes(data=True):
+        assert {"site", "layer", "feature", "label", "max_activation", "mean_activation"} <= set(n)
+
+
+def test_effects_equal_full_model_ablations(tiny_llama, wired):
+    """The target's mean decrease, recomputed with the whole model and a forward hook per context."""
+    store, dicts = wired
+    g = causal_tree(tiny_llama, dicts, ("resid.1", 3), depth=1, branching=2, contexts=5, progress=False)
+    hf = tiny_llama._module
+    acts = dicts["resid.1"].encode(store.activations("resid.1", "train"))[:, 3]
+    best = acts.view(-1, 15).max(-1)
+    ok = (best.values >= acts.max() / 2).nonzero().flatten()
+    chosen = ok[torch.randperm(len(ok), generator=torch.Generator().manual_seed(0))[:5]].sort().values
+    for u, _, e in g.in_edges("resid.1:3", data=True):
+        i, total = g.nodes[u]["feature"], 0.0
+        for c in chosen.tolist():
+            p = 1 + int(best.indices[c])
+            ids = store.tokens("train")[c : c + 1, : p + 1]
+            clean = dicts["resid.1"].encode(record(hf, ids, ["resid.1"])["resid.1"])[0, p, 3]
+            with site_hook(tiny_llama, "resid.0", lambda x: ablate(dicts["resid.0"], x, i, start=1)):
+                ablated = dicts["resid.1"].encode(record(hf, ids, ["resid.1"])["resid.1"])[0, p, 3]
+            total += float((clean - ablated).detach())
+        assert e["effect"] == pytest.approx(total / 5, rel=1e-4, abs=1e-6)
+
+
+def test_hook_engine_gives_the_same_tree(tiny_llama, wired, tree, monkeypatch):
+    store, dicts = wired
+    monkeypatch.setattr("circuitsae.trees.DownstreamEvaluator.supports", staticmethod(lambda m, s: False))
+    g = causal_tree(tiny_llama, dicts, ("resid.2", 7), depth=2, branching=3, contexts=8, progress=False)
+    assert set(g.graph["engines"].values()) == {"hook"}
+    assert set(g.edges) == set(tree.edges)
+    for u, v, e in g.edges(data=True):
+        assert e["effect"] == pytest.approx(tree.edges[u, v]["effect"], rel=1e-4, abs=1e-7)
+
+
+def test_less_than_rank_one_ablation_removes_exactly_c_f(tiny_llama, wired):
+    store, dicts = wired
+    d, i = dicts["resid.0"], 5
+    ids = store.tokens("train")[:3]
+    hf = tiny_llama._module
+    x = record(hf, ids, ["resid.0"])["resid.0"]
+    seen = {}
+    with site_hook(tiny_llama, "resid.0", lambda out: ablate(d, out, i, start=1)):
+        h = sites.module(hf, "resid.0").register_forward_hook(lambda m, inp, out: seen.update(x=out))
+        try:
+            hf(input_ids=ids)
+        finally:
+            h.remove()
+    c = d.encode(x)[..., i]
+    fires = (c > 0) & (torch.arange(16) >= 1)
+    want = torch.where(fires[..., None], x - c[..., None] * d.W_dec[i], x)
+    torch.testing.assert_close(seen["x"], want, rtol=0, atol=1e-6)
+    assert torch.equal(seen["x"][~fires], x[~fires]) and fires.sum() > 10
+    assert d.encode(seen["x"])[..., i][fires].abs().max() < 1e-4  # the feature is just off
+
+
+def test_fewer_contexts_in_range_are_used_and_reported(tiny_llama, wired):
+    store, dicts = wired
+    with pytest.warns(UserWarning, match=r"only \d+ contexts have resid.1:3 in \[M/2, M\]"):
+        g = causal_tree(tiny_llama, dicts, ("resid.1", 3), depth=1, contexts=1000, progress=False)
+    assert g.graph["contexts"] == g.graph["contexts_in_range"] < 1000 and g.graph["contexts_requested"] == 1000
+
+
+def test_bad_input_is_one_line(tiny_llama, wired):
+    store, dicts = wired
+    silent = _copy(dicts["resid.1"])
+    with torch.no_grad():
+        silent.b_enc[3] = -100.0
+    cases = [
+        ({**dicts, "resid.1": silent}, ("resid.1", 3), r"never fires: density 0 over 405 train rows"),
+        ({**dicts, "resid.0": _copy(dicts["resid.0"], model="other")}, ("resid.1", 3), "different models"),
+        ({"resid.1": dicts["resid.1"], "resid.0": dicts["resid.0"]}, ("resid.1", 3), "forward order"),
+        ({"resid.1": dicts["resid.1"]}, ("resid.1", 3), "no dictionary upstream of resid.1"),
+        ({"resid.0": dicts["resid.0"]}, ("resid.1", 3), "no dictionary at the target's site resid.1"),
+        ({"resid.0": dicts["resid.1"], "resid.1": dicts["resid.1"]}, ("resid.1", 3), "trained on site resid.1"),
+        (dicts, ("resid.1", 99), "feature 99 does not exist"),
+    ]
+    for mapping, target, match in cases:
+        with pytest.raises(CircuitSAEError, match=match) as e:
+            causal_tree(tiny_llama, mapping, target, depth=1, contexts=4, progress=False)
+        assert "\n" not in str(e.value)
+
+
+def test_dot_has_ranks_nodes_and_widths_ordered_like_effects(tree):
+    src = to_dot(tree).source
+    for node in tree.nodes:  # DOT id site_feature (a colon would name a port), label site:feature
+        assert re.search(rf"^\s*\"?{re.escape(node.replace(':', '_'))}\"? \[label=\"{re.escape(node)}", src, re.M)
+    widths = {}
+    for u, v in tree.edges:
+        m = re.search(
+            rf"\"?{re.escape(u.replace(':', '_'))}\"? -> \"?{re.escape(v.replace(':', '_'))}\"? \[.*penwidth=([\d.]+)",
+            src,
+        )
+        assert m, (u, v)
+        widths[u, v] = float(m.group(1))
+    order = sorted(widths, key=lambda k: tree.edges[k]["effect"])
+    assert [widths[k] for k in order] == sorted(widths.values())
+    assert src.count("rank=same") == 3 and "legend" in src
+
+
+def test_render_writes_svg_png_dot_and_json(tree, tmp_path):
+    paths = render(tree, tmp_path / "tree")
+    assert set(paths) == {"dot", "json", "svg", "png"}
+    root = ET.parse(paths["svg"]).getroot()
+    assert root.tag.endswith("svg")
+    text = " ".join(t.text or "" for t in root.iter() if t.tag.endswith("text"))
+    assert "resid.2:7" in text and "resid.0:5" in text
+    assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    back = nx.node_link_graph(json.load(open(paths["json"])), edges="edges")
+    assert set(back.edges) == set(tree.edges) and back.graph["target"] == "resid.2:7"
+
+
+def test_render_caps_nodes(tree):
+    small = to_dot(tree, max_nodes=3).source
+    assert small.count("->") == 2 and "weaker nodes not drawn" in small
+
+
+def test_missing_dot_binary_still_writes_dot_and_json(tree, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.warns(UserWarning, match=re.escape(MISSING_DOT)):
+        paths = render(tree, tmp_path / "t")
+    assert set(paths) == {"dot", "json"}
+    assert (tmp_path / "t.dot").is_file() and (tmp_path / "t.json").is_file() and not (tmp_path / "t.svg").exists()
+
+
+def test_tree_cli(tiny_llama, wired, tmp_path, capsys):
+    store, dicts = wired
+    for site, d in dicts.items():
+        d.save(tmp_path / "saes" / f"{site}-relu-c1")
+    out = tmp_path / "tree" / "t"
+    argv = ["tree", "resid.2:7", "--dictionaries", str(tmp_path / "saes"), "--depth", "1", "--contexts", "1000"]
+    assert main([*argv, "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr()
+    assert "causal tree of resid.2:7" in printed.out and "resid.1:3" in printed.out
+    assert re.search(r"(^|\r)circuitsae: warning: only \d+ contexts have resid.2:7 in \[M/2, M\]", printed.err, re.M)
+    assert all((tmp_path / "tree" / f"t.{ext}").is_file() for ext in ("dot", "svg", "png", "json"))
+    _copy(dicts["resid.1"]).save(tmp_path / "saes" / "resid.1-relu-c2")
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "2 dictionaries at resid.1" in err and "--arch/--coefficient" in err and len(err.splitlines()) == 1
+    assert main(["tree", "resid.2-7", "--dictionaries", str(tmp_path / "saes")]) == 2
+    assert "is not SITE:FEATURE" in capsys.readouterr().err
