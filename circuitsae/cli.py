@@ -8,16 +8,15 @@ and exits with status 2; Ctrl-C exits with 130 and says how to resume.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import sys
+import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from circuitsae.config import add_arguments, from_arguments
 from circuitsae.errors import CircuitSAEError
 from circuitsae.harvest import HarvestConfig
-from circuitsae.store import atomic_write
 
 EXAMPLES = {
     "harvest": "examples:\n  circuitsae harvest --sites resid.3 resid.4 --tokens 200000 --out runs/acts\n"
@@ -28,7 +27,13 @@ EXAMPLES = {
     "  circuitsae eval runs/saes/resid.4-gated-c2 --contexts 64 --out eval.json",
     "ioi": "examples:\n  circuitsae ioi runs/saes                       # every dictionary in a training folder, + PCA\n"
     "  circuitsae ioi runs/saes/resid.16-relu-c1 runs/saes/resid.16-relu-c0 --prompts 50 --out runs/ioi",
-    "demo": "example:\n  circuitsae demo --out runs/demo",
+    "feature": "examples:\n  circuitsae feature resid.4:123 --dictionaries runs/saes --arch gated --out runs/feature\n"
+    "  circuitsae feature resid.4:123 --dictionaries runs/saes/resid.4-relu-c1 --contexts 20 --split heldout",
+    "tree": "examples:\n  circuitsae tree resid.5:123 --dictionaries runs/saes --arch relu --depth 3 --out runs/tree/paren\n"
+    "  circuitsae tree resid.5:123 --dictionaries runs/saes/resid.3-relu-c1 runs/saes/resid.4-relu-c1 "
+    "runs/saes/resid.5-relu-c1 --branching 2 --contexts 10",
+    "demo": "examples:\n  circuitsae demo                                # the embedded defaults, ~30 min on 2 CPU cores\n"
+    "  circuitsae demo --scale 2.5 --device cuda     # the paper's 50 IOI prompts and thresholds, 500k tokens",
 }
 
 
@@ -86,45 +91,47 @@ def _cmd_ioi(args: argparse.Namespace) -> None:
     print(f"wrote {report['path']} and kl_vs_patches.png ({report['seconds']:.0f} s)")
 
 
-def _cmd_demo(args: argparse.Namespace) -> None:
-    """The main job on the embedded defaults (grows as the library does)."""
-    from circuitsae.evaluate import evaluate, format_table
-    from circuitsae.harvest import harvest
-    from circuitsae.train import train
+@contextlib.contextmanager
+def _one_line_warnings() -> Any:
+    """Print each warning raised inside as one line, ``circuitsae: warning: ...``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                print(f"circuitsae: warning: {w.message}", file=sys.stderr)
 
-    out = Path(args.out)
-    store = harvest(HarvestConfig(sites=DEMO_SITES, tokens=args.tokens, out=str(out / "activations")))
-    train(
-        store=str(store.root),
-        out=str(out / "saes"),
-        arch=("relu", "gated"),
-        expansion=4.0,
-        gated_expansion=3.0,  # equal compute, as in the Gated paper
-        lr=1e-3,  # one lr for both: the paper's 3e-4 for gated is for far longer runs
-        batch_size=1024,
-        epochs=2,
-        tied=False,
-        decoder_bias=True,
+
+def _cmd_feature(args: argparse.Namespace) -> None:
+    from circuitsae.features import FeatureConfig, run_feature
+
+    with _one_line_warnings():
+        report = run_feature(from_arguments(FeatureConfig, args))
+    print(report.summary())
+    print("wrote " + ", ".join(report.paths.values()))
+
+
+def _cmd_tree(args: argparse.Namespace) -> None:
+    from circuitsae.trees import TreeConfig, run_tree
+
+    with _one_line_warnings():
+        graph, paths = run_tree(from_arguments(TreeConfig, args))
+    a = graph.graph
+    print(
+        f"causal tree of {a['target']}: {graph.number_of_nodes()} features, {graph.number_of_edges()} edges, "
+        f"{a['contexts']} contexts, {a['seconds']:.1f} s"
     )
-    report = evaluate(dictionaries=(str(out / "saes"),), out=str(out / "eval.json"))
-    print(format_table(report["results"]))
-    summary = {
-        "activations": str(store.root),
-        "sites": store.sites,
-        "train_tokens": store.n_rows("train"),
-        "heldout_tokens": store.n_rows("heldout"),
-        "model": store.config["model"],
-        "corpus": store.config["corpus"],
-        "saes": {
-            k: {m: v.get(m) for m in ("l0", "fvu", "gamma", "loss_recovered", "delta_ce")}
-            for k, v in report["results"].items()
-        },
-    }
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2).encode())
-    print(json.dumps({k: v for k, v in summary.items() if k != "saes"}, indent=2))
+    for u, v, e in sorted(graph.edges(data=True), key=lambda t: -t[2]["effect"])[:10]:
+        print(f"  {u:>14s} -> {v:<14s} effect {e['effect']:.3g}  {graph.nodes[u].get('label', '')}")
+    print("wrote " + ", ".join(paths.values()))
 
 
-DEMO_SITES = ("resid.3", "resid.4", "resid.5")
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from circuitsae.demo import DemoConfig, one_screen, run_demo
+
+    summary = run_demo(from_arguments(DemoConfig, args))
+    print(one_screen(summary))
 
 
 def _add(
@@ -144,9 +151,12 @@ def _add(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from circuitsae.demo import DemoConfig
     from circuitsae.evaluate import EvalConfig
+    from circuitsae.features import FeatureConfig
     from circuitsae.ioi_curves import IOIConfig
     from circuitsae.train import TrainConfig
+    from circuitsae.trees import TreeConfig
 
     parser = _Parser(prog="circuitsae", description="Sparse-autoencoder circuits on real language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -187,15 +197,36 @@ def build_parser() -> argparse.ArgumentParser:
         IOIConfig,
     )
     i.add_argument("paths", nargs="+", metavar="DICTIONARY", help="dictionary folders or training output folders")
-    d = _add(
+    f = _add(
+        sub,
+        "feature",
+        "what one dictionary feature reads and writes: contexts, histogram, logit effect",
+        "Top and random contexts of a feature, its token histogram by activation range, the next-token "
+        "log-probs its ablation moves and the tokens its direction unembeds to (Cunningham et al. Fig. 4).",
+        _cmd_feature,
+        FeatureConfig,
+    )
+    f.add_argument("target", metavar="SITE:ID", help="the feature, e.g. resid.4:123")
+    t = _add(
+        sub,
+        "tree",
+        "causal tree of a feature by ablation, drawn as DOT/SVG/PNG/JSON",
+        "Ablate each active feature of the previous site's dictionary and measure the target's decrease; keep "
+        "the strongest parents and recurse (Cunningham et al. §5.3, Fig. 5).",
+        _cmd_tree,
+        TreeConfig,
+    )
+    t.add_argument("target", metavar="SITE:ID", help="the target feature, e.g. resid.5:123")
+    _add(
         sub,
         "demo",
         "run the main job end to end on the embedded defaults",
-        "Harvest SmolLM2 activations on the embedded corpus, train baseline and Gated SAEs, evaluate them (resumable).",
+        "Harvest SmolLM2 activations on the embedded corpus; train baseline, Gated and α = 0 dictionaries; "
+        "evaluate them; IOI feature patching with ACDC; one feature analysed and its causal tree drawn; "
+        "report.html. Resumable: re-run the same command after an interruption.",
         _cmd_demo,
+        DemoConfig,
     )
-    d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    d.add_argument("--tokens", type=int, default=200_000, help="training tokens per site (default: 200000)")
     return parser
 
 

@@ -81,7 +81,8 @@ def _fingerprint(cfg: IOIConfig, path: str, thresholds: np.ndarray) -> str:
     import hashlib
 
     folder = Path(path)
-    stamp = [str(p.stat().st_mtime_ns) for p in sorted(folder.glob("*")) if p.is_file()] if folder.is_dir() else []
+    files = sorted(folder.glob("*")) if folder.is_dir() else []
+    stamp = [hashlib.sha1(p.read_bytes()).hexdigest() for p in files if p.is_file()]
     key = json.dumps([cfg.model, cfg.prompts, cfg.seed, cfg.pca_rows, cfg.engine, path, stamp, list(thresholds)])
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 

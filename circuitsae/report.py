@@ -1,0 +1,160 @@
+"""One self-contained ``report.html`` from a demo's ``summary.json``.
+
+Plots are embedded as base64 PNG and the circuit diagram as inline SVG, so the
+file can be mailed or opened anywhere without the run folder. Every number in
+it is read from the files the steps wrote; nothing is computed here.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from circuitsae.store import atomic_write
+
+SECTIONS = ("Run", "Sparse autoencoders", "IOI feature patching", "Feature", "Causal tree")
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; font-size: .9em; margin: .6em 0; }
+th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+img, svg { max-width: 100%; height: auto; } .note { color: #555; font-size: .92em; }
+code, .ctx { font-family: ui-monospace, monospace; font-size: .88em; } .ctx b { background: #ffe08a; }
+"""
+
+
+def _img(path: "str | Path | None", alt: str) -> str:
+    if not path or not Path(path).is_file():
+        return f'<p class="note">({html.escape(alt)}: not produced)</p>'
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _svg(path: "str | Path | None", alt: str) -> str:
+    if not path or not Path(path).is_file():
+        return f'<p class="note">({html.escape(alt)}: not rendered — is graphviz installed?)</p>'
+    text = Path(path).read_text()
+    return text[text.find("<svg") :]  # drop the XML prologue and DOCTYPE
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """``cols``: (key, header, format)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in cols)
+    body = []
+    for r in rows:
+        cells = []
+        for key, _, fmt in cols:
+            v = r.get(key)
+            cells.append("<td>–</td>" if v is None else f"<td>{html.escape(fmt.format(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _run(s: dict) -> str:
+    steps = [{"step": k, "seconds": v} for k, v in s["seconds"].items()]
+    facts = [
+        ("model", s["model"]),
+        ("corpus", s["corpus"]),
+        ("sites", ", ".join(s["sites"])),
+        ("activations", f"{s['train_tokens']:,} training and {s['heldout_tokens']:,} held-out tokens"),
+        ("machine", s["machine"]),
+        ("scale", s["scale"]),
+    ]
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
+    return f"<table>{rows}</table>" + _table(steps, [("step", "step", "{}"), ("seconds", "wall time (s)", "{:.0f}")])
+
+
+def _saes(s: dict) -> str:
+    rows = [{"name": k, **v} for k, v in s["saes"].items()]
+    cols = [
+        ("name", "dictionary", "{}"),
+        ("l0", "L0", "{:.1f}"),
+        ("fvu", "FVU", "{:.3f}"),
+        ("gamma", "γ (shrinkage)", "{:.3f}"),
+        ("loss_recovered", "loss recovered", "{:.3f}"),
+        ("delta_ce", "ΔCE (nats)", "{:.3f}"),
+        ("dead_fraction", "dead", "{:.2f}"),
+    ]
+    return (
+        '<p class="note">Held-out activations. L0: active features per token; FVU: fraction of variance '
+        "unexplained; γ: the scale that best fits x̂ to x (γ &lt; 1 means shrinkage); loss recovered: "
+        "(CE<sub>zero-ablated</sub> − CE<sub>spliced</sub>) / (CE<sub>zero-ablated</sub> − CE<sub>clean</sub>) "
+        "with the SAE spliced into the model. The relu run with c0 is the α = 0 (non-sparse) dictionary.</p>"
+        + _table(rows, cols)
+    )
+
+
+def _ioi(s: dict) -> str:
+    ioi = s.get("ioi")
+    if not ioi:
+        return '<p class="note">(not run)</p>'
+    perf = ioi["performance"]
+    cols = [
+        ("label", "dictionary", "{}"),
+        ("method", "order", "{}"),
+        ("n_candidates", "candidates", "{:d}"),
+        ("kl_all", "KL, all patched", "{:.3g}"),
+        ("kl_none", "KL, none patched", "{:.3g}"),
+        ("evaluations", "evaluations", "{:d}"),
+        ("seconds", "seconds", "{:.0f}"),
+    ]
+    return (
+        f"<p>{ioi['prompts']} IOI prompt pairs at <code>{html.escape(ioi['site'])}</code>, "
+        f"{ioi['thresholds']} ACDC thresholds. The model does the task: mean logit difference IO − S "
+        f"{perf['logit_diff']:.2f}, accuracy {perf['accuracy']:.2f}. The target prompt swaps the indirect "
+        "object for another name; patching features of the target run into the base run moves the base "
+        "output towards the target's. Curves lower and further left are better: fewer features and "
+        "smaller edits for the same KL.</p>"
+        + _img(ioi.get("png"), "KL vs features patched and vs edit magnitude")
+        + _table(ioi["rows"], cols)
+        + f'<p class="note">{html.escape(ioi.get("finding", ""))}</p>'
+    )
+
+
+def _feature(s: dict) -> str:
+    f = s.get("feature")
+    if not f:
+        return '<p class="note">(not run)</p>'
+    ctx = "".join(f'<div class="ctx">{c}</div>' for c in f["contexts_html"])
+    return (
+        f"<p>Feature <code>{html.escape(f['site'])}:{f['feature']}</code> of "
+        f"<code>{html.escape(f['dictionary'])}</code>, chosen as the feature that best picks out the token "
+        f"{html.escape(repr(f['token']))} (precision {f['precision']:.2f}, recall {f['recall']:.2f}); "
+        f"density {f['density']:.2e}, max activation {f['max_activation']:.3g}.</p>"
+        f"<p>Top-activating contexts (firing token in bold):</p>{ctx}"
+        + _img(f.get("histogram"), "token histogram by activation range")
+        + _img(f.get("logit_effect"), "logit effect of ablating the feature")
+        + f"<p>Its decoder direction, read through the unembedding: {html.escape(', '.join(map(repr, f['unembed'])))}.</p>"
+    )
+
+
+def _tree(s: dict) -> str:
+    t = s.get("tree")
+    if not t:
+        return '<p class="note">(not run)</p>'
+    return (
+        f"<p>{html.escape(t['caption'])}</p>"
+        + _svg(t.get("svg"), "causal tree")
+        + f'<p class="note">DOT: <code>{html.escape(str(t.get("dot")))}</code>, node-link JSON: '
+        f"<code>{html.escape(str(t.get('json')))}</code>.</p>"
+    )
+
+
+def write_report(summary: dict[str, Any], path: "str | Path") -> Path:
+    """Write ``report.html`` (every section of :data:`SECTIONS`) from a demo summary."""
+    parts = [_run(summary), _saes(summary), _ioi(summary), _feature(summary), _tree(summary)]
+    body = "".join(f"<h2>{html.escape(t)}</h2>{p}" for t, p in zip(SECTIONS, parts))
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>circuitsae demo</title><style>{_CSS}</style>"
+        f"</head><body><h1>circuitsae demo: {html.escape(summary['model'])}</h1>{body}"
+        f"<p class='note'>All figures above come from <code>summary.json</code> in this folder: "
+        f"<code>{html.escape(json.dumps(summary.get('files', {})))}</code></p></body></html>"
+    )
+    path = Path(path)
+    atomic_write(path, page.encode())
+    return path
