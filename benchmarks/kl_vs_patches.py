@@ -74,6 +74,9 @@ def speedup(model, args: argparse.Namespace) -> dict:
         "reference_evaluations": ref.evaluations,
         "same_removals": same_sets,
         "same_order": fast.order == ref.order,
+        "differing_decisions": sorted(
+            f for f in set(fast.removed_at) | set(ref.removed_at) if fast.removed_at.get(f) != ref.removed_at.get(f)
+        ),
         "max_abs_kl_difference": kl_err,
         "n_features": [r["n_features"] for r in fast.records],
         "reference_n_features": [r["n_features"] for r in ref.records],
@@ -88,6 +91,13 @@ def main() -> None:
     ap.add_argument("--coefficients", type=float, nargs="+", default=[1.0, 4.0], help="baseline α (α = 0 is added)")
     ap.add_argument("--gated", type=float, default=2.0, help="Gated SAE λ")
     ap.add_argument("--prompts", type=int, default=50)
+    ap.add_argument("--layer-prompts", type=int, default=None, help="prompts at the other sites (default: --prompts)")
+    ap.add_argument(
+        "--layer-orders",
+        choices=["both", "attribution"],
+        default="both",
+        help="orderings at the other sites (attribution only: minutes instead of hours on a CPU)",
+    )
     ap.add_argument("--speedup-prompts", type=int, default=10)
     ap.add_argument("--speedup-thresholds", type=int, default=10)
     ap.add_argument("--no-speedup", action="store_true")
@@ -110,12 +120,15 @@ def main() -> None:
         print(json.dumps({k: v for k, v in out["speedup"].items() if "n_features" not in k}, indent=1))
     reports = {}
     for site in args.sites:  # results are written after every site, so a partial run is usable
-        part = work / f"curves-{site}" / "kl_vs_patches.json"
+        main_site = site == args.main_site
+        prompts = args.prompts if main_site else (args.layer_prompts or args.prompts)
+        acdc_here = main_site or args.layer_orders == "both"
+        part = work / f"curves-{site}-{prompts}{'' if acdc_here else '-attribution'}" / "kl_vs_patches.json"
         if not part.exists():
             dicts = sorted(str(p) for p in (work / "saes").glob(f"{site}-*")) + sorted(
                 str(p) for p in (work / "saes-gated").glob(f"{site}-*")
             )
-            run_ioi(dictionaries=dicts, model=model, prompts=args.prompts, out=str(part.parent))
+            run_ioi(dictionaries=dicts, model=model, prompts=prompts, acdc=acdc_here, out=str(part.parent))
         reports[site] = json.loads(part.read_text())
         write(out, reports, args)
 
@@ -128,6 +141,7 @@ def write(out: dict, reports: dict, args: argparse.Namespace) -> None:
         "ioi": main["ioi"],
         "sites": list(reports),
         "seconds_by_site": {s: r["seconds"] for s, r in reports.items()},
+        "prompts_by_site": {s: r["prompts"] for s, r in reports.items()},
         "results": [r for rep in reports.values() for r in rep["results"]],
     }
     RESULTS.mkdir(exist_ok=True)

@@ -21,7 +21,7 @@ import numpy as np
 from circuitsae.config import option
 from circuitsae.dictionaries import Dictionary, PCADictionary, load_dictionary
 from circuitsae.errors import CircuitSAEError
-from circuitsae.store import atomic_write
+from circuitsae.store import atomic_write, digest
 
 
 @dataclass
@@ -35,6 +35,10 @@ class IOIConfig:
     thresholds: int = option(50, "ACDC thresholds τ, log-spaced over [1e-5, 1]")
     pca: bool = option(True, "add a PCA baseline per site, fitted on the dictionaries' activation store")
     pca_rows: int = option(200_000, "activations to fit PCA on")
+    acdc: bool = option(True, "order by exact ACDC")
+    acdc_dense: bool = option(
+        True, "exact ACDC also for dense dictionaries (α = 0, PCA): every feature a candidate, slow on a CPU"
+    )
     attribution: bool = option(True, "also order by attribution (one backward pass) and plot it beside ACDC")
     engine: str = option("auto", "evaluator: auto, downstream (later layers only) or hook (full passes)")
     out: str = option("runs/ioi", "output folder: kl_vs_patches.json and .png")
@@ -44,6 +48,8 @@ class IOIConfig:
         self.dictionaries = tuple(self.dictionaries)
         if self.prompts < 1 or self.thresholds < 1:
             raise CircuitSAEError("prompts and thresholds must be >= 1")
+        if not (self.acdc or self.attribution):
+            raise CircuitSAEError("choose at least one ordering: ACDC or attribution")
         if self.engine not in ("auto", "downstream", "hook"):
             raise CircuitSAEError(f"engine must be auto, downstream or hook, not {self.engine!r}")
 
@@ -76,13 +82,16 @@ def _pca_for(site: str, dictionaries: list[Dictionary], rows: int) -> PCADiction
     return pca
 
 
+def _dense(d: Dictionary) -> bool:
+    """PCA and the α = 0 dictionary: codes are dense, so every feature is a candidate."""
+    return d.architecture == "pca" or d.meta.get("training", {}).get("coefficient") == 0
+
+
 def _fingerprint(cfg: IOIConfig, path: str, thresholds: np.ndarray) -> str:
     """Names a finished curve by everything it depends on, so a changed setting is never served stale."""
     import hashlib
 
-    folder = Path(path)
-    files = sorted(folder.glob("*")) if folder.is_dir() else []
-    stamp = [hashlib.sha1(p.read_bytes()).hexdigest() for p in files if p.is_file()]
+    stamp = digest([path]) if Path(path).is_dir() else ""
     key = json.dumps([cfg.model, cfg.prompts, cfg.seed, cfg.pca_rows, cfg.engine, path, stamp, list(thresholds)])
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
@@ -122,9 +131,9 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
             pca.meta["fit_seconds"] = time.perf_counter() - t0
             entries = entries + [("pca", pca)]
         # sparse dictionaries first: dense ones (α = 0, PCA: every feature a candidate) take longest
-        entries.sort(key=lambda e: e[1].architecture == "pca" or e[1].meta.get("training", {}).get("coefficient") == 0)
+        entries.sort(key=lambda e: _dense(e[1]))
         for path, d in entries:
-            orders = ["acdc", "attribution"] if cfg.attribution else ["acdc"]
+            orders = ["acdc"] * (cfg.acdc and (cfg.acdc_dense or not _dense(d))) + ["attribution"] * cfg.attribution
             for order in orders:
                 # each curve is kept as it finishes, so an interrupted run resumes at the next one
                 part = parts / f"{site}-{label(d)}-{order}-{_fingerprint(cfg, path, thresholds)}.json".replace(" ", "_")

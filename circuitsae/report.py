@@ -110,6 +110,13 @@ def _ioi(s: dict) -> str:
         "object for another name; patching features of the target run into the base run moves the base "
         "output towards the target's. Curves lower and further left are better: fewer features and "
         "smaller edits for the same KL.</p>"
+        + (
+            '<p class="note">The dense baselines (α = 0, PCA) are ordered by attribution only here: with every '
+            "feature a candidate, exact ACDC over them takes hours on a CPU (<code>--ioi-dense-acdc</code> runs it; "
+            "<code>benchmarks/kl_vs_patches.py</code> has the full comparison).</p>"
+            if not any(r["method"] == "acdc" and r["label"] in ("PCA",) for r in ioi["rows"])
+            else ""
+        )
         + _img(ioi.get("png"), "KL vs features patched and vs edit magnitude")
         + _table(ioi["rows"], cols)
         + f'<p class="note">{html.escape(ioi.get("finding", ""))}</p>'

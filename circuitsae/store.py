@@ -94,6 +94,16 @@ def atomic_write(path: Path, data: "bytes | np.ndarray") -> tuple[int, str]:
     return w.n, w.sha.hexdigest()
 
 
+def digest(paths: "list[Path] | list[str]") -> str:
+    """sha1 over the bytes of every file in ``paths`` (folders: their files, sorted): a content fingerprint."""
+    h = hashlib.sha1()
+    for p in map(Path, paths):
+        for f in sorted(p.glob("*")) if p.is_dir() else [p]:
+            if f.is_file():
+                h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
 def to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
     """A tensor in the storage representation of ``dtype``."""
     np_dtype, torch_dtype = STORE_DTYPES[dtype]
