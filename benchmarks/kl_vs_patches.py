@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,7 @@ def speedup(model, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` writes what is finished
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", nargs="+", default=["resid.24", "resid.16", "resid.8"], help="main site first")
     ap.add_argument("--main-site", default="resid.24", help="the site of the Fig. 3 analogue")
@@ -91,6 +93,9 @@ def main() -> None:
     ap.add_argument("--coefficients", type=float, nargs="+", default=[1.0, 4.0], help="baseline α (α = 0 is added)")
     ap.add_argument("--gated", type=float, default=2.0, help="Gated SAE λ")
     ap.add_argument("--prompts", type=int, default=50)
+    ap.add_argument("--thresholds", type=int, default=50, help="ACDC thresholds, log-spaced over [1e-5, 1]")
+    ap.add_argument("--attribution-only", action="store_true", help="no exact ACDC anywhere (minutes on a CPU)")
+    ap.add_argument("--dense-acdc", action="store_true", help="exact ACDC also for α = 0 and PCA (hours on a CPU)")
     ap.add_argument("--layer-prompts", type=int, default=None, help="prompts at the other sites (default: --prompts)")
     ap.add_argument(
         "--layer-orders",
@@ -102,6 +107,7 @@ def main() -> None:
     ap.add_argument("--speedup-thresholds", type=int, default=10)
     ap.add_argument("--no-speedup", action="store_true")
     ap.add_argument("--work", default="runs/ioi")
+    ap.add_argument("--results-name", default="kl_vs_patches", help="stem of the files in benchmarks/results")
     args = ap.parse_args()
     prepare(args)
     work = Path(args.work)
@@ -122,13 +128,20 @@ def main() -> None:
     for site in args.sites:  # results are written after every site, so a partial run is usable
         main_site = site == args.main_site
         prompts = args.prompts if main_site else (args.layer_prompts or args.prompts)
-        acdc_here = main_site or args.layer_orders == "both"
-        part = work / f"curves-{site}-{prompts}{'' if acdc_here else '-attribution'}" / "kl_vs_patches.json"
-        if not part.exists():
+        acdc_here = not args.attribution_only and (main_site or args.layer_orders == "both")
+        tag = f"{prompts}p{args.thresholds}t{'' if acdc_here else '-attribution'}{'-dense' if args.dense_acdc else ''}"
+        part = work / f"curves-{site}-{tag}" / "kl_vs_patches.json"
+        if not part.exists() or not json.loads(part.read_text()).get("complete", True):
             dicts = sorted(str(p) for p in (work / "saes").glob(f"{site}-*")) + sorted(
                 str(p) for p in (work / "saes-gated").glob(f"{site}-*")
             )
-            run_ioi(dictionaries=dicts, model=model, prompts=prompts, acdc=acdc_here, out=str(part.parent))
+            try:
+                run_ioi(dictionaries=dicts, model=model, prompts=prompts, thresholds=args.thresholds, acdc=acdc_here,
+                        acdc_dense=args.dense_acdc, out=str(part.parent))  # fmt: skip
+            finally:  # also on Ctrl-C / SIGTERM: the curves finished so far are written
+                if part.exists():
+                    reports[site] = json.loads(part.read_text())
+                    write(out, reports, args)
         reports[site] = json.loads(part.read_text())
         write(out, reports, args)
 
@@ -145,11 +158,13 @@ def write(out: dict, reports: dict, args: argparse.Namespace) -> None:
         "results": [r for rep in reports.values() for r in rep["results"]],
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kl_vs_patches.json").write_text(json.dumps(out, indent=1))
-    plot_curves(main, RESULTS / "kl_vs_patches.png")
+    name = args.results_name
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
+    plot_curves(main, RESULTS / f"{name}.png")
     layers = sorted(reports, key=lambda s: int(s.split(".")[1]))
-    plot_curves({**main, "results": out["results"]}, RESULTS / "kl_vs_patches_layers.png", sites=layers)
-    print(f"wrote {RESULTS / 'kl_vs_patches.json'} with sites {layers}")
+    if len(layers) > 1:
+        plot_curves({**main, "results": out["results"]}, RESULTS / f"{name}_layers.png", sites=layers)
+    print(f"wrote {RESULTS / name}.json with sites {layers}")
 
 
 if __name__ == "__main__":

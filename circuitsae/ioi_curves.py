@@ -123,7 +123,26 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
     thresholds = np.logspace(-5, 0, cfg.thresholds) if cfg.thresholds != 50 else default_thresholds()
     parts = Path(cfg.out) / "parts"
     parts.mkdir(parents=True, exist_ok=True)
-    results = []
+    results: list[dict] = []
+
+    def write() -> dict:
+        """JSON and PNG of the curves finished so far (after each one, so an interrupted run still shows them)."""
+        report = {
+            "model": str(getattr(getattr(model, "_module", model).config, "name_or_path", "")),
+            "machine": platform.node() or "unknown",
+            "prompts": cfg.prompts,
+            "seed": cfg.seed,
+            "thresholds": [float(t) for t in thresholds],
+            "ioi": perf,
+            "config": asdict(cfg),
+            "results": results,
+            "seconds": time.perf_counter() - t_all,
+            "complete": False,
+        }
+        atomic_write(parts.parent / "kl_vs_patches.json", json.dumps(report, indent=1).encode())
+        plot_curves(report, parts.parent / "kl_vs_patches.png")
+        return report
+
     for site, entries in sorted(by_site.items(), key=lambda kv: int(kv[0].split(".")[1])):
         if cfg.pca:
             t0 = time.perf_counter()
@@ -131,7 +150,7 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
             pca.meta["fit_seconds"] = time.perf_counter() - t0
             entries = entries + [("pca", pca)]
         # sparse dictionaries first: dense ones (α = 0, PCA: every feature a candidate) take longest
-        entries.sort(key=lambda e: _dense(e[1]))
+        entries.sort(key=lambda e: (_dense(e[1]), _dense(e[1]) and e[1].d_dict))
         for path, d in entries:
             orders = ["acdc"] * (cfg.acdc and (cfg.acdc_dense or not _dense(d))) + ["attribution"] * cfg.attribution
             for order in orders:
@@ -147,25 +166,14 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
                 row["order"] = row["order"][:100]  # the most important features; the full list is long
                 atomic_write(part, json.dumps(row).encode())
                 results.append(row)
+                write()
                 if progress:
                     print(f"{site} {label(d):28s} {order:11s} {res.n_candidates:5d} candidates "
                           f"{res.evaluations:6d} evaluations {res.seconds:7.1f} s")  # fmt: skip
-    report = {
-        "model": str(getattr(getattr(model, "_module", model).config, "name_or_path", "")),
-        "machine": platform.node() or "unknown",
-        "prompts": cfg.prompts,
-        "seed": cfg.seed,
-        "thresholds": [float(t) for t in thresholds],
-        "ioi": perf,
-        "config": asdict(cfg),
-        "results": results,
-        "seconds": time.perf_counter() - t_all,
-    }
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "kl_vs_patches.json", json.dumps(report, indent=1).encode())
-    plot_curves(report, out / "kl_vs_patches.png")
-    report["path"] = str(out / "kl_vs_patches.json")
+    report = write()
+    report["complete"] = True
+    atomic_write(Path(cfg.out) / "kl_vs_patches.json", json.dumps(report, indent=1).encode())
+    report["path"] = str(Path(cfg.out) / "kl_vs_patches.json")
     return report
 
 
