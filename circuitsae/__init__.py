@@ -20,10 +20,13 @@ The public API::
     analyse_feature(...)        one feature: top/random contexts, token histogram, logit effect, unembedding
     causal_tree(model, {site: dictionary}, (site, feature))   ablation tree of a feature: a networkx DiGraph
     render_tree(graph, stem)    draw it: stem.dot, .svg, .png (graphviz) and node-link .json
+    find_token_feature(...)     the feature that best picks out a token such as " the" or ")"
+    run_demo(...)               everything above end to end, with summary.json and report.html
 """
 
 from circuitsae.acdc import acdc, acdc_reference
 from circuitsae.data import contexts, load_corpus
+from circuitsae.demo import DemoConfig, run_demo
 from circuitsae.dictionaries import (
     Dictionary,
     GatedSAE,
@@ -34,7 +37,7 @@ from circuitsae.dictionaries import (
 )
 from circuitsae.errors import CircuitSAEError
 from circuitsae.evaluate import evaluate
-from circuitsae.features import FeatureReport, analyse_feature
+from circuitsae.features import FeatureReport, analyse_feature, find_token_feature
 from circuitsae.harvest import HarvestConfig, harvest
 from circuitsae.ioi_curves import IOIConfig, run_ioi
 from circuitsae.models import load_model
@@ -67,6 +70,9 @@ __all__ = [
     "acdc",
     "acdc_reference",
     "analyse_feature",
+    "DemoConfig",
+    "run_demo",
+    "find_token_feature",
     "causal_tree",
     "contexts",
     "evaluate",

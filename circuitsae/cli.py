@@ -151,6 +151,7 @@ def _add(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``circuitsae`` parser: one sub-command per step, flags generated from each config dataclass."""
     from circuitsae.demo import DemoConfig
     from circuitsae.evaluate import EvalConfig
     from circuitsae.features import FeatureConfig
@@ -158,7 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     from circuitsae.train import TrainConfig
     from circuitsae.trees import TreeConfig
 
-    parser = _Parser(prog="circuitsae", description="Sparse-autoencoder circuits on real language models.")
+    parser = _Parser(
+        prog="circuitsae",
+        description="Sparse-autoencoder circuits on real language models.",
+        epilog="a typical session (each command resumes if interrupted; COMMAND --help for its flags):\n"
+        "  circuitsae harvest --sites resid.3 resid.4 --tokens 200000 --out runs/acts\n"
+        "  circuitsae train --store runs/acts --arch relu gated --out runs/saes\n"
+        "  circuitsae eval runs/saes\n"
+        "  circuitsae ioi runs/saes --prompts 20 --out runs/ioi\n"
+        "  circuitsae feature resid.4:123 --dictionaries runs/saes --arch relu\n"
+        "  circuitsae tree resid.4:123 --dictionaries runs/saes --arch relu --depth 1\n"
+        "  circuitsae demo                  # all of it on the embedded defaults, with report.html",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add(
         sub,
@@ -231,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return 0, 2 on a usage error or bad input (one line on stderr), 130 on Ctrl-C."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

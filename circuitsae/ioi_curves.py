@@ -215,7 +215,11 @@ def plot_curves(report: dict, path: "str | Path", sites: "list[str] | None" = No
         row[0].set_title(f"{site}: KL vs number of features patched (grey: nothing patched)")
         row[1].set_title(f"{site}: KL vs edit magnitude")
         row[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"IOI feature patching, {report['model']}, {report['prompts']} prompts, ACDC order (solid)")
+    methods = {r["method"] for r in results}
+    key = ", ".join(
+        k for m, k in (("acdc", "solid: ACDC order"), ("attribution", "dotted: attribution order")) if m in methods
+    )
+    fig.suptitle(f"IOI feature patching, {report['model']}, {report['prompts']} prompts ({key})")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -57,6 +57,7 @@ def resolve_device(device: "str | torch.device | None") -> torch.device:
 
 
 def resolve_dtype(dtype: "str | torch.dtype | None") -> torch.dtype:
+    """A torch dtype from a name (float32, bfloat16, float16, float64) or a dtype; None means float32."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):

@@ -120,6 +120,7 @@ def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 def shard_stem(split: str, index: int) -> str:
+    """File stem of shard ``index`` of ``split``: ``train-00003``."""
     return f"{split}-{index:05d}"
 
 

@@ -172,6 +172,7 @@ def plan_runs(cfg: TrainConfig, store: ActivationStore) -> list[tuple[str, str, 
 
 
 def run_name(site: str, arch: str, coefficient: float) -> str:
+    """Folder name of one trained SAE: ``<site>-<arch>-c<coefficient>``, e.g. ``resid.4-gated-c2``."""
     return f"{site}-{arch}-c{coefficient:g}"
 
 
