@@ -34,7 +34,7 @@ from machine import describe  # noqa: E402
 
 import circuitsae  # noqa: E402
 from circuitsae.acdc import acdc, acdc_reference  # noqa: E402
-from circuitsae.ioi_curves import plot_curves, run_ioi  # noqa: E402
+from circuitsae.ioi_curves import halving, plot_curves, run_ioi  # noqa: E402
 from circuitsae.tasks import make_ioi  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -157,6 +157,8 @@ def write(out: dict, reports: dict, args: argparse.Namespace) -> None:
         "prompts_by_site": {s: r["prompts"] for s, r in reports.items()},
         "results": [r for rep in reports.values() for r in rep["results"]],
     }
+    # features and edit each ordering needs to halve the unpatched KL (the README's table)
+    out["halving"] = [halving(r) for r in out["results"]]
     RESULTS.mkdir(exist_ok=True)
     name = args.results_name
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))

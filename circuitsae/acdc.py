@@ -118,6 +118,32 @@ def _record(
     return rec
 
 
+def _result(
+    fd: FeatureDeltas,
+    method: str,
+    records: list,
+    order: list[int],
+    removed_at: dict[int, float],
+    evaluations: int,
+    t0: float,
+    engine: str,
+    start: "dict | None" = None,
+) -> ACDCResult:
+    """Package one ordering's outcome; ``seconds`` counts from ``t0``."""
+    return ACDCResult(
+        site=fd.site,
+        method=method,
+        n_candidates=fd.n_candidates,
+        records=records,
+        order=order,
+        removed_at=removed_at,
+        evaluations=evaluations,
+        seconds=time.perf_counter() - t0,
+        engine=engine,
+        start=start if start is not None else {},
+    )
+
+
 def _order(fd: FeatureDeltas, removed_at: dict[int, float], removal_rank: dict[int, int]) -> list[int]:
     """Feature ids, most important first: never removed, then removed latest first."""
     feats = fd.features.tolist()
@@ -288,18 +314,7 @@ def acdc(
         records.append(_record(tau, member, state["kl"], state["kl_reverse"], state["logits"], fd, answers))
         bar.set_postfix(F=int(member.sum()), kl=f"{search.kl_f:.3g}", evals=ev.evaluations)
     removed_at, rank = search.removed_at, search.rank
-    return ACDCResult(
-        site=fd.site,
-        method="acdc",
-        n_candidates=k,
-        records=records,
-        order=_order(fd, removed_at, rank),
-        removed_at=removed_at,
-        evaluations=ev.evaluations,
-        seconds=time.perf_counter() - t0,
-        engine=ev.name,
-        start=ends,
-    )
+    return _result(fd, "acdc", records, _order(fd, removed_at, rank), removed_at, ev.evaluations, t0, ev.name, ends)
 
 
 def _endpoints(ev: Evaluator, fd: FeatureDeltas, answers: Any) -> dict[str, Any]:
@@ -334,18 +349,8 @@ def _attribution(ev: Evaluator, fd: FeatureDeltas, answers: Any, t0: float, prog
         rec["estimated_effect"] = float(scores[ranked[n - 1]]) if n else None
         records.append(rec)
     records.reverse()  # like ACDC: from many features to few
-    return ACDCResult(
-        site=fd.site,
-        method="attribution",
-        n_candidates=k,
-        records=records,
-        order=[int(fd.features[j]) for j in ranked],
-        removed_at={},
-        evaluations=ev.evaluations,
-        seconds=time.perf_counter() - t0,
-        engine=ev.name,
-        start=ends,
-    )
+    order = [int(fd.features[j]) for j in ranked]
+    return _result(fd, "attribution", records, order, {}, ev.evaluations, t0, ev.name, ends)
 
 
 @torch.no_grad()
@@ -396,14 +401,4 @@ def acdc_reference(
                 member[j] = True
         z = run(member)
         records.append(_record(tau, member, kl_divergence(z, y), kl_divergence(y, z), z, fd, answers))
-    return ACDCResult(
-        site=fd.site,
-        method="reference",
-        n_candidates=k,
-        records=records,
-        order=_order(fd, removed_at, rank),
-        removed_at=removed_at,
-        evaluations=evaluations,
-        seconds=time.perf_counter() - t0,
-        engine="nnsight",
-    )
+    return _result(fd, "reference", records, _order(fd, removed_at, rank), removed_at, evaluations, t0, "nnsight")

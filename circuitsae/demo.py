@@ -44,7 +44,9 @@ class DemoConfig:
         ("resid.24", "resid.25", "resid.26", "resid.27"),
         "successive residual sites (IOI and the tree target at the last: few layers after it keep ACDC cheap)",
     )
-    scale: float = option(1.0, "multiplies tokens, IOI prompts and thresholds (5: the paper's 50 prompts and thresholds)")
+    scale: float = option(
+        1.0, "multiplies tokens, IOI prompts and thresholds (5: the paper's 50 prompts and thresholds)"
+    )
     tokens: int = option(200_000, "training tokens per site at scale 1")
     ioi_prompts: int = option(10, "IOI prompt pairs at scale 1 (at most 50)")
     ioi_thresholds: int = option(10, "ACDC thresholds at scale 1 (at most 50)")
@@ -109,27 +111,23 @@ def _ioi(cfg: DemoConfig, model: Any, out: Path, progress: bool) -> dict:
                   thresholds=cfg.scaled(cfg.ioi_thresholds, 50), acdc_dense=cfg.ioi_dense_acdc,
                   out=str(out / "ioi"), device=cfg.device,
                   progress=progress)  # fmt: skip
-    rows = []
-    for r in rep["results"]:
-        recs = r["records"]
-        rows.append({"label": r["label"], "method": r["method"], "n_candidates": r["n_candidates"],
-                     "kl_all": r["start"]["all"]["kl"], "kl_none": r["start"]["none"]["kl"],
-                     "evaluations": r["evaluations"], "seconds": r["seconds"],
-                     "curve": [(x["n_features"], x["kl"], x["edit_magnitude"]) for x in recs]})  # fmt: skip
+    rows = [{"label": r["label"], "method": r["method"], "n_candidates": r["n_candidates"],
+             "kl_all": r["start"]["all"]["kl"], "kl_none": r["start"]["none"]["kl"],
+             "evaluations": r["evaluations"], "seconds": r["seconds"]} for r in rep["results"]]  # fmt: skip
     return {"site": site, "prompts": rep["prompts"], "thresholds": len(rep["thresholds"]),
             "performance": rep["ioi"], "png": str(out / "ioi" / "kl_vs_patches.png"),
-            "json": rep["path"], "rows": rows, "finding": ioi_finding(rows)}  # fmt: skip
+            "json": rep["path"], "rows": rows, "finding": ioi_finding(rep["results"])}  # fmt: skip
 
 
-def ioi_finding(rows: list[dict]) -> str:
-    """One honest sentence per ACDC curve: features needed to bring KL to half of its unpatched value."""
+def ioi_finding(results: list[dict]) -> str:
+    """One sentence: the features each ACDC curve keeps to halve the unpatched KL (:func:`halving`)."""
+    from circuitsae.ioi_curves import halving
+
     parts = []
-    for r in rows:
-        if r["method"] != "acdc":
-            continue
-        goal = r["kl_none"] / 2
-        n = min((nf for nf, kl, _ in r["curve"] if kl <= goal), default=None)
-        parts.append(f"{r['label']}: {'more than all ' + str(r['n_candidates']) if n is None else n}")
+    for r in results:
+        if r["method"] == "acdc":
+            n = halving(r)["features"]
+            parts.append(f"{r['label']}: {'more than all ' + str(r['n_candidates']) if n is None else n}")
     return "Features ACDC keeps to halve the unpatched KL — " + "; ".join(parts) + "."
 
 
@@ -149,7 +147,8 @@ def _feature_and_tree(cfg: DemoConfig, model: Any, out: Path, progress: bool) ->
     feature = {"site": site, "dictionary": f"{site}-relu-c1", **pick, "density": report.density,
                "max_activation": report.max_activation, "histogram": paths["histogram"],
                "logit_effect": paths["logit_effect"], "unembed": [t for t, _ in report.unembed["top"][:10]],
-               "contexts_html": [_marked_html(c) for c in report.top[:8]]}  # fmt: skip
+               "contexts_html": [f"{c.activation:.3g}&nbsp;&nbsp;" + c.marked(20, 4, "<b>{}</b>", html.escape)
+                                 for c in report.top[:8]]}  # fmt: skip
     t0 = time.perf_counter()
     graph = causal_tree(model, dicts, (site, pick["feature"]), depth=len(cfg.sites) - 1, branching=cfg.branching,
                         contexts=cfg.tree_contexts, progress=progress)  # fmt: skip
@@ -163,14 +162,6 @@ def _feature_and_tree(cfg: DemoConfig, model: Any, out: Path, progress: bool) ->
                f"{graph.number_of_nodes()} nodes, built in {seconds:.0f} s.")  # fmt: skip
     tree = {"caption": caption, "seconds": seconds, "nodes": graph.number_of_nodes(), **files}
     return feature, tree
-
-
-def _marked_html(ctx: Any) -> str:
-    """A context with the firing token in bold, as HTML."""
-    toks = [html.escape(t) for t in ctx.tokens]
-    toks[ctx.position] = f"<b>{toks[ctx.position]}</b>"
-    lo = max(0, ctx.position - 20)
-    return f"{ctx.activation:.3g}&nbsp;&nbsp;" + "".join(toks[lo : ctx.position + 5])
 
 
 def run_demo(config: "DemoConfig | None" = None, *, progress: bool = True, **overrides: Any) -> dict:

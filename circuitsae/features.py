@@ -188,10 +188,12 @@ class Context:
     tokens: list[str]  # every token of the context, decoded one by one
     activations: list[float]  # c_i per token (0 before the store's first_position)
 
-    def marked(self, before: int = 12, after: int = 4) -> str:
-        """The text around the firing token, which is marked ``[[like this]]``."""
+    def marked(self, before: int = 12, after: int = 4, mark: str = "[[{}]]", escape: Any = str) -> str:
+        """The text around the firing token, which is marked ``[[like this]]`` (``mark``; ``escape`` each token,
+        e.g. ``html.escape`` with ``mark="<b>{}</b>"``)."""
         lo, hi = max(0, self.position - before), min(len(self.tokens), self.position + after + 1)
-        parts = [f"[[{t}]]" if p == self.position else t for p, t in enumerate(self.tokens[lo:hi], lo)]
+        toks = enumerate(map(escape, self.tokens[lo:hi]), lo)
+        parts = [mark.format(t) if p == self.position else t for p, t in toks]
         return ("…" if lo else "") + "".join(parts).replace("\n", "↵") + ("…" if hi < len(self.tokens) else "")
 
 

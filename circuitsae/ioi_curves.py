@@ -82,17 +82,42 @@ def _pca_for(site: str, dictionaries: list[Dictionary], rows: int) -> PCADiction
     return pca
 
 
+def halving(result: dict, fraction: float = 0.5) -> dict:
+    """Fewest features (and the smallest edit) among a curve's records with KL ≤ ``fraction`` × KL(nothing patched).
+
+    Read off the recorded points, so as coarse as the thresholds. ``features``
+    is None when no record gets there; ``floor`` is the lowest KL reached.
+    """
+    goal = fraction * result["start"]["none"]["kl"]
+    hits = [r for r in result["records"] if r["kl"] <= goal]
+    return {
+        "label": result["label"],
+        "site": result["site"],
+        "method": result["method"],
+        "features": min((r["n_features"] for r in hits), default=None),
+        "edit_magnitude": min((r["edit_magnitude"] for r in hits), default=None),
+        "kl_none": result["start"]["none"]["kl"],
+        "floor": min(r["kl"] for r in result["records"]),
+    }
+
+
 def _dense(d: Dictionary) -> bool:
     """PCA and the α = 0 dictionary: codes are dense, so every feature is a candidate."""
     return d.architecture == "pca" or d.meta.get("training", {}).get("coefficient") == 0
 
 
-def _fingerprint(cfg: IOIConfig, path: str, thresholds: np.ndarray) -> str:
-    """Names a finished curve by everything it depends on, so a changed setting is never served stale."""
+def _fingerprint(cfg: IOIConfig, path: str, d: Dictionary, thresholds: np.ndarray) -> str:
+    """Names a finished curve by everything it depends on, so a changed setting is never served stale.
+
+    A saved dictionary is identified by its files, one fitted here (PCA) by its weights.
+    """
     import hashlib
 
-    stamp = digest([path]) if Path(path).is_dir() else ""
-    key = json.dumps([cfg.model, cfg.prompts, cfg.seed, cfg.pca_rows, cfg.engine, path, stamp, list(thresholds)])
+    if Path(path).is_dir():
+        stamp = digest([path])
+    else:
+        stamp = hashlib.sha1(b"".join(t.detach().cpu().numpy().tobytes() for t in d.state_dict().values())).hexdigest()
+    key = json.dumps([cfg.model, cfg.prompts, cfg.seed, cfg.engine, path, stamp, list(thresholds)])
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
@@ -125,7 +150,7 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
     parts.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
 
-    def write() -> dict:
+    def write(complete: bool = False) -> dict:
         """JSON and PNG of the curves finished so far (after each one, so an interrupted run still shows them)."""
         report = {
             "model": str(getattr(getattr(model, "_module", model).config, "name_or_path", "")),
@@ -137,7 +162,7 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
             "config": asdict(cfg),
             "results": results,
             "seconds": time.perf_counter() - t_all,
-            "complete": False,
+            "complete": complete,
         }
         atomic_write(parts.parent / "kl_vs_patches.json", json.dumps(report, indent=1).encode())
         plot_curves(report, parts.parent / "kl_vs_patches.png")
@@ -155,7 +180,9 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
             orders = ["acdc"] * (cfg.acdc and (cfg.acdc_dense or not _dense(d))) + ["attribution"] * cfg.attribution
             for order in orders:
                 # each curve is kept as it finishes, so an interrupted run resumes at the next one
-                part = parts / f"{site}-{label(d)}-{order}-{_fingerprint(cfg, path, thresholds)}.json".replace(" ", "_")
+                part = parts / f"{site}-{label(d)}-{order}-{_fingerprint(cfg, path, d, thresholds)}.json".replace(
+                    " ", "_"
+                )
                 if part.exists():
                     results.append(json.loads(part.read_text()))
                     continue
@@ -170,9 +197,7 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
                 if progress:
                     print(f"{site} {label(d):28s} {order:11s} {res.n_candidates:5d} candidates "
                           f"{res.evaluations:6d} evaluations {res.seconds:7.1f} s")  # fmt: skip
-    report = write()
-    report["complete"] = True
-    atomic_write(Path(cfg.out) / "kl_vs_patches.json", json.dumps(report, indent=1).encode())
+    report = write(complete=True)
     report["path"] = str(Path(cfg.out) / "kl_vs_patches.json")
     return report
 

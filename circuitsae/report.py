@@ -114,7 +114,7 @@ def _ioi(s: dict) -> str:
             '<p class="note">The dense baselines (α = 0, PCA) are ordered by attribution only here: with every '
             "feature a candidate, exact ACDC over them takes hours on a CPU (<code>--ioi-dense-acdc</code> runs it; "
             "<code>benchmarks/kl_vs_patches.py</code> has the full comparison).</p>"
-            if not any(r["method"] == "acdc" and r["label"] in ("PCA",) for r in ioi["rows"])
+            if not any(r["method"] == "acdc" and r["label"] == "PCA" for r in ioi["rows"])
             else ""
         )
         + _img(ioi.get("png"), "KL vs features patched and vs edit magnitude")
