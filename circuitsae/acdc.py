@@ -41,6 +41,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import einops
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -112,8 +113,8 @@ def _record(
         "edit_magnitude": fd.edit_magnitude(member),
     }
     if answers is not None:
-        io, s = answers
-        n = torch.arange(len(logits))
+        io, s = (torch.as_tensor(a).to(logits.device) for a in answers)
+        n = torch.arange(len(logits), device=logits.device)
         rec["logit_diff"] = float((logits[n, io] - logits[n, s]).mean())
     return rec
 
@@ -178,7 +179,8 @@ class _Search:
 
     def __init__(self, ev: Evaluator, fd: FeatureDeltas, member: torch.Tensor, kl_f: float) -> None:
         self.ev, self.fd, self.member, self.kl_f = ev, fd, member, kl_f
-        self.touches = fd.delta.ne(0).any(1).T.contiguous()  # [K, N]
+        # [K, N], on the CPU like all of the search's bookkeeping (state_kl, memo, versions)
+        self.touches = einops.reduce(ev.changes, "n t k -> k n", "max")
         self.version = torch.zeros(self.touches.shape[1], dtype=torch.long)
         self.memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # j -> (versions, per-prompt KL of F ∖ {j})
         self.last_effect: dict[int, float] = {}
@@ -331,7 +333,7 @@ def _attribution_scores(ev: Evaluator, member: torch.Tensor) -> torch.Tensor:
     """Linear estimate of KL(F ∖ {j}) − KL(F) for every candidate j: ⟨∂KL/∂x', −(c̄_j − c_j) f_j⟩."""
     g = ev.gradient(member)  # [N, T, d]
     gw = g @ ev.fd.directions.T  # [N, T, K]
-    return -(gw * ev.fd.delta).sum((0, 1)) * member
+    return -(gw * ev.fd.delta).sum((0, 1)).cpu() * member
 
 
 def _attribution(ev: Evaluator, fd: FeatureDeltas, answers: Any, t0: float, progress: bool) -> ACDCResult:

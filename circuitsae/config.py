@@ -24,6 +24,18 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def model_dtype_option() -> Any:
+    """The ``--model-dtype`` field every command that loads a model shares."""
+    return option(
+        None,
+        "dtype the model runs in: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on CUDA)",
+        choices=MODEL_DTYPES,
+    )
+
+
 def _base_type(tp: Any) -> tuple[Any, bool, bool]:
     """(element type, optional?, sequence?) of an annotation."""
     optional = False
@@ -58,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             type=tp,
             nargs="+" if seq else None,
             default=default,
-            metavar=f.name.upper(),
+            choices=f.metadata.get("choices"),
+            metavar=f.name.upper() if not f.metadata.get("choices") else "{" + ",".join(f.metadata["choices"]) + "}",
             help=f"{help_} (default: {shown})",
         )
 

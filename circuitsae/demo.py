@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from circuitsae.config import option
+from circuitsae.config import model_dtype_option, option
 from circuitsae.errors import CircuitSAEError
 from circuitsae.store import atomic_write, digest
 
@@ -39,10 +39,11 @@ class DemoConfig:
     """The demo's settings; ``circuitsae demo`` exposes each as a flag."""
 
     out: str = option("runs/demo", "output folder: activations, SAEs, IOI curves, tree, report.html")
-    model: str = option("smollm2-135m", "model")
+    model: str = option("smollm2-135m", "model: smollm2-135m, gemma3-270m, a local HF folder or hub id")
     sites: tuple[str, ...] = option(
-        ("resid.24", "resid.25", "resid.26", "resid.27"),
-        "successive residual sites (IOI and the tree target at the last: few layers after it keep ACDC cheap)",
+        (),
+        "successive residual sites (IOI and the tree target at the last: few layers after it keep ACDC cheap); "
+        "default: the four ending three blocks before the last (SmolLM2: resid.24-27, Gemma 3: resid.12-15)",
     )
     scale: float = option(
         1.0, "multiplies tokens, IOI prompts and thresholds (5: the paper's 50 prompts and thresholds)"
@@ -56,12 +57,13 @@ class DemoConfig:
     tree_contexts: int = option(20, "contexts of the causal tree")
     branching: int = option(3, "parents kept per node of the causal tree")
     device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
+    model_dtype: "str | None" = model_dtype_option()
 
     def __post_init__(self) -> None:
         self.sites = tuple(self.sites)
         if self.scale <= 0:
             raise CircuitSAEError("scale must be > 0")
-        if len(self.sites) < 2:
+        if len(self.sites) == 1:
             raise CircuitSAEError("the demo needs at least two successive sites (the tree goes upstream)")
 
     def scaled(self, n: int, cap: "int | None" = None) -> int:
@@ -74,6 +76,14 @@ def _timed(seconds: dict, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     out = fn(*args, **kwargs)
     seconds[name] = time.perf_counter() - t0
     return out
+
+
+def default_sites(model: Any) -> tuple[str, ...]:
+    """Four successive residual sites ending three blocks before the last (resid.24-27 of SmolLM2's 30)."""
+    from circuitsae.sites import n_layers
+
+    last = n_layers(model) - 3
+    return tuple(f"resid.{layer}" for layer in range(max(0, last - 3), last + 1))
 
 
 def _train(cfg: DemoConfig, store: Any, out: Path, progress: bool) -> None:
@@ -168,18 +178,19 @@ def run_demo(config: "DemoConfig | None" = None, *, progress: bool = True, **ove
     """Run every step into ``config.out``; return the summary (also ``summary.json``, ``report.html``)."""
     from circuitsae.evaluate import format_table
     from circuitsae.harvest import HarvestConfig, harvest
-    from circuitsae.models import load_model
+    from circuitsae.models import dtype_name, input_device, load_model
     from circuitsae.report import write_report
 
     cfg = DemoConfig(**{**(asdict(config) if config else {}), **overrides})
     out = Path(cfg.out)
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
+    cfg.sites = cfg.sites or default_sites(model)
     hc = HarvestConfig(model=cfg.model, sites=cfg.sites, tokens=cfg.scaled(cfg.tokens),
                        out=str(out / "activations"), device=cfg.device)  # fmt: skip
-    store = _timed(seconds, "harvest", harvest, hc)
+    store = _timed(seconds, "harvest", harvest, hc, model=model)
     _timed(seconds, "train", _train, cfg, store, out, progress)
-    model = load_model(cfg.model, device=cfg.device)
     ev = _timed(seconds, "evaluate", _evaluate, out, model, cfg.device, progress)
     if progress:
         print(format_table(ev["results"]))
@@ -188,6 +199,8 @@ def run_demo(config: "DemoConfig | None" = None, *, progress: bool = True, **ove
     seconds["total"] = time.perf_counter() - t_all
     summary = {
         "model": store.config["model"],
+        "model_dtype": dtype_name(model),
+        "device": str(input_device(model)),
         "corpus": store.config["corpus"],
         "sites": list(cfg.sites),
         "scale": cfg.scale,

@@ -8,9 +8,10 @@ the site never run again: the base activation x at the site was recorded once
 
 Two evaluators, same answers:
 
-* :class:`DownstreamEvaluator` (Llama-style models — Llama, Mistral, Qwen2,
-  SmolLM2 — at ``resid`` sites) runs only the decoder layers after the site,
-  with Hugging Face's own layer modules. It keeps the state's keys and values
+* :class:`DownstreamEvaluator` (families whose blocks run on their own —
+  Llama/SmolLM2, Qwen2, Mistral, Gemma 2 and 3, see :class:`Blocks` — at
+  ``resid`` sites) runs only the decoder layers after the site, with Hugging
+  Face's own layer modules. It keeps the state's keys and values
   at every later layer, so a subset that differs from the state only from
   position p on recomputes positions ≥ p only (attention is causal, so earlier
   positions cannot change), prompts where R changes nothing are not run at
@@ -23,6 +24,13 @@ Two evaluators, same answers:
 Both check themselves on construction against the nnsight run the deltas came
 from; the fast one falls back to the hook one (with a warning) if its answer
 differs.
+
+**Devices and dtypes.** Activations, edits, logits and masks live on the
+device of the recorded activations; the search's bookkeeping (which features
+are patched, which prompts a set changes, per-prompt KLs) is small and lives on
+the CPU, where ACDC reads it without a device round trip per decision. The
+layers run in the model's dtype (bfloat16, say); logits are widened to float32
+before any softmax, and every KL is accumulated in float32.
 """
 
 from __future__ import annotations
@@ -31,13 +39,96 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import einops
 import torch
 
 from circuitsae import sites as sites_mod
 from circuitsae.metrics import kl_divergence, wide
+from circuitsae.models import input_device
 from circuitsae.patching import FeatureDeltas
 
-_LLAMA_STYLE = ("llama", "mistral", "qwen2")
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance for two computations of the same logits in ``dtype`` along different paths.
+
+    1e-3 of the largest logit in float32 (and float64); four units of the last place in half precision,
+    where the order of a reduction alone moves a logit by that much.
+    """
+    return max(1e-3, 4 * torch.finfo(dtype).eps)
+
+
+class Blocks:
+    """The decoder blocks of one model, run on their own: residual rows in, residual rows (or logits) out.
+
+    Families that allow it (``sites.Layout.blocks_only``: Llama/SmolLM2, Qwen2, Mistral, Gemma 2 and 3) call
+    each block as ``block(h, attention_mask, position_ids, position_embeddings, past_key_values)``, as their
+    own model does. What differs between them is read from the family's layout and the config: a rotary
+    table per kind of layer (Gemma 3), which layers see only a sliding window (``layer_types``, or every
+    layer for Mistral), and capped final logits (``final_logit_softcapping``, Gemma 2).
+    """
+
+    def __init__(self, model: Any, first: int, last: int) -> None:
+        self.hf = sites_mod._hf_module(model)
+        inner, cfg = self.hf.model, self.hf.config
+        self.lay = sites_mod.layout(model)
+        self.index = list(range(first, last + 1))
+        self.layers = [inner.layers[i] for i in self.index]
+        self.norm, self.rotary, self.lm_head = inner.norm, inner.rotary_emb, self.hf.lm_head
+        types = getattr(cfg, "layer_types", None)
+        window = getattr(cfg, "sliding_window", None)
+        self.kinds = [types[i] if types else "full_attention" for i in self.index]
+        self.windows = [
+            window if window and (self.lay.window_everywhere or kind == "sliding_attention") else None
+            for kind in self.kinds
+        ]
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.dtype = self.lm_head.weight.dtype
+
+    @staticmethod
+    def supports(model: Any, site: str) -> bool:
+        """True when ``site`` is a ``resid`` site of a family whose blocks run on their own."""
+        hf = sites_mod._hf_module(model)
+        model_type = getattr(hf.config, "model_type", None)
+        inner = getattr(hf, "model", None)
+        return (
+            model_type in sites_mod.ARCHITECTURES
+            and sites_mod.ARCHITECTURES[model_type].blocks_only
+            and sites_mod.Site.parse(site).kind == "resid"
+            and all(hasattr(inner, a) for a in ("layers", "norm", "rotary_emb"))
+            and hasattr(hf, "lm_head")
+        )
+
+    def mask(self, pos: torch.Tensor, t: int, window: "int | None", dtype: torch.dtype) -> torch.Tensor:
+        """Additive attention mask ``[R, 1, Q, t]`` for queries at positions ``pos`` ``[R, Q]`` over keys 0..t-1.
+
+        A key is seen when it is not after the query and, with a sliding window w, less than w before it.
+        """
+        keys = torch.arange(t, device=pos.device)
+        q = einops.rearrange(pos, "r q -> r 1 q 1")
+        allowed = keys <= q if window is None else (keys <= q) & (q - keys < window)
+        return torch.zeros(allowed.shape, dtype=dtype, device=pos.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    def run(self, h: torch.Tensor, pos: torch.Tensor, t: int, kv: Any = None) -> torch.Tensor:
+        """The blocks on rows ``h`` ``[R, Q, d]`` at positions ``pos`` ``[R, Q]``, keys over 0..t-1."""
+        h = h.to(self.dtype)
+        masks = {w: self.mask(pos, t, w, h.dtype) for w in set(self.windows)}
+        if self.lay.rope_per_layer_type:
+            rope = {kind: self.rotary(h, pos, kind) for kind in set(self.kinds)}
+        else:
+            shared = self.rotary(h, pos)
+            rope = {kind: shared for kind in set(self.kinds)}
+        for layer, kind, window in zip(self.layers, self.kinds, self.windows):
+            h = layer(h, attention_mask=masks[window], position_ids=pos, past_key_values=kv,
+                      position_embeddings=rope[kind])  # fmt: skip
+            h = h[0] if isinstance(h, tuple) else h
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) from final residual rows ``[..., d]``: final norm, unembedding, softcap."""
+        logits = wide(self.lm_head(self.norm(h)))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 class Evaluator:
@@ -46,29 +137,30 @@ class Evaluator:
     def __init__(self, model: Any, deltas: FeatureDeltas, token_budget: int = 4096) -> None:
         self.hf = getattr(model, "_module", model)
         self.fd = deltas
+        self.device = deltas.x_base.device
         self.token_budget = int(token_budget)
         self.y_logp = wide(deltas.target_logits).log_softmax(-1)
-        p = self.hf.lm_head.weight if hasattr(self.hf, "lm_head") else next(self.hf.parameters())
-        self.dtype = p.dtype
         self.evaluations = 0  # subsets evaluated (each over every affected prompt)
-        self.member: "torch.Tensor | None" = None  # the state's subset; None until the first set_state
+        self.member: "torch.Tensor | None" = None  # the state's subset (bool [K], CPU); None until set_state
+        self.changes = deltas.delta.ne(0).cpu()  # [N, T, K]: where each candidate's patch is non-zero
+        self.lengths = deltas.lengths.cpu()
         self.state_x = deltas.x_base.clone()
         self.state_logits = deltas.base_logits.clone()
-        self.state_kl = kl_divergence(self.state_logits, deltas.target_logits)
+        self.state_kl = kl_divergence(self.state_logits, deltas.target_logits).cpu()
 
     # -- shared ------------------------------------------------------------------
     def kl_of(self, logits: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """D_KL(z ‖ y) per row, z = ``logits`` of the rows, y the target logits of each row's prompt."""
+        """D_KL(z ‖ y) per row (float32, on the CPU), z = ``logits`` of the rows, y the target logits of each row's prompt."""
         logz = wide(logits).log_softmax(-1)
-        return (logz.exp() * (logz - self.y_logp[prompts])).sum(-1)
+        return (logz.exp() * (logz - self.y_logp[prompts.to(logz.device)])).sum(-1).cpu()
 
     def removal_edit(self, removed: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """[R, T, d]: edit of the candidates ``removed`` at each of ``prompts``."""
         return self.fd.delta[prompts][..., removed] @ self.fd.directions[removed]
 
     def affected(self, removed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts where un-patching ``removed`` changes something, and the first position that changes."""
-        nz = self.fd.delta[..., removed].ne(0).any(-1)  # [N, T]
+        """Prompts where un-patching ``removed`` changes something, and the first position that changes (CPU)."""
+        nz = self.changes[..., removed].any(-1)  # [N, T]
         prompts = nz.any(-1).nonzero().flatten()
         first = nz[prompts].float().argmax(-1)
         return prompts, first
@@ -81,9 +173,8 @@ class Evaluator:
         if self.member is None or not torch.equal(member, self.member):
             self.member = member.clone()
             self.state_x = self.fd.x_base + self.fd.edit(member)
-            n = len(self.fd.lengths)
             self.state_logits = self._state_run(self.state_x)
-            self.state_kl = self.kl_of(self.state_logits, torch.arange(n))
+            self.state_kl = self.kl_of(self.state_logits, torch.arange(len(self.lengths)))
             self.evaluations += 1
         return self.state()
 
@@ -98,7 +189,7 @@ class Evaluator:
         return {
             "logits": self.state_logits,
             "kl": self.state_kl,
-            "kl_reverse": kl_divergence(self.fd.target_logits, self.state_logits),
+            "kl_reverse": kl_divergence(self.fd.target_logits, self.state_logits).cpu(),
         }
 
     def without(self, removals: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -135,7 +226,8 @@ class Evaluator:
         x = (self.fd.x_base + self.fd.edit(member)).detach().requires_grad_(True)
         with torch.enable_grad():
             logits = self._state_run(x, grad=True)
-            self.kl_of(logits, torch.arange(len(self.fd.lengths))).mean().backward()
+            logz = wide(logits).log_softmax(-1)
+            (logz.exp() * (logz - self.y_logp)).sum(-1).mean().backward()
         return x.grad.detach()
 
     # -- per engine --------------------------------------------------------------
@@ -153,7 +245,7 @@ class HookEvaluator(Evaluator):
 
     def __init__(self, model: Any, deltas: FeatureDeltas, base_ids: torch.Tensor, token_budget: int = 4096) -> None:
         super().__init__(model, deltas, token_budget)
-        self.ids = base_ids
+        self.ids = base_ids.to(input_device(model))
         self.module = sites_mod.module(self.hf, deltas.site)
         vocab = deltas.target_logits.shape[-1]
         # full logits [R, T, V] are the memory peak: keep them near 256 MB
@@ -167,13 +259,14 @@ class HookEvaluator(Evaluator):
 
         handle = self.module.register_forward_hook(hook)
         try:
-            logits = self.hf(input_ids=self.ids[prompts]).logits
+            logits = self.hf(input_ids=self.ids[prompts.to(self.ids.device)]).logits
         finally:
             handle.remove()
-        return wide(logits[torch.arange(len(prompts)), self.fd.lengths[prompts] - 1])
+        rows = torch.arange(len(prompts), device=logits.device)
+        return wide(logits[rows, (self.lengths[prompts] - 1).to(logits.device)])
 
     def _state_run(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
-        n = len(self.fd.lengths)
+        n = len(self.lengths)
         with torch.set_grad_enabled(grad):
             if grad:
                 return self._forward(x, torch.arange(n))
@@ -219,8 +312,8 @@ class _KV:
             return k, v
         prompts, index = self.replay
         ks, vs = self.store[layer_idx]
-        ks, vs = ks[prompts], vs[prompts]  # [R, heads, T, hd]
-        idx = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        ks, vs = ks[prompts], vs[prompts]  # [R, heads, T, head_dim]
+        idx = einops.repeat(index, "r q -> r h q e", h=k.shape[1], e=k.shape[-1])
         ks, vs = ks.scatter(2, idx, k), vs.scatter(2, idx, v)
         if self.commit:
             self.store[layer_idx][0][prompts] = ks
@@ -236,52 +329,34 @@ class DownstreamEvaluator(Evaluator):
     def __init__(self, model: Any, deltas: FeatureDeltas, token_budget: int = 4096) -> None:
         super().__init__(model, deltas, token_budget)
         site = sites_mod.Site.parse(deltas.site)
-        inner = self.hf.model
-        self.layers = list(inner.layers)[site.layer + 1 :]
-        self.norm, self.rotary, self.lm_head = inner.norm, inner.rotary_emb, self.hf.lm_head
+        self.blocks = Blocks(model, site.layer + 1, sites_mod.n_layers(model) - 1)
         self.kv = _KV()
 
-    @staticmethod
-    def supports(model: Any, site: str) -> bool:
-        hf = getattr(model, "_module", model)
-        inner = getattr(hf, "model", None)
-        return (
-            getattr(hf.config, "model_type", None) in _LLAMA_STYLE
-            and sites_mod.Site.parse(site).kind == "resid"
-            and all(hasattr(inner, a) for a in ("layers", "norm", "rotary_emb"))
-            and hasattr(hf, "lm_head")
-        )
+    supports = staticmethod(Blocks.supports)
 
-    def _run(self, h: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    def _run(self, h: torch.Tensor, pos: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Run the later layers on windows ``h`` [R, Q, d] at positions ``pos`` [R, Q]; logits at ``last`` [R]."""
-        h = h.to(self.dtype)
-        rope = self.rotary(h, pos)
-        for layer in self.layers:
-            h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=self.kv, position_embeddings=rope)
-            h = h[0] if isinstance(h, tuple) else h
-        h = h[torch.arange(len(h)), last]
-        return wide(self.lm_head(self.norm(h)))
+        h = self.blocks.run(h, pos, self.fd.x_base.shape[1], self.kv)
+        return self.blocks.head(h[torch.arange(len(h), device=h.device), last.to(h.device)])
 
     def _state_run(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
         n, t, _ = x.shape
-        pos = torch.arange(t)[None].expand(n, t)
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
-        mask = torch.zeros(n, 1, t, t, dtype=self.dtype).masked_fill(~causal, torch.finfo(self.dtype).min)
+        pos = einops.repeat(torch.arange(t, device=x.device), "t -> n t", n=n)
         self.kv.replay, self.kv.record = None, not grad
         try:
             with torch.set_grad_enabled(grad):
-                return self._run(x, pos, mask, self.fd.lengths - 1)
+                return self._run(x, pos, self.lengths - 1)
         finally:
             self.kv.record = True
 
     @torch.no_grad()
     def _rows_kl(self, rows: list[tuple[int, int, int]], removals: Sequence[torch.Tensor]) -> torch.Tensor:
         t = self.fd.x_base.shape[1]
-        lengths = self.fd.lengths
+        lengths = self.lengths
         need = torch.tensor([int(lengths[p]) - f for _, p, f in rows])  # positions each row recomputes
         # windows of similar length: Q a power of two, rows sorted so each batch pads little
         q_of = (2 ** torch.ceil(torch.log2(need.float()))).long().clamp(max=t)
-        out = torch.empty(len(rows), dtype=self.state_kl.dtype)
+        out = torch.empty(len(rows), dtype=self.state_kl.dtype)  # per-row KLs come back to the CPU
         for q in q_of.unique().tolist():
             members = (q_of == q).nonzero().flatten()
             per_batch = max(1, self.token_budget // q)
@@ -301,7 +376,7 @@ class DownstreamEvaluator(Evaluator):
         if len(prompts) == 0:
             return
         self.state_x[prompts] -= self.removal_edit(removed, prompts)
-        q = int((self.fd.lengths[prompts] - first).max())
+        q = int((self.lengths[prompts] - first).max())
         rows = [(0, int(p), int(f)) for p, f in zip(prompts.tolist(), first.tolist())]
         self.kv.commit = True
         try:
@@ -319,22 +394,17 @@ class DownstreamEvaluator(Evaluator):
         self, rows: list[tuple[int, int, int]], removals: Sequence[torch.Tensor], q: int
     ) -> torch.Tensor:
         prompts = torch.tensor([p for _, p, _ in rows])
-        ends = self.fd.lengths[prompts]
+        ends = self.lengths[prompts]
         starts = (ends - q).clamp(min=0)  # window [start, start + q) ends at or after the final token
-        pos = starts[:, None] + torch.arange(q)[None]
+        pos = starts[:, None] + torch.arange(q)[None]  # [R, q], CPU: it indexes the CPU bookkeeping too
         h = self.state_x[prompts[:, None], pos]  # [R, q, d]
         for r, (i, p, _) in enumerate(rows):
             removed = torch.as_tensor(removals[i], dtype=torch.long)
-            d = self.fd.delta[p, pos[r]][:, removed] @ self.fd.directions[removed]
-            h[r] -= d
-        t = self.fd.x_base.shape[1]
-        allowed = torch.arange(t)[None, None, :] <= pos[:, :, None]  # [R, q, T]
-        mask = torch.zeros(len(rows), 1, q, t, dtype=self.dtype).masked_fill(
-            ~allowed[:, None], torch.finfo(self.dtype).min
-        )
+            h[r] -= self.fd.delta[p, pos[r]][:, removed] @ self.fd.directions[removed]
+        pos = pos.to(self.device)
         self.kv.replay = (prompts, pos)
         try:
-            return self._run(h, pos, mask, ends - 1 - starts)
+            return self._run(h, pos, ends - 1 - starts)
         finally:
             self.kv.replay = None
 
@@ -348,13 +418,15 @@ def make_evaluator(
     if engine != "hook" and DownstreamEvaluator.supports(model, deltas.site):
         ev: Evaluator = DownstreamEvaluator(model, deltas, token_budget)
     elif engine == "downstream":
-        raise ValueError(f"the downstream engine needs a Llama-style model at a resid site, not {deltas.site}")
+        raise ValueError(
+            f"the downstream engine needs a resid site of a family whose blocks run on their own, not {deltas.site}"
+        )
     else:
         ev = HookEvaluator(model, deltas, base_ids, token_budget)
     got = ev.set_state(torch.zeros(deltas.n_candidates, dtype=torch.bool))["logits"]
     ev.evaluations = 0
     ref = deltas.base_logits
-    tol = 1e-3 * float(ref.abs().max()) + 1e-4
+    tol = tolerance(sites_mod._hf_module(model).lm_head.weight.dtype) * float(ref.abs().max()) + 1e-4
     if not torch.allclose(got, ref, atol=tol, rtol=0):
         err = float((got - ref).abs().max())
         if isinstance(ev, DownstreamEvaluator) and engine == "auto":

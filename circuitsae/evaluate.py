@@ -23,9 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitsae import metrics
-from circuitsae.config import option
+from circuitsae.config import model_dtype_option, option
 from circuitsae.dictionaries import Dictionary, load_dictionary
 from circuitsae.errors import CircuitSAEError
+from circuitsae.models import input_device
 from circuitsae.splice import check_dictionary, default_start, run_ablated, run_spliced
 from circuitsae.store import ActivationStore, atomic_write
 
@@ -42,6 +43,7 @@ class EvalConfig:
     batch_size: int = option(8, "contexts per forward pass")
     out: "str | None" = option(None, "JSON file to write (default: eval.json beside the first dictionary)")
     device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
+    model_dtype: "str | None" = model_dtype_option()
 
     def __post_init__(self) -> None:
         if self.contexts < 1 or self.rows < 1 or self.batch_size < 1:
@@ -66,7 +68,10 @@ def dictionary_folders(paths: "tuple[str, ...] | list[str]") -> list[Path]:
 
 @torch.no_grad()
 def reconstruction(dictionary: Dictionary, x: torch.Tensor, chunk: int = 8192) -> dict:
-    """L0, FVU, γ, MSE, dead/dense fractions and density histogram of ``dictionary`` on ``x`` ``[n, d]``."""
+    """L0, FVU, γ, MSE, dead/dense fractions and density histogram of ``dictionary`` on ``x`` ``[n, d]``.
+
+    ``x`` may live anywhere: each chunk is moved to the dictionary's device and dtype; sums are float64.
+    """
     stats = metrics.ReconstructionStats()
     for i in range(0, x.shape[0], chunk):
         xi = x[i : i + chunk].to(dictionary.W_dec.device, dictionary.W_dec.dtype)
@@ -89,7 +94,7 @@ def fidelity(
     """
     for site, dictionary in dictionaries:
         check_dictionary(model, site, dictionary)
-    device = next(model._module.parameters()).device
+    device = input_device(model)
     n = input_ids.shape[0]
     starts = [default_start(d) for _, d in dictionaries]
     ablations = sorted({(site, start) for (site, _), start in zip(dictionaries, starts)})
@@ -135,7 +140,7 @@ def fidelity(
 
 def evaluate(config: "EvalConfig | None" = None, *, model: Any = None, progress: bool = True, **overrides: Any) -> dict:
     """Evaluate saved dictionaries; returns ``{name: metrics}`` and writes it as JSON."""
-    from circuitsae.models import load_model, model_name
+    from circuitsae.models import dtype_name, load_model, model_name
 
     cfg = EvalConfig(**{**(vars(config) if config else {}), **overrides})
     folders = dictionary_folders(cfg.dictionaries)
@@ -146,8 +151,7 @@ def evaluate(config: "EvalConfig | None" = None, *, model: Any = None, progress:
     stores = {p: ActivationStore(p) for p in store_paths}
     wanted = cfg.model or next(iter(stores.values())).config["model"]
     if model is None:
-        model = load_model(wanted, device=cfg.device)
-    device = next(model._module.parameters()).device
+        model = load_model(wanted, device=cfg.device, dtype=cfg.model_dtype)
     results: dict[str, dict] = {}
     pairs, names = [], []
     for folder, d in loaded:
@@ -155,6 +159,7 @@ def evaluate(config: "EvalConfig | None" = None, *, model: Any = None, progress:
         site = d.meta.get("site")
         if site is None or site not in store.sites:
             raise CircuitSAEError(f"{folder}: its site {site!r} is not in store {store.root}")
+        check_dictionary(model, site, d)  # on the site's device from here on: metrics are computed there
         x = store.activations(site, "heldout", max_rows=cfg.rows)
         rec = reconstruction(d, x)
         results[folder.name] = {
@@ -165,7 +170,7 @@ def evaluate(config: "EvalConfig | None" = None, *, model: Any = None, progress:
             "coefficient": d.meta.get("training", {}).get("coefficient"),
             **rec,
         }
-        pairs.append((site, d.to(device)))
+        pairs.append((site, d))
         names.append(folder.name)
     ids = next(iter(stores.values())).tokens("heldout")[: cfg.contexts]
     if ids.shape[0] == 0:
@@ -173,7 +178,7 @@ def evaluate(config: "EvalConfig | None" = None, *, model: Any = None, progress:
     for name, fid in zip(names, fidelity(model, pairs, ids, cfg.batch_size, progress)):
         results[name].update(fid)
     out = Path(cfg.out) if cfg.out else folders[0].parent / "eval.json"
-    report = {"model": model_name(model), "results": results}
+    report = {"model": model_name(model), "model_dtype": dtype_name(model), "results": results}
     atomic_write(out, json.dumps(report, indent=1).encode())
     report["path"] = str(out)
     return report

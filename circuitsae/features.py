@@ -35,9 +35,10 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitsae import sites as sites_mod
-from circuitsae.config import option
+from circuitsae.config import model_dtype_option, option
 from circuitsae.dictionaries import Dictionary, load_dictionary
 from circuitsae.errors import CircuitSAEError
+from circuitsae.models import input_device
 from circuitsae.splice import check_dictionary, default_start
 from circuitsae.store import ActivationStore, atomic_write
 
@@ -276,7 +277,7 @@ def logit_effect(
     """
     check_dictionary(model, site, dictionary)
     hf = sites_mod._hf_module(model)
-    device = next(hf.parameters()).device
+    device = input_device(model)
     start = default_start(dictionary)
     total, positions, fired = None, 0, {}
 
@@ -290,7 +291,7 @@ def logit_effect(
         clean = hf(input_ids=ids).logits.float().log_softmax(-1)
         with site_hook(model, site, edit):
             ablated = hf(input_ids=ids).logits.float().log_softmax(-1)
-        mask = fired["mask"]
+        mask = fired["mask"].to(clean.device)
         diff = (ablated - clean)[mask].sum(0)
         total = diff if total is None else total + diff
         positions += int(mask.sum())
@@ -474,6 +475,7 @@ class FeatureConfig:
     split: str = option("train", "store split to read: train or heldout")
     out: str = option("runs/feature", "output folder: JSON and PNGs")
     device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
+    model_dtype: "str | None" = model_dtype_option()
 
     def __post_init__(self) -> None:
         self.dictionaries = tuple(self.dictionaries)
@@ -495,8 +497,8 @@ def run_feature(cfg: FeatureConfig, model: Any = None, progress: bool = True) ->
     store_path = cfg.store or d.meta.get("store")
     if store_path is None:
         raise CircuitSAEError("the dictionary does not name its activation store: pass --store")
-    model = model or load_model(cfg.model or d.meta.get("model", "smollm2-135m"), device=cfg.device)
-    d.to(next(sites_mod._hf_module(model).parameters()).device)
+    name = cfg.model or d.meta.get("model", "smollm2-135m")
+    model = model or load_model(name, device=cfg.device, dtype=cfg.model_dtype)
     report = analyse_feature(
         model, d, ActivationStore(store_path), feature, site, k=cfg.contexts, split=cfg.split, progress=progress
     )

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from circuitsae import data
 from circuitsae import sites as sites_mod
-from circuitsae.config import option
+from circuitsae.config import model_dtype_option, option
 from circuitsae.errors import CircuitSAEError
-from circuitsae.models import DEFAULT_MODEL, load_model, model_name, start_token_id
+from circuitsae.models import DEFAULT_MODEL, dtype_name, input_device, load_model, model_name, start_token_id
 from circuitsae.store import STORE_DTYPES, ActivationStore, StoreWriter, to_numpy
 
 
@@ -45,6 +45,7 @@ class HarvestConfig:
     keep_bos: bool = option(False, "also store position 0 (the start token; a huge outlier)")
     shard_contexts: int = option(128, "contexts per shard (the unit of resumption)")
     device: str | None = option(None, "device for the model: cpu, cuda, cuda:N (default: cuda if available)")
+    model_dtype: str | None = model_dtype_option()
 
     def __post_init__(self) -> None:
         self.sites = tuple(str(s) for s in self.sites)
@@ -122,8 +123,9 @@ def harvest(
     """
     cfg = HarvestConfig(**{**(asdict(config) if config else {}), **overrides})
     if model is None:
-        model = load_model(cfg.model, device=cfg.device)
+        model = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     cfg.model = model_name(model)
+    cfg.model_dtype = dtype_name(model)
     sites = sites_mod.resolve(model, cfg.sites)
     cfg.sites = tuple(str(s) for s in sites)
     tok = model.tokenizer
@@ -149,7 +151,7 @@ def harvest(
     }
     writer = StoreWriter(cfg.out, meta)
     first = meta["first_position"]
-    device = next(model._module.parameters()).device
+    device = input_device(model)
     total = sum(n_ctx.values()) * cfg.rows_per_context
     bar = tqdm(
         total=total,

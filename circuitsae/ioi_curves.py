@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from circuitsae.config import option
+from circuitsae.config import model_dtype_option, option
 from circuitsae.dictionaries import Dictionary, PCADictionary, load_dictionary
 from circuitsae.errors import CircuitSAEError
 from circuitsae.store import atomic_write, digest
@@ -43,6 +43,7 @@ class IOIConfig:
     engine: str = option("auto", "evaluator: auto, downstream (later layers only) or hook (full passes)")
     out: str = option("runs/ioi", "output folder: kl_vs_patches.json and .png")
     device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
+    model_dtype: "str | None" = model_dtype_option()
 
     def __post_init__(self) -> None:
         self.dictionaries = tuple(self.dictionaries)
@@ -106,10 +107,11 @@ def _dense(d: Dictionary) -> bool:
     return d.architecture == "pca" or d.meta.get("training", {}).get("coefficient") == 0
 
 
-def _fingerprint(cfg: IOIConfig, path: str, d: Dictionary, thresholds: np.ndarray) -> str:
+def _fingerprint(cfg: IOIConfig, path: str, d: Dictionary, thresholds: np.ndarray, dtype: str) -> str:
     """Names a finished curve by everything it depends on, so a changed setting is never served stale.
 
-    A saved dictionary is identified by its files, one fitted here (PCA) by its weights.
+    A saved dictionary is identified by its files, one fitted here (PCA) by its weights; the model's dtype
+    counts when it is not float32 (curves cached before dtypes were a choice were float32).
     """
     import hashlib
 
@@ -118,6 +120,8 @@ def _fingerprint(cfg: IOIConfig, path: str, d: Dictionary, thresholds: np.ndarra
     else:
         stamp = hashlib.sha1(b"".join(t.detach().cpu().numpy().tobytes() for t in d.state_dict().values())).hexdigest()
     key = json.dumps([cfg.model, cfg.prompts, cfg.seed, cfg.engine, path, stamp, list(thresholds)])
+    if dtype != "float32":
+        key += dtype
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
@@ -125,18 +129,20 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
     """Run the experiment; write ``kl_vs_patches.json`` and ``.png`` into ``config.out``; return the report."""
     from circuitsae.acdc import acdc, default_thresholds
     from circuitsae.evaluate import dictionary_folders
-    from circuitsae.models import load_model
+    from circuitsae.models import dtype_name, input_device, load_model
     from circuitsae.tasks.ioi import ioi_performance, make_ioi
 
     cfg = IOIConfig(**{**(asdict(config) if config else {}), **overrides})
     t_all = time.perf_counter()
     folders = dictionary_folders(cfg.dictionaries)
-    dicts = [(str(p), load_dictionary(p, device=cfg.device or "cpu")) for p in folders]
+    # loaded on the CPU; each goes to its site's device when its curve starts (acdc places it), as PCA does
+    dicts = [(str(p), load_dictionary(p)) for p in folders]
     models = {d.meta.get("model") for _, d in dicts} - {None}
     if model is None:
         if cfg.model is None and len(models) > 1:
             raise CircuitSAEError(f"the dictionaries come from different models: {sorted(models)}")
-        model = load_model(cfg.model or (models.pop() if models else "smollm2-135m"), device=cfg.device)
+        name = cfg.model or (models.pop() if models else "smollm2-135m")
+        model = load_model(name, device=cfg.device, dtype=cfg.model_dtype)
     ds = make_ioi(model, n=cfg.prompts, seed=cfg.seed)
     perf = ioi_performance(model, ds)
     by_site: dict[str, list[tuple[str, Dictionary]]] = {}
@@ -154,6 +160,8 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
         """JSON and PNG of the curves finished so far (after each one, so an interrupted run still shows them)."""
         report = {
             "model": str(getattr(getattr(model, "_module", model).config, "name_or_path", "")),
+            "model_dtype": dtype_name(model),
+            "device": str(input_device(model)),
             "machine": platform.node() or "unknown",
             "prompts": cfg.prompts,
             "seed": cfg.seed,
@@ -180,7 +188,7 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
             orders = ["acdc"] * (cfg.acdc and (cfg.acdc_dense or not _dense(d))) + ["attribution"] * cfg.attribution
             for order in orders:
                 # each curve is kept as it finishes, so an interrupted run resumes at the next one
-                part = parts / f"{site}-{label(d)}-{order}-{_fingerprint(cfg, path, d, thresholds)}.json".replace(
+                part = parts / f"{site}-{label(d)}-{order}-{_fingerprint(cfg, path, d, thresholds, dtype_name(model))}.json".replace(
                     " ", "_"
                 )
                 if part.exists():

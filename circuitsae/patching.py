@@ -14,6 +14,10 @@ prompt's final token: D_KL(z ‖ y) (patched ‖ target, the paper's direction),
 D_KL(y ‖ z) beside it, and the mean edit size ‖x' − x‖₂ over prompts and
 positions.
 
+The maths of an edit is done in the dictionary's dtype (float32, usually) and the edit is
+cast to the model's dtype where it is added, so a bfloat16 model and a float32
+dictionary work together; KLs are computed from logits widened to float32.
+
 :func:`patch_features` is the readable, nnsight-based API (any model, any site,
 several sites at once). :class:`FeatureDeltas` holds the per-position code
 differences of one site that the fast ACDC machinery in :mod:`circuitsae.acdc`
@@ -32,6 +36,7 @@ from circuitsae import sites as sites_mod
 from circuitsae.dictionaries import Dictionary
 from circuitsae.errors import CircuitSAEError
 from circuitsae.metrics import kl_divergence, wide
+from circuitsae.models import input_device
 from circuitsae.splice import check_dictionary, default_start, logits_of
 
 Features = "Iterable[int] | str | None"
@@ -95,19 +100,27 @@ def feature_index(dictionary: Dictionary, features: Features) -> torch.Tensor:
     return idx
 
 
-def position_mask(lengths: torch.Tensor, t: int, start: int) -> torch.Tensor:
-    """[N, T] bool: positions ``start <= i < length`` (the ones that are patched and measured)."""
-    pos = torch.arange(t)[None]
-    return (pos >= start) & (pos < lengths[:, None])
+def position_mask(
+    lengths: torch.Tensor, t: int, start: int, device: "torch.device | str | None" = None
+) -> torch.Tensor:
+    """[N, T] bool on ``device``: positions ``start <= i < length`` (the ones that are patched and measured)."""
+    pos = torch.arange(t, device=device)[None]
+    return (pos >= start) & (pos < lengths.to(device)[:, None])
 
 
 def edit(dictionary: Dictionary, x: torch.Tensor, x_target: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """Σ_{j∈F} (c̄_j − c_j) f_j for activations ``x`` (base) and ``x_target``, any leading shape."""
+    """Σ_{j∈F} (c̄_j − c_j) f_j for activations ``x`` (base) and ``x_target``, any leading shape.
+
+    Codes come from the dictionary in its dtype; the sum is taken in the wider of that and float32 (float64
+    for a float64 model, as :class:`FeatureDeltas` does), on the dictionary's device, and returned in ``x``'s
+    dtype.
+    """
     if features.numel() == 0:
         return torch.zeros_like(x)
-    w = dictionary.W_dec.to(x.dtype)
+    w, features = dictionary.W_dec, features.to(dictionary.W_dec.device)
+    work = torch.promote_types(wide(x).dtype, w.dtype)
     dc = dictionary.encode(x_target.to(w.dtype))[..., features] - dictionary.encode(x.to(w.dtype))[..., features]
-    return dc @ w[features]
+    return (dc.to(work) @ w[features].to(work)).to(x.dtype)
 
 
 def _normalise(
@@ -132,14 +145,16 @@ def _normalise(
 
 
 def _final(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    return wide(logits[torch.arange(len(lengths)), lengths - 1])
+    """Each prompt's final-token logits ``[N, V]``, widened to float32."""
+    rows = torch.arange(len(lengths), device=logits.device)
+    return wide(logits[rows, (lengths - 1).to(logits.device)])
 
 
 @torch.no_grad()
 def target_run(model: Any, target: torch.Tensor, sites: "list[str]", lengths: torch.Tensor) -> dict[str, torch.Tensor]:
     """One clean run of the target prompts: each site's activation and the final-token logits (``"logits"``)."""
     saved = {}
-    with model.trace(target):
+    with model.trace(target.to(input_device(model))):
         for s in sites_mod.resolve(model, sites):
             saved[str(s)] = sites_mod.read(model, s).save()
         logits = logits_of(model).save()
@@ -164,15 +179,20 @@ def patched_run(
     """
     norms = {}
     t = base.shape[1]
-    with model.trace(base):
+    # masks and ids are made before the trace, on the devices of the tensors they meet inside it
+    masks = {
+        s: position_mask(lengths, t, default_start(d) if start is None else start, d.W_dec.device)
+        for s, (d, _) in plan.items()
+    }
+    with model.trace(base.to(input_device(model))):
         for s in sites_mod.resolve(model, list(plan)):
             dictionary, features = plan[str(s)]
             first = default_start(dictionary) if start is None else start
             x = sites_mod.read(model, s)
             delta = edit(dictionary, x[:, first:], target_acts[str(s)][:, first:], features)
-            delta = delta * position_mask(lengths, t, first)[:, first:, None].to(delta.dtype)
-            x[:, first:] = x[:, first:] + delta.to(x.dtype)
-            norms[str(s)] = torch.nn.functional.pad(delta.norm(dim=-1), (first, 0)).save()
+            delta = delta * masks[str(s)][:, first:, None].to(delta.dtype)
+            x[:, first:] = x[:, first:] + delta
+            norms[str(s)] = torch.nn.functional.pad(wide(delta).norm(dim=-1), (first, 0)).save()
         logits = logits_of(model).save()
     return _final(logits, lengths), {s: v.detach() for s, v in norms.items()}
 
@@ -203,7 +223,7 @@ def patch_features(
     lengths = check_pair(base, target, lengths)
     plan = _normalise(model, dictionary, site, features)
     saved = target_run(model, target, list(plan), lengths)
-    with model.trace(base):
+    with model.trace(base.to(input_device(model))):
         base_logits = logits_of(model).save()
     z, norms = patched_run(model, plan, base, saved, lengths, start)
     y = saved["logits"]
@@ -211,10 +231,10 @@ def patch_features(
     by_site, all_norms = {}, []
     for s, (d, _) in plan.items():
         first = default_start(d) if start is None else start
-        mask = position_mask(lengths, base.shape[1], first)
+        mask = position_mask(lengths, base.shape[1], first, norms[s].device)
         by_site[s] = float(norms[s][mask].mean()) if mask.any() else 0.0
         all_norms.append(norms[s][mask])
-    edits = torch.cat(all_norms)
+    edits = torch.cat([n.cpu() for n in all_norms])
     return PatchResult(
         logits=z,
         target_logits=y,
@@ -235,16 +255,20 @@ class FeatureDeltas:
     position t (zero outside the patched positions), and ``directions[k]`` its
     decoder row, so the edit of a set S is ``delta[..., S] @ directions[S]``.
     Candidates are the features whose patch is non-zero on some prompt.
+
+    Activations, deltas and logits are on the site's device in float32 (float64
+    for a float64 model); ``features`` and ``lengths`` are CPU bookkeeping, and so
+    is a ``member`` mask; they index the device tensors directly.
     """
 
     site: str
-    features: torch.Tensor  # [K] feature ids in the dictionary
+    features: torch.Tensor  # [K] feature ids in the dictionary (CPU)
     delta: torch.Tensor  # [N, T, K]
     directions: torch.Tensor  # [K, d]
     x_base: torch.Tensor  # [N, T, d] the base activation at the site
     target_logits: torch.Tensor  # [N, V]
     base_logits: torch.Tensor  # [N, V]
-    lengths: torch.Tensor  # [N]
+    lengths: torch.Tensor  # [N] (CPU)
     mask: torch.Tensor  # [N, T] patched positions
     d_dict: int
 
@@ -287,16 +311,16 @@ def feature_deltas(
     check_dictionary(model, site, dictionary)
     site = str(sites_mod.Site.parse(site))
     saved = target_run(model, target, [site], lengths)
-    with model.trace(base):
+    with model.trace(base.to(input_device(model))):
         x_save = sites_mod.read(model, site).save()
         base_logits = logits_of(model).save()
     x = wide(x_save.detach())
     first = default_start(dictionary) if start is None else start
-    mask = position_mask(lengths, base.shape[1], first)
+    mask = position_mask(lengths, base.shape[1], first, x.device)
     w = dictionary.W_dec.detach().to(x.dtype)
     wd = dictionary.W_dec.dtype
     dc = (dictionary.encode(saved[site].to(wd)) - dictionary.encode(x.to(wd))).to(x.dtype) * mask[..., None]
-    candidates = dc.abs().amax(dim=(0, 1)).nonzero().flatten()
+    candidates = dc.abs().amax(dim=(0, 1)).nonzero().flatten().cpu()
     if candidates.numel() == 0:
         raise CircuitSAEError(
             f"no feature of the {dictionary.architecture} dictionary at {site} differs between base and target "

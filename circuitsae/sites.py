@@ -4,14 +4,22 @@
 name       meaning
 =========  ==================================================================
 resid.L    output of decoder block L: the residual stream after block L
-mlp.L      output of block L's MLP (before it is added to the residual)
-attn.L     output of block L's attention (before it is added to the residual)
+mlp.L      what block L's MLP adds to the residual stream
+attn.L     what block L's attention adds to the residual stream
 =========  ==================================================================
 
-Layers count from 0. The mapping from a site to a module is one table per
+So ``resid.L = resid.(L-1) + attn.L + mlp.L`` in every family (with the
+embeddings as ``resid.-1``); the tests check it. For Llama, GPT-2, NeoX, Qwen2
+and Mistral ``attn.L``/``mlp.L`` are the outputs of the attention and MLP
+modules; Gemma 2 and 3 normalise those outputs again before adding them
+(``post_attention_layernorm``, ``post_feedforward_layernorm``), so there the
+sites are the outputs of those norms.
+
+Layers count from 0. The mapping from a site to a module, and how the fast
+paths of :mod:`circuitsae.downstream` run the blocks, is one description per
 architecture family (:data:`ARCHITECTURES`), keyed by the Hugging Face
 ``config.model_type``. Inside a block the forward order is attn < mlp < resid,
-which is the order in which nnsight must visit them (:func:`forward_order`).
+which is the order in which nnsight must visit them (:meth:`Site.sort_key`).
 """
 
 from __future__ import annotations
@@ -28,21 +36,37 @@ KINDS = ("attn", "mlp", "resid")  # in forward order within one block
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the blocks and their sub-modules sit in one architecture family."""
+    """One architecture family: where its sites are, and how its blocks can be run on their own.
+
+    ``blocks_only`` says that the family's decoder blocks can be called directly,
+    ``block(h, attention_mask=..., position_ids=..., position_embeddings=...,
+    past_key_values=...)``, with the rotary embedding ``model.rotary_emb`` and the
+    final norm ``model.norm``: the fast paths of :mod:`circuitsae.downstream` and
+    :mod:`circuitsae.trees` need it; the other families use full forward passes
+    with hooks. Which layers use a sliding window and whether logits are capped
+    is read from the config (``layer_types``, ``sliding_window``,
+    ``final_logit_softcapping``).
+    """
 
     blocks: str  # dotted path from the top module to the list of blocks
-    attn: str  # attribute of a block holding its attention module
-    mlp: str  # attribute of a block holding its MLP module
+    attn: str  # attribute of a block whose output is what attention adds to the residual
+    mlp: str  # attribute of a block whose output is what the MLP adds to the residual
+    blocks_only: bool = False
+    rope_per_layer_type: bool = False  # rotary_emb(h, pos, layer_type): one rotary table per kind of layer
+    window_everywhere: bool = False  # every layer uses config.sliding_window (Mistral), not only those typed so
 
 
-_LLAMA = Layout(blocks="model.layers", attn="self_attn", mlp="mlp")
+_LLAMA = Layout(blocks="model.layers", attn="self_attn", mlp="mlp", blocks_only=True)
+_GEMMA = Layout(blocks="model.layers", attn="post_attention_layernorm", mlp="post_feedforward_layernorm",
+                blocks_only=True)  # fmt: skip
 
-#: model_type -> layout. Llama, GPT-2 and GPT-NeoX (Pythia) are tested; the
-#: others share Llama's module names exactly.
+#: model_type -> layout. Every family here has a tiny random model and tests (tests/test_families.py).
 ARCHITECTURES: dict[str, Layout] = {
     "llama": _LLAMA,
-    "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "mistral": Layout(blocks="model.layers", attn="self_attn", mlp="mlp", blocks_only=True, window_everywhere=True),
+    "gemma2": _GEMMA,
+    "gemma3_text": Layout(**{**_GEMMA.__dict__, "rope_per_layer_type": True}),
     "gpt2": Layout(blocks="transformer.h", attn="attn", mlp="mlp"),
     "gpt_neox": Layout(blocks="gpt_neox.layers", attn="attention", mlp="mlp"),
 }
@@ -128,17 +152,20 @@ def resolve(model: Any, names: "Iterable[str | Site]") -> list[Site]:
     return sorted(sites, key=Site.sort_key)
 
 
-def module(model: Any, site: "str | Site") -> Any:
-    """The module (an nnsight Envoy when ``model`` is wrapped) whose output is ``site``."""
+def path(model: Any, site: "str | Site") -> str:
+    """The dotted name of the module whose output is ``site``, e.g. ``model.layers.3.mlp``."""
     site = Site.parse(site)
     lay = layout(model)
-    blocks = model
-    for part in lay.blocks.split("."):
-        blocks = getattr(blocks, part)
-    block = blocks[site.layer]
-    if site.kind == "resid":
-        return block
-    return getattr(block, lay.attn if site.kind == "attn" else lay.mlp)
+    block = f"{lay.blocks}.{site.layer}"
+    return block if site.kind == "resid" else f"{block}.{lay.attn if site.kind == 'attn' else lay.mlp}"
+
+
+def module(model: Any, site: "str | Site") -> Any:
+    """The module (an nnsight Envoy when ``model`` is wrapped) whose output is ``site``."""
+    obj = model
+    for part in path(model, site).split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
 
 
 def read(model: Any, site: "str | Site") -> Any:

@@ -9,6 +9,13 @@ position from ``start`` on.
 token, when the store skipped it) are left alone by default: the dictionary
 never saw them, and SmolLM2's BOS residual is a huge outlier whose
 reconstruction would dominate every metric. Pass ``start=0`` to splice there too.
+
+**Devices and dtypes.** A dictionary handed to any function that runs a model is
+moved to the device of the module at its site (:func:`site_device`; with a
+``device_map`` that is where accelerate runs that module), before any trace
+starts, so no device error can surface from inside one. It keeps its own dtype
+(float32, usually): activations are cast to it to encode and decode, and the
+result is cast back to the model's dtype (bfloat16, say) where it is written.
 """
 
 from __future__ import annotations
@@ -21,11 +28,19 @@ import torch
 from circuitsae import sites as sites_mod
 from circuitsae.dictionaries import Dictionary
 from circuitsae.errors import CircuitSAEError
-from circuitsae.models import model_name
+from circuitsae.models import input_device, model_name, module_device
 
 
-def check_dictionary(model: Any, site: "str | sites_mod.Site", dictionary: Dictionary) -> None:
-    """Raise a one-line error if ``dictionary`` was made for another width, site or model."""
+def site_device(model: Any, site: "str | sites_mod.Site") -> torch.device:
+    """The device the module at ``site`` computes on (its activations live there)."""
+    return module_device(model, sites_mod.path(model, site))
+
+
+def check_dictionary(model: Any, site: "str | sites_mod.Site", dictionary: Dictionary) -> Dictionary:
+    """Check that ``dictionary`` was made for this width, site and model, and move it to the site's device.
+
+    Raises a one-line error otherwise. The move is in place (``Module.to``); the dictionary is returned.
+    """
     site = str(sites_mod.Site.parse(site))
     sites_mod.resolve(model, [site])
     d = sites_mod.d_model(model)
@@ -44,6 +59,26 @@ def check_dictionary(model: Any, site: "str | sites_mod.Site", dictionary: Dicti
         raise CircuitSAEError(
             f"the {dictionary.architecture} dictionary was trained on {trained_model}, not {model_name(model)}"
         )
+    return place(dictionary, site_device(model, site), f"site {site} of {model_name(model)}")
+
+
+def place(dictionary: Dictionary, device: torch.device, where: str) -> Dictionary:
+    """Move ``dictionary`` to ``device`` (in place), or raise one sentence naming both devices."""
+    here = dictionary.W_dec.device
+    if here == device:
+        return dictionary
+    if here.type == "meta":
+        raise CircuitSAEError(
+            f"the {dictionary.architecture} dictionary is on the meta device (no values), {where} is on {device}: "
+            "load its weights first (load_dictionary)"
+        )
+    try:
+        return dictionary.to(device)
+    except (RuntimeError, AssertionError) as e:
+        raise CircuitSAEError(
+            f"cannot move the {dictionary.architecture} dictionary from {here} to {device}, where {where} runs "
+            f"({str(e).splitlines()[0][:120]})"
+        ) from None
 
 
 def default_start(dictionary: "Dictionary | None") -> int:
@@ -102,7 +137,7 @@ def run_spliced(
     """
     for site, dictionary in dictionaries.items():
         check_dictionary(model, site, dictionary)
-    with model.trace(input_ids):
+    with model.trace(input_ids.to(input_device(model))):
         if dictionaries:
             splice_sites(model, dictionaries, keep_error=keep_error, start=start)
         logits = logits_of(model).save()
@@ -113,7 +148,7 @@ def run_spliced(
 def run_ablated(model: Any, input_ids: torch.Tensor, sites: "list[str]", start: int = 0) -> torch.Tensor:
     """Logits with each site's activation set to zero at positions ``start:`` (zero-ablation)."""
     order = sites_mod.resolve(model, sites)
-    with model.trace(input_ids):
+    with model.trace(input_ids.to(input_device(model))):
         for site in order:
             x = sites_mod.read(model, site)
             write(model, site, torch.zeros_like(x[:, start:]), start)

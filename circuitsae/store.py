@@ -134,6 +134,8 @@ class StoreWriter:
     """
 
     IDENTITY = ("format", "config", "d", "sites", "dtype", "splits", "rows_per_context", "first_position")
+    #: what a store written before a config key existed had there (so it still resumes)
+    CONFIG_DEFAULTS = {"model_dtype": "float32"}
 
     def __init__(self, root: "str | Path", meta: dict) -> None:
         self.root = Path(root)
@@ -169,6 +171,8 @@ class StoreWriter:
         for key in self.IDENTITY:
             a, b = old.get(key), self.meta.get(key)
             if isinstance(a, dict) and isinstance(b, dict):
+                if key == "config":
+                    a = {**self.CONFIG_DEFAULTS, **a}
                 diffs += [
                     f"{key}.{k}: {a.get(k)!r} there, {b.get(k)!r} now"
                     for k in sorted(set(a) | set(b))

@@ -39,6 +39,18 @@ atomically to ``out/checkpoint.pt``. Re-running the same command resumes
 exactly: the batch stream skips the batches already seen and the JSONL log is
 cut back to the checkpoint, so the result equals an uninterrupted run.
 A non-finite loss stops training with the last good checkpoint kept.
+Checkpoints are read onto the CPU and each piece goes where it lives (weights
+and moments to the training device, the sampling generator stays on the CPU),
+so a run saved on one device resumes on another.
+
+**Device and precision.** Everything a run owns (weights, optimiser moments,
+dead-feature counters, the batches) lives on the training device; held-out
+metrics are computed there too. ``autocast`` (default: on for CUDA, off for
+the CPU) runs each training step under bfloat16 autocast for that device type
+(``torch.autocast(device.type)``), so the same path runs on the CPU in the
+tests. Weights and Adam moments stay float32. Under autocast the losses go
+through plain autograd (``loss_reference``): the hand-written backward passes
+of :mod:`circuitsae.dictionaries.fused` are float32 only.
 """
 
 from __future__ import annotations
@@ -109,6 +121,9 @@ class TrainConfig:
     log_every: int = option(25, "steps between log lines (JSONL) and divergence checks")
     eval_rows: int = option(65536, "held-out activations used for the final L0/FVU/γ of each run")
     device: "str | None" = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
+    autocast: "bool | None" = option(
+        None, "train under bfloat16 autocast (default: on for CUDA, off for the CPU; weights stay float32)"
+    )
     seed: int = option(0, "seed for initialisation, batch order and resampling")
     stop_after: "int | None" = option(None, "stop (with a checkpoint) after this many steps; re-run to continue")
 
@@ -139,8 +154,9 @@ class TrainConfig:
         self.coefficients = tuple(float(c) for c in self.coefficients)
 
     def fingerprint(self) -> str:
-        """What must match for a checkpoint to be resumed (not out/device/stop_after/logging)."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("out", "device", "stop_after", "log_every")}
+        """What must match for a checkpoint to be resumed (not out/device/precision/stop_after/logging)."""
+        skip = ("out", "device", "autocast", "stop_after", "log_every")
+        keep = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -229,7 +245,7 @@ class Trainer:
             if cfg.resample_every < 0 or (cfg.resample_every == 0 and self.dead_window < MIN_RESAMPLE_WINDOW)
             else self.dead_window
         )
-        self.autocast = self.device.type == "cuda"
+        self.autocast = self.device.type == "cuda" if cfg.autocast is None else bool(cfg.autocast)
         torch.manual_seed(cfg.seed)
         self.scales = {s: input_scale(self.store, s) for s in self.sites}
         self.runs = [_make_run(cfg, self.store, s, a, c, self.device) for s, a, c in self.plan]
@@ -253,7 +269,7 @@ class Trainer:
             x = batch[run.site]
             for g in run.optimizer.param_groups:
                 g["lr"] = run.lr * self.lr_factor(k)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = run.sae.loss(x, run.coefficient * self.coef_factor(k))
             run.optimizer.zero_grad(set_to_none=True)
             loss.total.backward()
@@ -324,7 +340,8 @@ class Trainer:
     def load_checkpoint(self) -> bool:
         if not self.checkpoint_path.is_file():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        # on the CPU first: the generator's state must stay there, and each tensor is then copied where it lives
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
         if state.get("fingerprint") != self.cfg.fingerprint():
             raise CircuitSAEError(
                 f"{self.checkpoint_path} belongs to a different training command; use another --out "
@@ -442,7 +459,7 @@ class Trainer:
         }
         saved, summary = {}, {"config": asdict(self.cfg), "steps": self.total_steps, "runs": {}}
         for run in self.runs:
-            sae = run.sae.float().cpu().eval()
+            sae = run.sae.float().eval()  # on the training device: the held-out metrics are computed there
             sae.fold_input_scale(self.scales[run.site])
             metrics = reconstruction(sae, heldout[run.site]) if heldout[run.site] is not None else {}
             metrics.pop("density_histogram", None)

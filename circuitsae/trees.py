@@ -26,8 +26,9 @@ Edges point parent → child and carry ``effect`` (the mean decrease above) and
 ``relative`` (effect / the child's mean clean q). **Speed**: the model runs
 once to record every site on the truncated contexts; each ablation then runs
 only the blocks between the two sites (:class:`_Segment`: Hugging Face's own
-Llama blocks for ``resid`` sites of Llama-style models, else the full model
-with forward hooks, stopped at the later site); a candidate is run only on
+blocks, :class:`~circuitsae.downstream.Blocks`, for ``resid`` sites of the
+families that allow it, else the full model with forward hooks, stopped at the
+later site); a candidate is run only on
 the contexts where it fires, rows are batched per context under a token
 budget, and all parents at one site are measured from the same ablation runs.
 """
@@ -45,12 +46,12 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitsae import sites as sites_mod
-from circuitsae.config import option
+from circuitsae.config import model_dtype_option, option
 from circuitsae.dictionaries import Dictionary
-from circuitsae.downstream import DownstreamEvaluator
+from circuitsae.downstream import Blocks, tolerance
 from circuitsae.errors import CircuitSAEError
 from circuitsae.features import feature_activations, row_tokens, site_codes, site_hook
-from circuitsae.models import model_name
+from circuitsae.models import input_device, model_name
 from circuitsae.splice import check_dictionary, default_start
 from circuitsae.store import ActivationStore
 
@@ -86,27 +87,20 @@ class _Segment:
 
     def __init__(self, model: Any, src: str, dst: str) -> None:
         self.model, self.hf, self.src, self.dst = model, sites_mod._hf_module(model), src, dst
-        self.fast = DownstreamEvaluator.supports(model, src) and DownstreamEvaluator.supports(model, dst)
+        self.fast = Blocks.supports(model, src) and Blocks.supports(model, dst)
         a, b = sites_mod.Site.parse(src).layer, sites_mod.Site.parse(dst).layer
-        self.layers = list(self.hf.model.layers)[a + 1 : b + 1] if self.fast else []
+        self.blocks = Blocks(model, a + 1, b) if self.fast else None
 
     @property
     def engine(self) -> str:
         return "downstream" if self.fast else "hook"
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self._blocks(x) if self.fast else self._hooked(x, ids)
-
-    def _blocks(self, h: torch.Tensor) -> torch.Tensor:
-        r, t, _ = h.shape
-        pos = torch.arange(t, device=h.device)[None].expand(r, t)
-        causal = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
-        mask = torch.zeros(r, 1, t, t, dtype=h.dtype, device=h.device).masked_fill(~causal, torch.finfo(h.dtype).min)
-        rope = self.hf.model.rotary_emb(h, pos)
-        for layer in self.layers:
-            h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope)
-            h = h[0] if isinstance(h, tuple) else h
-        return h
+        if self.blocks is None:
+            return self._hooked(x, ids)
+        r, t, _ = x.shape
+        pos = torch.arange(t, device=x.device).expand(r, t)
+        return self.blocks.run(x, pos, t)
 
     def _hooked(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         with site_hook(self.model, self.src, lambda out: x.to(out.dtype)):
@@ -118,12 +112,13 @@ class _Segment:
             return
         for n, length in enumerate(lengths):
             got, want = self(xs[n : n + 1, :length], ids[n, :length])[0], ys[n, :length]
-            if not torch.allclose(got, want, atol=1e-3 * float(want.abs().max()) + 1e-4, rtol=0):
+            tol = tolerance(want.dtype) * float(want.abs().max()) + 1e-4
+            if not torch.allclose(got.to(want.dtype), want, atol=tol, rtol=0):
                 err = float((got - want).abs().max())
                 warnings.warn(
                     f"block-only run {self.src} -> {self.dst} off by {err:.2e}; using full passes", stacklevel=3
                 )
-                self.fast, self.layers = False, []
+                self.fast, self.blocks = False, None
                 return
 
 
@@ -141,7 +136,7 @@ def _check(model: Any, dictionaries: Mapping[str, Dictionary], target: tuple[str
             f"dictionaries must be given in forward order ({', '.join(order)}), not {', '.join(names)}"
         )
     for s, d in zip(names, dictionaries.values()):
-        check_dictionary(model, s, d)
+        check_dictionary(model, s, d)  # also moves each to its site's device
     site, feature = str(sites_mod.Site.parse(target[0])), int(target[1])
     if site not in names:
         raise CircuitSAEError(f"no dictionary at the target's site {site}: dictionaries are at {', '.join(names)}")
@@ -191,8 +186,7 @@ def causal_tree(
     if depth < 1 or branching < 1 or contexts < 1:
         raise CircuitSAEError("depth, branching and contexts must be >= 1")
     hf = sites_mod._hf_module(model)
-    device = next(hf.parameters()).device
-    dicts = {s: dictionaries[s].to(device) for s in chain}
+    dicts = {s: dictionaries[s] for s in chain}
     site, feature = chain[-1], int(target[1])
     store = store if store is not None else dicts[site].meta.get("store")
     if store is None:
@@ -212,16 +206,18 @@ def causal_tree(
     ids = torch.zeros(len(picked), max(pos) + 1, dtype=torch.long)
     for n, (c, p) in enumerate(picked):  # right padding: causal attention keeps positions <= p exact
         ids[n, : p + 1] = tokens[c, : p + 1]
-    ids = ids.to(device)
+    ids = ids.to(input_device(model))
     chain = chain[max(0, len(chain) - 1 - depth) :]
     xs = record(hf, ids, chain)
-    valid = torch.arange(ids.shape[1], device=device)[None] <= torch.tensor(pos, device=device)[:, None]
     codes = {}
     for s in chain:  # c > 0 only, at positions the dictionary applies to and <= p
+        dev = xs[s].device
+        valid = torch.arange(ids.shape[1], device=dev)[None] <= torch.tensor(pos, device=dev)[:, None]
         c = dicts[s].encode(xs[s].to(dicts[s].W_dec.dtype)).clamp_min(0) * valid[..., None]
         c[:, : default_start(dicts[s])] = 0
         codes[s] = c
-    at_p = torch.arange(len(pos), device=device), torch.tensor(pos, device=device)
+    dev = codes[site].device
+    at_p = torch.arange(len(pos), device=dev), torch.tensor(pos, device=dev)
 
     graph = nx.DiGraph()
     q_root = codes[site][at_p][:, feature]
@@ -292,8 +288,9 @@ def _ablate_all(
     c_src, d_dst, f_src = codes[src], dicts[dst], dicts[src].directions
     fires = c_src.gt(0).any(1)  # [N, K]
     cands = fires.any(0).nonzero().flatten()
-    total = torch.zeros(dicts[src].d_dict, len(frontier), device=ids.device)
-    feats = torch.tensor(frontier, device=ids.device)
+    dev = codes[dst].device  # effects are measured where the child's codes are
+    total = torch.zeros(dicts[src].d_dict, len(frontier), device=dev)
+    feats = torch.tensor(frontier, device=dev)
     start = default_start(d_dst)
     for n in tqdm(range(len(pos)), desc=f"ablating {src} -> {dst}", unit="context", disable=not progress, leave=False):
         length = pos[n] + 1
@@ -306,7 +303,7 @@ def _ablate_all(
             y = seg(x, ids[n, :length])
             y = y[:, pos[n]] if root else y[:, start:length]
             c = d_dst.encode_features(y.to(d_dst.W_dec.dtype), feats).clamp_min(0)
-            total[k] += clean - (c if root else c.sum(1))
+            total[k.to(dev)] += clean - (c if root else c.sum(1))
     return total[cands] / len(pos), cands
 
 
@@ -350,6 +347,7 @@ class TreeConfig:
     max_nodes: int = option(40, "draw at most this many nodes (the strongest)")
     out: str = option("runs/tree/causal_tree", "output path stem: writes .dot, .svg, .png and .json")
     device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
+    model_dtype: "str | None" = model_dtype_option()
 
     def __post_init__(self) -> None:
         self.dictionaries = tuple(self.dictionaries)
@@ -370,7 +368,8 @@ def run_tree(cfg: TreeConfig, model: Any = None, progress: bool = True) -> tuple
     if target[0] not in dicts:
         raise CircuitSAEError(f"no dictionary at {target[0]}: the dictionaries given are at {', '.join(dicts)}")
     models = {d.meta.get("model") for d in dicts.values()} - {None}
-    model = model or load_model(cfg.model or (min(models) if models else "smollm2-135m"), device=cfg.device)
+    name = cfg.model or (min(models) if models else "smollm2-135m")
+    model = model or load_model(name, device=cfg.device, dtype=cfg.model_dtype)
     graph = causal_tree(
         model, dicts, target, cfg.depth, cfg.branching, cfg.contexts, cfg.store, cfg.seed, progress=progress
     )

@@ -71,7 +71,7 @@ def test_effects_equal_full_model_ablations(tiny_llama, wired):
 
 def test_hook_engine_gives_the_same_tree(tiny_llama, wired, tree, monkeypatch):
     store, dicts = wired
-    monkeypatch.setattr("circuitsae.trees.DownstreamEvaluator.supports", staticmethod(lambda m, s: False))
+    monkeypatch.setattr("circuitsae.trees.Blocks.supports", staticmethod(lambda m, s: False))
     g = causal_tree(tiny_llama, dicts, ("resid.2", 7), depth=2, branching=3, contexts=8, progress=False)
     assert set(g.graph["engines"].values()) == {"hook"}
     assert set(g.edges) == set(tree.edges)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from circuitsae.errors import CircuitSAEError
-from circuitsae.models import start_token_id
+from circuitsae.models import input_device, start_token_id
 
 # fmt: off
 #: Common English first names; ``single_token_names`` keeps those that are one token with a leading space.
@@ -282,7 +282,7 @@ def ioi_performance(model: Any, dataset: IOIDataset, batch_size: int = 64) -> di
     base, target = [], []
     for lo in range(0, len(dataset), batch_size):
         part = dataset.subset(range(lo, min(lo + batch_size, len(dataset))))
-        with model.trace(torch.cat([part.base, part.target])):
+        with model.trace(torch.cat([part.base, part.target]).to(input_device(model))):
             logits = model.output.logits.save()
         k = len(part)
         base.append(logit_diff(final_logits(logits[:k], part), part).float().cpu())
