@@ -155,7 +155,7 @@ def _order(fd: FeatureDeltas, removed_at: dict[int, float], removal_rank: dict[i
 
 def _visit_order(k: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(k, generator=g).tolist()
+    return torch.randperm(k, generator=g, device="cpu").tolist()
 
 
 def _prepare(model: Any, dictionary: Dictionary, site: str, base: Any, target: Any, lengths: Any, start: Any):
@@ -181,7 +181,7 @@ class _Search:
         self.ev, self.fd, self.member, self.kl_f = ev, fd, member, kl_f
         # [K, N], on the CPU like all of the search's bookkeeping (state_kl, memo, versions)
         self.touches = einops.reduce(ev.changes, "n t k -> k n", "max")
-        self.version = torch.zeros(self.touches.shape[1], dtype=torch.long)
+        self.version = torch.zeros(self.touches.shape[1], dtype=torch.long, device="cpu")
         self.memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # j -> (versions, per-prompt KL of F ∖ {j})
         self.last_effect: dict[int, float] = {}
         self.removed_at: dict[int, float] = {}
@@ -232,7 +232,7 @@ class _Search:
         sets, only, pending = [], [], []
         pend = torch.zeros_like(self.version, dtype=torch.bool)
         for j, pred in zip(chunk, predicted):
-            sets.append(torch.tensor(pending + [j]))
+            sets.append(torch.tensor(pending + [j], device="cpu"))
             only.append(self.touches[j] & (self.stale(j) | pend))
             if pred:
                 pending.append(j)
@@ -286,7 +286,7 @@ def acdc(
     taus = np.sort(np.asarray(default_thresholds() if thresholds is None else thresholds, dtype=float))
     k = fd.n_candidates
     visit = _visit_order(k, seed)
-    member = torch.ones(k, dtype=torch.bool)
+    member = torch.ones(k, dtype=torch.bool, device="cpu")
     ends = _endpoints(ev, fd, answers)
     state = ev.set_state(member)
     kl_f = float(state["kl"].mean())
@@ -322,8 +322,8 @@ def acdc(
 def _endpoints(ev: Evaluator, fd: FeatureDeltas, answers: Any) -> dict[str, Any]:
     """The two ends of every curve: nothing patched (the base run) and every candidate patched."""
     out = {}
-    for name, member in (("none", torch.zeros(fd.n_candidates, dtype=torch.bool)), ("all", None)):
-        member = torch.ones(fd.n_candidates, dtype=torch.bool) if member is None else member
+    for name, member in (("none", torch.zeros(fd.n_candidates, dtype=torch.bool, device="cpu")), ("all", None)):
+        member = torch.ones(fd.n_candidates, dtype=torch.bool, device="cpu") if member is None else member
         s = ev.set_state(member)
         out[name] = _record(None, member, s["kl"], s["kl_reverse"], s["logits"], fd, answers)
     return out
@@ -339,12 +339,12 @@ def _attribution_scores(ev: Evaluator, member: torch.Tensor) -> torch.Tensor:
 def _attribution(ev: Evaluator, fd: FeatureDeltas, answers: Any, t0: float, progress: bool) -> ACDCResult:
     k = fd.n_candidates
     ends = _endpoints(ev, fd, answers)
-    scores = _attribution_scores(ev, torch.ones(k, dtype=torch.bool))
+    scores = _attribution_scores(ev, torch.ones(k, dtype=torch.bool, device="cpu"))
     ranked = torch.argsort(scores, descending=True, stable=True)
     sizes = sorted({0, k, *np.unique(np.round(np.logspace(0, np.log10(k), 40)).astype(int)).tolist()})
     records = []
     for n in tqdm(sizes, desc=f"attribution {fd.site}", unit="set", disable=not progress):
-        member = torch.zeros(k, dtype=torch.bool)
+        member = torch.zeros(k, dtype=torch.bool, device="cpu")
         member[ranked[:n]] = True
         s = ev.set_state(member)
         rec = _record(None, member, s["kl"], s["kl_reverse"], s["logits"], fd, answers)
@@ -387,7 +387,7 @@ def acdc_reference(
 
     taus = np.sort(np.asarray(default_thresholds() if thresholds is None else thresholds, dtype=float))
     k = fd.n_candidates
-    member = torch.ones(k, dtype=torch.bool)
+    member = torch.ones(k, dtype=torch.bool, device="cpu")
     prev = float(kl_divergence(run(member), y).mean())
     removed_at, rank, records = {}, {}, []
     for tau in tqdm(taus, desc=f"reference {fd.site}", disable=not progress):

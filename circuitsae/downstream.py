@@ -174,7 +174,7 @@ class Evaluator:
             self.member = member.clone()
             self.state_x = self.fd.x_base + self.fd.edit(member)
             self.state_logits = self._state_run(self.state_x)
-            self.state_kl = self.kl_of(self.state_logits, torch.arange(len(self.lengths)))
+            self.state_kl = self.kl_of(self.state_logits, torch.arange(len(self.lengths), device="cpu"))
             self.evaluations += 1
         return self.state()
 
@@ -269,10 +269,10 @@ class HookEvaluator(Evaluator):
         n = len(self.lengths)
         with torch.set_grad_enabled(grad):
             if grad:
-                return self._forward(x, torch.arange(n))
+                return self._forward(x, torch.arange(n, device="cpu"))
             return torch.cat(
                 [
-                    self._forward(x[i : i + self.max_rows], torch.arange(i, min(n, i + self.max_rows)))
+                    self._forward(x[i : i + self.max_rows], torch.arange(i, min(n, i + self.max_rows), device="cpu"))
                     for i in range(0, n, self.max_rows)
                 ]
             )
@@ -282,11 +282,11 @@ class HookEvaluator(Evaluator):
         out = []
         for c in range(0, len(rows), self.max_rows):
             chunk = rows[c : c + self.max_rows]
-            prompts = torch.tensor([p for _, p, _ in chunk])
+            prompts = torch.tensor([p for _, p, _ in chunk], device="cpu")
             x = self.state_x[prompts].clone()
             for r, (i, p, _) in enumerate(chunk):
                 removed = torch.as_tensor(removals[i], dtype=torch.long)
-                x[r] -= self.removal_edit(removed, torch.tensor([p]))[0]
+                x[r] -= self.removal_edit(removed, torch.tensor([p], device="cpu"))[0]
             out.append(self.kl_of(self._forward(x, prompts), prompts))
         return torch.cat(out)
 
@@ -353,10 +353,10 @@ class DownstreamEvaluator(Evaluator):
     def _rows_kl(self, rows: list[tuple[int, int, int]], removals: Sequence[torch.Tensor]) -> torch.Tensor:
         t = self.fd.x_base.shape[1]
         lengths = self.lengths
-        need = torch.tensor([int(lengths[p]) - f for _, p, f in rows])  # positions each row recomputes
+        need = torch.tensor([int(lengths[p]) - f for _, p, f in rows], device="cpu")  # positions each row recomputes
         # windows of similar length: Q a power of two, rows sorted so each batch pads little
         q_of = (2 ** torch.ceil(torch.log2(need.float()))).long().clamp(max=t)
-        out = torch.empty(len(rows), dtype=self.state_kl.dtype)  # per-row KLs come back to the CPU
+        out = torch.empty(len(rows), dtype=self.state_kl.dtype, device="cpu")  # per-row KLs come back to the CPU
         for q in q_of.unique().tolist():
             members = (q_of == q).nonzero().flatten()
             per_batch = max(1, self.token_budget // q)
@@ -380,23 +380,23 @@ class DownstreamEvaluator(Evaluator):
         rows = [(0, int(p), int(f)) for p, f in zip(prompts.tolist(), first.tolist())]
         self.kv.commit = True
         try:
-            logits = self._window_logits(rows, [torch.zeros(0, dtype=torch.long)], q)
+            logits = self._window_logits(rows, [torch.zeros(0, dtype=torch.long, device="cpu")], q)
         finally:
             self.kv.commit = False
         self.state_logits[prompts] = logits
         self.state_kl[prompts] = self.kl_of(logits, prompts)
 
     def _window_kl(self, rows: list[tuple[int, int, int]], removals: Sequence[torch.Tensor], q: int) -> torch.Tensor:
-        prompts = torch.tensor([p for _, p, _ in rows])
+        prompts = torch.tensor([p for _, p, _ in rows], device="cpu")
         return self.kl_of(self._window_logits(rows, removals, q), prompts)
 
     def _window_logits(
         self, rows: list[tuple[int, int, int]], removals: Sequence[torch.Tensor], q: int
     ) -> torch.Tensor:
-        prompts = torch.tensor([p for _, p, _ in rows])
+        prompts = torch.tensor([p for _, p, _ in rows], device="cpu")
         ends = self.lengths[prompts]
         starts = (ends - q).clamp(min=0)  # window [start, start + q) ends at or after the final token
-        pos = starts[:, None] + torch.arange(q)[None]  # [R, q], CPU: it indexes the CPU bookkeeping too
+        pos = starts[:, None] + torch.arange(q, device="cpu")[None]  # [R, q], CPU: it indexes the CPU bookkeeping too
         h = self.state_x[prompts[:, None], pos]  # [R, q, d]
         for r, (i, p, _) in enumerate(rows):
             removed = torch.as_tensor(removals[i], dtype=torch.long)
@@ -423,7 +423,7 @@ def make_evaluator(
         )
     else:
         ev = HookEvaluator(model, deltas, base_ids, token_budget)
-    got = ev.set_state(torch.zeros(deltas.n_candidates, dtype=torch.bool))["logits"]
+    got = ev.set_state(torch.zeros(deltas.n_candidates, dtype=torch.bool, device="cpu"))["logits"]
     ev.evaluations = 0
     ref = deltas.base_logits
     tol = tolerance(sites_mod._hf_module(model).lm_head.weight.dtype) * float(ref.abs().max()) + 1e-4

@@ -148,8 +148,8 @@ def find_token_feature(
     if not ids:
         raise CircuitSAEError(f"none of {list(tokens)} is a single token for this tokenizer")
     tok = row_tokens(store)[:max_rows]
-    fires_on = torch.zeros(len(ids), dictionary.d_dict)
-    fires = torch.zeros(dictionary.d_dict)
+    fires_on = torch.zeros(len(ids), dictionary.d_dict, device="cpu")
+    fires = torch.zeros(dictionary.d_dict, device="cpu")
     n = 0
     shards = range(len(store._split("train")))
     for i in tqdm(shards, desc=f"token features {site}", unit="shard", disable=not progress, leave=False):
@@ -163,7 +163,7 @@ def find_token_feature(
         for k, tid in enumerate(ids.values()):
             fires_on[k] += on[t == tid].sum(0)
         n += len(x)
-    count = torch.tensor([float((tok == tid).sum()) for tid in ids.values()])[:, None]
+    count = torch.tensor([float((tok == tid).sum()) for tid in ids.values()], device="cpu")[:, None]
     precision = fires_on / fires.clamp(min=1)
     recall = fires_on / count.clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
@@ -223,7 +223,7 @@ def random_contexts(
     """``k`` firing rows drawn uniformly (seeded), from distinct contexts."""
     per = int(store.meta["rows_per_context"])
     rows = (acts > 0).nonzero().flatten()
-    rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
+    rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed), device="cpu")]
     picked, seen = [], set()
     for r in rows.tolist():
         if r // per not in seen:
@@ -245,13 +245,13 @@ def token_histogram(
     """
     fire = acts > 0
     a, t = acts[fire], tokens[fire]
-    edges = torch.linspace(0, float(a.max()), bins + 1)
+    edges = torch.linspace(0, float(a.max()), bins + 1, device="cpu")
     which = torch.bucketize(a, edges[1:-1], right=True)
     common = [tok for tok, _ in Counter(t.tolist()).most_common(top)]
     counts = []
     for tok in common:
         counts.append(torch.bincount(which[t == tok], minlength=bins).tolist())
-    rest = ~torch.isin(t, torch.tensor(common, dtype=t.dtype))
+    rest = ~torch.isin(t, torch.tensor(common, dtype=t.dtype, device="cpu"))
     counts.append(torch.bincount(which[rest], minlength=bins).tolist())
     names = [repr(tokenizer.decode([tok])) for tok in common] + ["other"]
     return {"edges": edges.tolist(), "tokens": names, "counts": counts}

@@ -65,6 +65,8 @@ def label(dictionary: Dictionary) -> str:
     coef = dictionary.meta.get("training", {}).get("coefficient")
     r = dictionary.d_dict / dictionary.d
     width = f"R={r:g}"
+    if arch == "relu" and coef is None:  # not trained here: no coefficient to name
+        return f"baseline ({width})"
     if arch == "relu":
         return f"baseline α=0 ({width})" if coef == 0 else f"baseline α={coef:g} ({width})"
     return f"gated λ={coef:g} ({width})" if coef is not None else f"{arch} ({width})"
@@ -188,8 +190,11 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
             orders = ["acdc"] * (cfg.acdc and (cfg.acdc_dense or not _dense(d))) + ["attribution"] * cfg.attribution
             for order in orders:
                 # each curve is kept as it finishes, so an interrupted run resumes at the next one
-                part = parts / f"{site}-{label(d)}-{order}-{_fingerprint(cfg, path, d, thresholds, dtype_name(model))}.json".replace(
-                    " ", "_"
+                part = (
+                    parts
+                    / f"{site}-{label(d)}-{order}-{_fingerprint(cfg, path, d, thresholds, dtype_name(model))}.json".replace(
+                        " ", "_"
+                    )
                 )
                 if part.exists():
                     results.append(json.loads(part.read_text()))

@@ -57,7 +57,7 @@ def density_histogram(density: torch.Tensor, bins: int = 40, low: float = -8.0) 
     """Histogram of log10 feature density over ``[low, 0]``; dead features counted apart."""
     alive = density[density > 0]
     counts = torch.histc(alive.log10().clamp(low, 0.0), bins=bins, min=low, max=0.0)
-    edges = torch.linspace(low, 0.0, bins + 1)
+    edges = torch.linspace(low, 0.0, bins + 1, device="cpu")
     return {"log10_edges": edges.tolist(), "counts": counts.long().tolist(), "dead": int((density == 0).sum())}
 
 

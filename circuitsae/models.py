@@ -125,7 +125,9 @@ def _gemma3_gguf(tmp: Path) -> Path:
                     sha.update(block)
                     f.write(block)
     if sha.hexdigest() != _GEMMA3_SHA256:
-        raise CircuitSAEError(f"the joined Gemma 3 GGUF has sha256 {sha.hexdigest()}, not {_GEMMA3_SHA256}: {_GEMMA3_PIP}")
+        raise CircuitSAEError(
+            f"the joined Gemma 3 GGUF has sha256 {sha.hexdigest()}, not {_GEMMA3_SHA256}: {_GEMMA3_PIP}"
+        )
     return out
 
 
@@ -350,9 +352,12 @@ def load_model(
         hf, tok = _load_named(name, dt, device_map)
     hf.config.name_or_path = name
     hf.eval()
-    if device_map is None:
-        hf.to(dev)
-    return nnsight.TransformersModel(hf, tokenizer=tok, task="text-generation")
+    if device_map is not None:
+        return nnsight.TransformersModel(hf, tokenizer=tok, task="text-generation")
+    hf.to(dev)
+    # The device goes to nnsight's pipeline too: without one, transformers' pipeline moves the model to
+    # cuda:0 whenever a GPU exists, whatever device was asked for (cpu, cuda:1).
+    return nnsight.TransformersModel(hf, tokenizer=tok, task="text-generation", device=dev)
 
 
 def _hf(model: Any) -> Any:

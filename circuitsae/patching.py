@@ -79,7 +79,7 @@ def check_pair(base: torch.Tensor, target: torch.Tensor, lengths: "torch.Tensor 
         )
     n, t = base.shape
     if lengths is None:
-        return torch.full((n,), t, dtype=torch.long)
+        return torch.full((n,), t, dtype=torch.long, device="cpu")
     lengths = torch.as_tensor(lengths).long().reshape(-1)
     if lengths.numel() != n or int(lengths.min()) < 1 or int(lengths.max()) > t:
         raise CircuitSAEError(f"lengths must be {n} integers in 1..{t}")
@@ -89,11 +89,11 @@ def check_pair(base: torch.Tensor, target: torch.Tensor, lengths: "torch.Tensor 
 def feature_index(dictionary: Dictionary, features: Features) -> torch.Tensor:
     """Feature ids as a LongTensor; ``"all"`` means every feature, ``None`` none."""
     if features is None:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device="cpu")
     if isinstance(features, str):
         if features != "all":
             raise CircuitSAEError(f"features must be a list of ids or 'all', got {features!r}")
-        return torch.arange(dictionary.d_dict)
+        return torch.arange(dictionary.d_dict, device="cpu")
     idx = torch.as_tensor(list(features) if not torch.is_tensor(features) else features, dtype=torch.long).reshape(-1)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= dictionary.d_dict):
         raise CircuitSAEError(f"feature ids must lie in 0..{dictionary.d_dict - 1}")
@@ -287,7 +287,7 @@ class FeatureDeltas:
     def member(self, features: Iterable[int]) -> torch.Tensor:
         """Bool [K] for dictionary feature ids (ids that are not candidates change nothing and are ignored)."""
         pos = {int(f): k for k, f in enumerate(self.features.tolist())}
-        m = torch.zeros(self.n_candidates, dtype=torch.bool)
+        m = torch.zeros(self.n_candidates, dtype=torch.bool, device="cpu")
         for f in features:
             if int(f) in pos:
                 m[pos[int(f)]] = True

@@ -403,11 +403,11 @@ class ActivationStore:
         for _ in range(epochs):
             pool: list[list[torch.Tensor]] = []
             pooled = 0
-            for i in torch.randperm(len(manifests), generator=gen).tolist():
+            for i in torch.randperm(len(manifests), generator=gen, device="cpu").tolist():
                 pool.append([self._finite(manifests[i], s, verify) for s in names])
                 pooled += pool[-1][0].shape[0]
                 if pooled >= buffer_rows:
-                    perm = torch.randperm(pooled, generator=gen)
+                    perm = torch.randperm(pooled, generator=gen, device="cpu")
                     mixed = [torch.cat([p[k] for p in pool])[perm] for k in range(len(names))]
                     n_out = (pooled // 2) // batch_size * batch_size
                     for j in range(0, n_out, batch_size):
@@ -416,7 +416,7 @@ class ActivationStore:
                             yield emit(mixed, j)
                     pool, pooled = [[m[n_out:] for m in mixed]], pooled - n_out
             if pooled:
-                perm = torch.randperm(pooled, generator=gen)
+                perm = torch.randperm(pooled, generator=gen, device="cpu")
                 rest = [torch.cat([p[k] for p in pool])[perm] for k in range(len(names))]
                 stop = pooled - (pooled % batch_size if drop_last else 0)
                 for j in range(0, stop, batch_size):
@@ -459,7 +459,11 @@ class ActivationStore:
     def tokens(self, split: str = "train") -> torch.Tensor:
         """Token ids ``[contexts, ctx_len]`` (int64) of ``split``, in store order."""
         parts = [torch.from_numpy(self._read(m, "tokens", verify=True).astype(np.int64)) for m in self._split(split)]
-        return torch.cat(parts) if parts else torch.empty(0, self.meta["config"]["ctx_len"], dtype=torch.long)
+        return (
+            torch.cat(parts)
+            if parts
+            else torch.empty(0, self.meta["config"]["ctx_len"], dtype=torch.long, device="cpu")
+        )
 
     def locate(self, row: int, split: str = "train") -> tuple[int, int]:
         """``(context, position)`` of activation row ``row``: ``tokens(split)[context, position]`` is its token."""
@@ -530,7 +534,11 @@ def store_from_tensors(
         for i, r0 in enumerate(range(0, n, shard_rows)):
             r1 = min(n, r0 + shard_rows)
             writer.write_shard(
-                split, i, r0, torch.zeros(r1 - r0, 1, dtype=torch.int32), {s: x[r0:r1] for s, x in part.items()}
+                split,
+                i,
+                r0,
+                torch.zeros(r1 - r0, 1, dtype=torch.int32, device="cpu"),
+                {s: x[r0:r1] for s, x in part.items()},
             )
     writer.finish()
     return ActivationStore(root)

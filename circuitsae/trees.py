@@ -152,7 +152,7 @@ def _pick_contexts(acts: torch.Tensor, store: ActivationStore, n: int, split: st
     per = int(store.meta["rows_per_context"])
     best = acts.view(-1, per).max(-1)
     ok = (best.values >= acts.max() / 2).nonzero().flatten()
-    chosen = ok[torch.randperm(len(ok), generator=torch.Generator().manual_seed(seed))[:n]].sort().values
+    chosen = ok[torch.randperm(len(ok), generator=torch.Generator().manual_seed(seed), device="cpu")[:n]].sort().values
     return [store.locate(int(c) * per + int(best.indices[c]), split) for c in chosen], len(ok)
 
 
@@ -203,7 +203,7 @@ def causal_tree(
         )
     tokens = store.tokens(split)
     pos = [p for _, p in picked]
-    ids = torch.zeros(len(picked), max(pos) + 1, dtype=torch.long)
+    ids = torch.zeros(len(picked), max(pos) + 1, dtype=torch.long, device="cpu")
     for n, (c, p) in enumerate(picked):  # right padding: causal attention keeps positions <= p exact
         ids[n, : p + 1] = tokens[c, : p + 1]
     ids = ids.to(input_device(model))

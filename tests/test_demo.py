@@ -43,7 +43,9 @@ def test_demo_writes_a_report_with_every_section(demo):
     assert "img" in parser.tags and "svg" in parser.tags  # the plots and the inline circuit diagram
     assert "(not run)" not in page and "not produced" not in page
     saved = json.loads((out / "summary.json").read_text())
-    assert set(saved["saes"]) == {f"{s}-{k}" for s in SMALL["sites"] for k in ("relu-c1", "relu-c4", "relu-c0", "gated-c2")}
+    assert set(saved["saes"]) == {
+        f"{s}-{k}" for s in SMALL["sites"] for k in ("relu-c1", "relu-c4", "relu-c0", "gated-c2")
+    }
     assert {r["method"] for r in saved["ioi"]["rows"]} == {"acdc", "attribution"}
     assert {r["label"].split(" ")[0] for r in saved["ioi"]["rows"]} == {"baseline", "gated", "PCA"}
     assert saved["tree"]["nodes"] >= 1 and (out / "tree" / "causal_tree.svg").is_file()

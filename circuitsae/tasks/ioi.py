@@ -228,25 +228,25 @@ def make_ioi(
 
     width = max(len(r["ids"]) for r in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else start
-    base = torch.full((n, width), pad, dtype=torch.long)
+    base = torch.full((n, width), pad, dtype=torch.long, device="cpu")
     target = base.clone()
     for i, r in enumerate(rows):
-        base[i, : len(r["ids"])] = torch.tensor(r["ids"])
-        target[i, : len(r["tids"])] = torch.tensor(r["tids"])
+        base[i, : len(r["ids"])] = torch.tensor(r["ids"], device="cpu")
+        target[i, : len(r["tids"])] = torch.tensor(r["tids"], device="cpu")
 
     def col(key: str) -> torch.Tensor:
-        return torch.tensor([r[key] for r in rows], dtype=torch.long)
+        return torch.tensor([r[key] for r in rows], dtype=torch.long, device="cpu")
 
     return IOIDataset(
         base=base,
         target=target,
-        lengths=torch.tensor([len(r["ids"]) for r in rows], dtype=torch.long),
+        lengths=torch.tensor([len(r["ids"]) for r in rows], dtype=torch.long, device="cpu"),
         io_token=col("io"),
         s_token=col("s"),
         target_token=col("t"),
         io_position=col("pos"),
-        s1_position=torch.tensor([r["s_pos"][0] for r in rows], dtype=torch.long),
-        s2_position=torch.tensor([r["s_pos"][1] for r in rows], dtype=torch.long),
+        s1_position=torch.tensor([r["s_pos"][0] for r in rows], dtype=torch.long, device="cpu"),
+        s2_position=torch.tensor([r["s_pos"][1] for r in rows], dtype=torch.long, device="cpu"),
         texts=[r["text"] for r in rows],
         target_texts=[r["target_text"] for r in rows],
         templates=[r["template"] for r in rows],
