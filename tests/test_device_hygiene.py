@@ -40,7 +40,9 @@ def _keyword(call: ast.Call, name: str) -> "ast.expr | None":
 @pytest.mark.parametrize("module", HOT)
 def test_tensor_factories_name_their_device(module):
     tree = ast.parse((PACKAGE / module).read_text())
-    missing = [f"{module}:{c.lineno} torch.{c.func.attr}" for c in _torch_calls(tree, FACTORIES) if not _keyword(c, "device")]
+    missing = [
+        f"{module}:{c.lineno} torch.{c.func.attr}" for c in _torch_calls(tree, FACTORIES) if not _keyword(c, "device")
+    ]
     assert not missing, "factories without device= (write device='cpu' for CPU bookkeeping): " + ", ".join(missing)
 
 

@@ -18,7 +18,8 @@ from circuitsae.acdc import acdc
 from circuitsae.cli import main
 from circuitsae.dictionaries import load_dictionary
 from circuitsae.store import store_from_tensors
-from circuitsae.train import Trainer, TrainConfig, train
+from circuitsae.train import TrainConfig, Trainer, train
+
 from fake_cuda import FakeCuda, fake_cuda
 
 SITE = "resid.1"
