@@ -153,8 +153,46 @@ def test_bad_training_input(tmp_path, synthetic):
         TrainConfig(coefficients=(-1.0,))
 
 
+@pytest.mark.parametrize("arch", ["relu", "gated"])
+def test_bf16_autocast_step_matches_float32_gradients(arch):
+    """Under autocast the loss goes through plain autograd (the hand-written backward is float32 only)."""
+    from circuitsae.dictionaries import GatedSAE, ReluSAE
+
+    torch.manual_seed(0)
+    sae = ReluSAE(32, 64, tied=False, decoder_bias=True) if arch == "relu" else GatedSAE(32, 64)
+    x, _ = sparse_data(512)
+    x = x * (32 / x.pow(2).sum(-1).mean()).sqrt()
+    sae.loss(x, 1.0).total.backward()
+    want = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sae.loss(x, 1.0)
+    assert float(loss.mse.detach()) != pytest.approx(float(sae.loss_reference(x, 1.0).mse.detach()), rel=1e-7)
+    loss.total.backward()
+    for n, p in sae.named_parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
+        err = float((p.grad - want[n]).norm() / want[n].norm().clamp_min(1e-12))
+        assert err < 0.05, f"{n}: relative gradient error {err:.3f} under bf16 autocast"
+
+
+def test_bf16_autocast_training_on_the_cpu_gives_the_float32_result(synthetic, tmp_path):
+    """The autocast path (chosen by device type, so it runs here): same SAEs as float32 within bf16 noise."""
+    root, feats = synthetic
+    common = dict(store=str(root), arch=("relu", "gated"), coefficients=(1.0,), expansion=2, batch_size=256,
+                  lr=3e-3, epochs=2, device="cpu", progress=False)  # fmt: skip
+    f32 = train(out=str(tmp_path / "f32"), autocast=False, **common)
+    bf16 = train(out=str(tmp_path / "bf16"), autocast=True, **common)
+    for name, sae in bf16.items():
+        assert sae.W_dec.dtype == torch.float32  # weights (and Adam moments) stay float32 under autocast
+        same = (sae.directions * f32[name].directions).sum(-1)
+        assert float(same.median()) > 0.99, f"{name}: features moved under autocast"
+        assert sae.meta["metrics"]["fvu"] == pytest.approx(f32[name].meta["metrics"]["fvu"], rel=0.05)
+    assert (bf16["resid.0-relu-c1"].directions @ feats.T).max(0).values.mean() >= 0.9
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_training_path(synthetic, tmp_path):
+    """On a real GPU (pytest --device cuda on a GPU machine): bf16 autocast by default, results on the GPU."""
     root, feats = synthetic
     saes = train(
         store=str(root),
@@ -169,7 +207,7 @@ def test_cuda_training_path(synthetic, tmp_path):
         progress=False,
     )
     for sae in saes.values():
-        assert sae.W_dec.device.type == "cpu"  # saved and returned on CPU
+        assert sae.W_dec.device.type == "cuda"  # returned on the training device, saved from there
         assert sae.meta["metrics"]["fvu"] < 0.5
 
 
