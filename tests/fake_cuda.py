@@ -257,9 +257,23 @@ def _forget_cached_device_checks() -> None:
     getattr(cached, "cache_clear", lambda: None)()
 
 
+_DEPTH = [0]
+
+
 @contextlib.contextmanager
 def fake_cuda() -> Iterator[None]:
-    """Inside, ``cuda`` is a device with CUDA's rules and the CPU's values (see the module docstring)."""
+    """Inside, ``cuda`` is a device with CUDA's rules and the CPU's values (see the module docstring).
+
+    Re-entrant: a test that opens it inside a session already on the fake device (``pytest --device fake-cuda``)
+    leaves the outer set-up in place.
+    """
+    if _DEPTH[0]:
+        _DEPTH[0] += 1
+        try:
+            yield
+        finally:
+            _DEPTH[0] -= 1
+        return
     names = ("is_available", "_lazy_init", "is_bf16_supported", "device_count", "current_device", "get_device_name")
     saved = {n: getattr(torch.cuda, n) for n in names}
     overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
@@ -274,15 +288,17 @@ def fake_cuda() -> Iterator[None]:
     torch.autograd.Function.apply = classmethod(_apply)
     _forget_cached_device_checks()  # transformers caches "is CUDA available?": it must see the GPU inside
     _PENDING.clear()
+    _DEPTH[0] = 1
     try:
         with _Dispatch(), _Functions():
             yield
         if _PENDING:
             raise DeviceMismatch(_PENDING[0])
     finally:
+        _DEPTH[0] = 0
         _PENDING.clear()
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
         torch.autograd.Function.apply = classmethod(_APPLY)
         for n, f in saved.items():
             setattr(torch.cuda, n, f)
         _forget_cached_device_checks()
-        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)

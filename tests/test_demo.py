@@ -10,7 +10,7 @@ from circuitsae.errors import CircuitSAEError
 from circuitsae.report import SECTIONS
 
 SMALL = dict(model="tiny-llama", sites=("resid.0", "resid.1"), tokens=3000, ioi_prompts=4, ioi_thresholds=4,
-             tree_contexts=5, branching=2, device="cpu")  # fmt: skip
+             tree_contexts=5, branching=2, model_dtype="float32")  # fmt: skip
 
 
 class _Headings(HTMLParser):
@@ -29,9 +29,9 @@ class _Headings(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, device):
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out=str(out), progress=False, **SMALL)
+    return out, run_demo(out=str(out), progress=False, device=device, **SMALL)
 
 
 def test_demo_writes_a_report_with_every_section(demo):
@@ -52,9 +52,9 @@ def test_demo_writes_a_report_with_every_section(demo):
     assert "report" in one_screen(summary)
 
 
-def test_demo_resumes_without_redoing_finished_steps(demo):
+def test_demo_resumes_without_redoing_finished_steps(demo, device):
     out, first = demo
-    again = run_demo(out=str(out), progress=False, **SMALL)
+    again = run_demo(out=str(out), progress=False, device=device, **SMALL)
     assert again["saes"] == first["saes"]
     assert again["ioi"]["rows"] == first["ioi"]["rows"]  # each IOI curve was read back, not recomputed
     assert again["seconds"]["ioi"] < first["seconds"]["ioi"]

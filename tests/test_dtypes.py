@@ -21,8 +21,8 @@ HALF = [torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(scope="module", params=HALF, ids=["bfloat16", "float16"])
-def half(request):
-    return circuitsae.load_model("tiny-llama", device="cpu", dtype=request.param)
+def half(request, device):
+    return circuitsae.load_model("tiny-llama", device=device, dtype=request.param)
 
 
 @pytest.fixture(scope="module")

@@ -148,11 +148,11 @@ def test_a_feature_that_never_fires_is_an_error_with_its_density(wired):
         feature_activations(d, store, SITE, FEATURE, progress=False)
 
 
-def test_feature_cli(tiny_llama, wired, tmp_path, capsys):
+def test_feature_cli(tiny_llama, wired, tmp_path, capsys, device):
     store, dicts = wired
     dicts[SITE].save(tmp_path / "saes" / f"{SITE}-relu-c1")
     argv = ["feature", f"{SITE}:{FEATURE}", "--dictionaries", str(tmp_path / "saes"), "--contexts", "3"]
-    assert main([*argv, "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "out"), "--device", device, "--model-dtype", "float32"]) == 0
     printed = capsys.readouterr().out
     assert "top contexts:" in printed and "ablation lowers:" in printed
     assert (tmp_path / "out" / f"{SITE}-{FEATURE}-histogram.png").is_file()

@@ -17,13 +17,13 @@ TAUS = np.logspace(-5, -1, 6)
 
 
 @pytest.fixture(scope="module")
-def llama64():
-    return circuitsae.load_model("tiny-llama", device="cpu", dtype="float64")
+def llama64(device):
+    return circuitsae.load_model("tiny-llama", device=device, dtype="float64")
 
 
 @pytest.fixture(scope="module")
-def gpt64():
-    return circuitsae.load_model("tiny-gpt2", device="cpu", dtype="float64")
+def gpt64(device):
+    return circuitsae.load_model("tiny-gpt2", device=device, dtype="float64")
 
 
 @pytest.fixture(scope="module")

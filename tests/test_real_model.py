@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import circuitsae
 from circuitsae import data, sites
 from circuitsae.harvest import harvest
 
@@ -50,3 +51,46 @@ def test_smollm2_harvest_on_embedded_corpus(smollm2, tmp_path):
     assert torch.allclose(x, direct[:, 1:].reshape(-1, 576), atol=1e-4)
     # the start token is the outlier it is said to be, which is why it is excluded
     assert direct[:, 0].norm(dim=-1).mean() > 5 * direct[:, 1:].norm(dim=-1).mean()
+
+
+# -- Gemma 3 270M: the second real family -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gemma3(device):
+    return circuitsae.load_model("gemma3-270m", device=device, dtype="float32")
+
+
+def test_gemma3_architecture_and_sites(gemma3):
+    cfg = gemma3._module.config
+    assert cfg.model_type == "gemma3_text" and sites.n_layers(gemma3) == 18 and sites.d_model(gemma3) == 640
+    assert "sliding_attention" in cfg.layer_types and "full_attention" in cfg.layer_types
+    # attn.L / mlp.L are what the sub-blocks add to the residual: the outputs of Gemma's post-norms
+    assert sites.path(gemma3, "attn.4") == "model.layers.4.post_attention_layernorm"
+    assert sites.path(gemma3, "mlp.4") == "model.layers.4.post_feedforward_layernorm"
+
+
+def test_gemma3_contexts_start_with_its_own_bos_once(gemma3):
+    tok = gemma3.tokenizer
+    assert tok("Hi").input_ids[0] == tok.bos_token_id == 2  # the tokenizer adds BOS by default
+    ctx = data.contexts(tok, 3, 32, "sotu", "train")
+    assert (ctx[:, 0] == 2).all() and (ctx[:, 1:] != 2).all()  # one BOS, put there by circuitsae, not doubled
+    ioi = circuitsae.make_ioi(gemma3, n=4)
+    assert (ioi.base[:, 0] == 2).all() and (ioi.base[:, 1] != 2).all()
+
+
+def test_gemma3_does_ioi_and_the_fast_evaluator_reproduces_it(gemma3):
+    import warnings
+
+    from circuitsae.downstream import make_evaluator
+    from circuitsae.patching import feature_deltas
+
+    ds = circuitsae.make_ioi(gemma3, n=20, seed=0)
+    perf = circuitsae.ioi_performance(gemma3, ds)
+    assert perf["accuracy"] >= 0.9 and perf["logit_diff"] > 1.0  # IO beats S
+    sae = circuitsae.ReluSAE(640, 1280)
+    sae.meta = {"site": "resid.12", "model": "gemma3-270m", "first_position": 1}
+    sub = ds.subset(range(6))
+    fd = feature_deltas(gemma3, sae, "resid.12", sub.base, sub.target, lengths=sub.lengths)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the block-only path must reproduce the real model (no fallback)
+        ev = make_evaluator(gemma3, fd, sub.base)
+    assert ev.name == "downstream"

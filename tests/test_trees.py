@@ -169,13 +169,13 @@ def test_missing_dot_binary_still_writes_dot_and_json(tree, tmp_path, monkeypatc
     assert (tmp_path / "t.dot").is_file() and (tmp_path / "t.json").is_file() and not (tmp_path / "t.svg").exists()
 
 
-def test_tree_cli(tiny_llama, wired, tmp_path, capsys):
+def test_tree_cli(tiny_llama, wired, tmp_path, capsys, device):
     store, dicts = wired
     for site, d in dicts.items():
         d.save(tmp_path / "saes" / f"{site}-relu-c1")
     out = tmp_path / "tree" / "t"
     argv = ["tree", "resid.2:7", "--dictionaries", str(tmp_path / "saes"), "--depth", "1", "--contexts", "1000"]
-    assert main([*argv, "--out", str(out), "--device", "cpu"]) == 0
+    assert main([*argv, "--out", str(out), "--device", device, "--model-dtype", "float32"]) == 0
     printed = capsys.readouterr()
     assert "causal tree of resid.2:7" in printed.out and "resid.1:3" in printed.out
     assert re.search(r"(^|\r)circuitsae: warning: only \d+ contexts have resid.2:7 in \[M/2, M\]", printed.err, re.M)
