@@ -266,7 +266,7 @@ class Trainer:
         k = self.step_count
         losses = []
         for run in self.runs:
-            x = batch[run.site]
+            x = batch[run.site].to(self.device)  # a no-op for the trainer's own batches
             for g in run.optimizer.param_groups:
                 g["lr"] = run.lr * self.lr_factor(k)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):

@@ -99,8 +99,9 @@ def _wrap_like(out: Any, args: Any, kwargs: Any) -> Any:
 _MOVES = {Tensor.to, Tensor.cuda, Tensor.cpu}
 _COPIES = {Tensor.copy_}
 _INDEXING = {Tensor.__getitem__, Tensor.__setitem__, Tensor.index_put_, Tensor.index_put, torch.index_put}
-#: attributes answered by the CPU values (autograd state lives there), not by the wrapper
-_FROM_VALUES = {"requires_grad", "grad", "grad_fn", "is_leaf", "data", "_base", "_version", "retains_grad"}
+#: attributes the wrapper answers itself; every other attribute (grad, data, T...) comes from the CPU values,
+#: where autograd lives
+_METADATA = {"device", "is_cuda", "is_cpu", "is_meta", "shape", "dtype", "layout", "ndim", "names"}
 #: functions about the tensor objects themselves, called as they are
 _AS_IS = {torch._has_compatible_shallow_copy_type, Tensor.__repr__}
 _HOST = {"tolist", "item", "__float__", "__int__", "__index__", "__bool__", "__len__", "__format__", "__repr__"}
@@ -182,17 +183,17 @@ class _Functions(TorchFunctionMode):
             prop = (
                 getattr(getattr(func, "__self__", None), "__name__", None) if name in ("__get__", "__set__") else None
             )
-            if prop in _FROM_VALUES and name == "__get__":
+            if prop in _METADATA:
+                return func(*args, **kwargs)  # device, shape, dtype...: the wrapper's own (it says cuda)
+            if prop is not None and name == "__get__":  # grad, data, T, mT...: from the values, autograd included
                 value = getattr(self_.elem, prop)
                 return FakeCuda(value) if isinstance(value, Tensor) else value
-            if prop in _FROM_VALUES and name == "__set__":
+            if prop is not None:
                 value = args[1]
                 if isinstance(value, Tensor) and _cpu([value]):
                     raise DeviceMismatch(f"assigning a cpu tensor to .{prop} of a cuda:0 tensor")
                 setattr(self_.elem, prop, _unwrap(value))
                 return None
-            if prop is not None:
-                return func(*args, **kwargs)  # shape, dtype, device...: the wrapper's own metadata
         elif name == "pin_memory" and isinstance(self_, Tensor):
             return self_  # page-locked memory needs a driver; what follows (the copy to cuda) is what matters
         device = kwargs.get("device")
@@ -217,6 +218,9 @@ def _dispatch(func: Any, args: Any, kwargs: dict) -> Any:
     if _fake(flat) and func is not torch.ops.aten.copy_.default and _cpu(flat):
         # raising here could unwind through a CUDA device guard and abort the process: record, raise later
         _PENDING.append(f"{func}: a cpu tensor met a cuda:0 tensor{_where()}")
+    if torch.is_grad_enabled() and any(isinstance(t, FakeCuda) and t.elem.requires_grad for t in flat):
+        # below autograd: a gradient through here would be silently lost, so this is an error of the harness
+        _PENDING.append(f"{func} reached the dispatcher with a tensor that needs a gradient{_where()}")
     out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
     if func is torch.ops.aten.copy_.default:
         return args[0]

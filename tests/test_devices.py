@@ -66,7 +66,7 @@ def test_patch_features_with_a_cpu_dictionary_on_a_cuda_model(tiny_llama, ioi, s
         logits = got.logits.cpu()
     assert got.kl == pytest.approx(want.kl, rel=1e-5, abs=1e-7)
     assert got.edit_magnitude == pytest.approx(want.edit_magnitude, rel=1e-5)
-    torch.testing.assert_close(logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, want.logits.cpu(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("engine", ["downstream", "hook"])
@@ -112,7 +112,7 @@ def test_evaluators_build_positions_masks_and_indices_on_the_device(tiny_llama, 
         got = exercise(lm, dataclasses.replace(fd, **moved))
     assert got[0] == want[0] == engine
     for a, b in zip(got[1:], want[1:]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -172,7 +172,7 @@ def test_public_api_with_a_cuda_model(tiny_llama, wired, saved_sae, ioi):
         with pytest.raises(CircuitSAEError, match="meta device.*cuda") as err:
             circuitsae.patch_features(lm, meta, SITE, ioi.base, ioi.target, [1])
         assert "\n" not in str(err.value)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want.cpu(), rtol=1e-5, atol=1e-5)
     assert [t for t, _ in report.logit_effect["down"]] == [t for t, _ in report_want.logit_effect["down"]]
     assert [t for t, _ in report.unembed["top"]] == [t for t, _ in report_want.unembed["top"]]
 
@@ -214,7 +214,7 @@ def test_training_on_cuda_resumes_and_equals_the_cpu(small_store, tmp_path):
         got = {k: {n: t.cpu() for n, t in s.state_dict().items()} | {"meta": s.meta["metrics"]} for k, s in got.items()}
     for name, sae in want.items():
         for n, t in sae.state_dict().items():
-            torch.testing.assert_close(got[name][n], t, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[name][n], t.cpu(), rtol=1e-5, atol=1e-6)
         assert got[name]["meta"]["fvu"] == pytest.approx(sae.meta["metrics"]["fvu"], rel=1e-4)
 
 

@@ -65,7 +65,7 @@ def test_modules_autograd_and_custom_functions_run_on_the_cpu_values():
     with fake_cuda():
         lin.to("cuda")
         assert lin.weight.device.type == "cuda" and isinstance(lin.weight, torch.nn.Parameter)
-        out = lin(x.cuda()).pow(2).sum()
+        out = (x.cuda() @ lin.weight.T + lin.bias).pow(2).sum()  # .T: an attribute that must keep autograd
         out.backward()
         assert lin.weight.grad.device.type == "cuda"
         torch.testing.assert_close(lin.weight.grad.cpu(), want)

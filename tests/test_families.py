@@ -44,7 +44,7 @@ def _sae(lm, site):
 def test_the_sub_blocks_add_up_to_the_residual_stream(lm, ioi):
     """resid.L = resid.(L-1) + attn.L + mlp.L: attn/mlp sites are what each sub-block adds (post-norm for Gemma)."""
     names = ["resid.0", "attn.1", "mlp.1", "resid.1", "attn.2", "mlp.2", "resid.2"]
-    got = record(lm._module, ioi.base, names)
+    got = record(lm._module, ioi.base.to(lm._module.device), names)
     for layer in (1, 2):
         parts = got[f"resid.{layer - 1}"] + got[f"attn.{layer}"] + got[f"mlp.{layer}"]
         torch.testing.assert_close(parts, got[f"resid.{layer}"], rtol=0, atol=1e-10)
@@ -110,7 +110,7 @@ def test_acdc_runs_on_every_family(lm, ioi):
 
 
 def test_tree_segments_equal_full_passes(lm, ioi):
-    ids = ioi.base
+    ids = ioi.base.to(lm._module.device)
     xs = record(lm._module, ids, ["resid.0", "resid.2"])
     seg = _Segment(lm, "resid.0", "resid.2")
     assert seg.engine == ("downstream" if circuitsae.models.model_name(lm) in FAST else "hook")

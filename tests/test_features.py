@@ -33,8 +33,9 @@ def acts(wired):
 
 def test_activations_are_the_codes_of_every_stored_row(wired, acts):
     store, dicts = wired
-    want = dicts[SITE].encode(store.activations(SITE, "train"))[:, FEATURE]
-    torch.testing.assert_close(acts, want.detach())
+    d = dicts[SITE]
+    want = d.encode(store.activations(SITE, "train").to(d.W_dec.device))[:, FEATURE]
+    torch.testing.assert_close(acts, want.detach().cpu())
     assert (acts > 0).any() and (acts == 0).any()
 
 
@@ -90,6 +91,7 @@ def test_logit_effect_is_the_mean_change_at_firing_positions(tiny_llama, wired):
     d, ids = dicts[SITE], store.tokens("train")[:4]
     res = logit_effect(tiny_llama, d, SITE, ids, FEATURE, k=5, batch_size=3)
     hf = tiny_llama._module
+    ids = ids.to(hf.device)
     with torch.no_grad():
         clean = hf(input_ids=ids).logits.log_softmax(-1)
         with site_hook(tiny_llama, SITE, lambda x: ablate(d, x, FEATURE, start=1)):
@@ -97,7 +99,7 @@ def test_logit_effect_is_the_mean_change_at_firing_positions(tiny_llama, wired):
         x = record(hf, ids, [SITE])[SITE]
     fires = d.encode(x)[..., FEATURE] > 0
     fires[:, 0] = False
-    mean = (ablated - clean)[fires].mean(0)
+    mean = (ablated - clean)[fires].mean(0).cpu()
     assert res["positions"] == int(fires.sum())
     tok = tiny_llama.tokenizer
     assert [t for t, _ in res["down"]] == [tok.decode([int(i)]) for i in mean.argsort()[:5]]
@@ -109,7 +111,7 @@ def test_logit_effect_is_the_mean_change_at_firing_positions(tiny_llama, wired):
 def test_decoder_unembed_reads_the_direction_through_the_final_norm(tiny_models, name):
     model = tiny_models[name]
     hf = model._module
-    d = circuitsae.ReluSAE(64, 8)
+    d = circuitsae.ReluSAE(64, 8).to(hf.device)
     norm = hf.model.norm if name == "tiny-llama" else hf.transformer.ln_f
     saved = norm.bias.detach().clone() if name == "tiny-gpt2" else None
     if saved is not None:
@@ -119,6 +121,7 @@ def test_decoder_unembed_reads_the_direction_through_the_final_norm(tiny_models,
     with torch.no_grad():
         logits = hf.get_output_embeddings().weight @ (norm(f) - norm(torch.zeros_like(f)))
     res = decoder_unembed(model, d, 2, k=4)
+    logits = logits.cpu()
     assert [t for t, _ in res["top"]] == [model.tokenizer.decode([int(i)]) for i in logits.argsort(descending=True)[:4]]
     assert res["bottom"][0][1] == pytest.approx(float(logits.min()), rel=1e-5)
     if saved is not None:

@@ -52,14 +52,14 @@ def test_roundtrip_equals_direct_forward(tiny_llama, text_corpus, tmp_path):
         got = {}
         h = mod.register_forward_hook(lambda m, i, o: got.__setitem__("x", o[0] if isinstance(o, tuple) else o))
         with torch.no_grad():
-            hf(toks)
+            hf(toks.to(hf.device))
         h.remove()
-        want = got["x"][:, 1:].reshape(-1, 64)
+        want = got["x"][:, 1:].reshape(-1, 64).cpu()
         stored = st.activations(name, "train")
         assert torch.allclose(stored, want, atol=1e-5), name
         # locate() maps a row back to its token
         ctx, pos = st.locate(123)
-        assert torch.allclose(stored[123], got["x"][ctx, pos], atol=1e-5)
+        assert torch.allclose(stored[123], got["x"][ctx, pos].cpu(), atol=1e-5)
 
 
 def test_float16_and_bfloat16_storage(tiny_llama, text_corpus, tmp_path):

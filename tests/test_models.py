@@ -14,8 +14,8 @@ def test_tiny_models_load_deterministically(tiny_models, name):
     assert model_name(lm) == name
     again = circuitsae.load_model(name, device="cpu")
     for (k, a), (_, b) in zip(lm._module.state_dict().items(), again._module.state_dict().items()):
-        assert torch.equal(a, b), k
-    ids = lm.tokenizer("Hello world", return_tensors="pt").input_ids
+        assert torch.equal(a.cpu(), b), k
+    ids = lm.tokenizer("Hello world", return_tensors="pt").input_ids.to(lm._module.device)
     with torch.no_grad():
         logits = lm._module(ids).logits
     assert logits.shape == (1, ids.shape[1], len(lm.tokenizer))
@@ -27,7 +27,7 @@ def test_local_folder_roundtrip(tiny_llama, tmp_path):
     lm = circuitsae.load_model(str(tmp_path / "m"), device="cpu")
     ids = torch.tensor([[1, 500, 600, 700]])
     with torch.no_grad():
-        assert torch.allclose(lm._module(ids).logits, tiny_llama._module(ids).logits)
+        assert torch.allclose(lm._module(ids).logits, tiny_llama._module(ids.to(tiny_llama.device)).logits.cpu())
     assert model_name(lm) == str(tmp_path / "m")
 
 

@@ -54,7 +54,9 @@ def _dicts(model, prompts, site=SITE):
     out = {
         "relu": relu,
         "gated": circuitsae.GatedSAE(64, 48).double(),
-        "pca": circuitsae.PCADictionary.fit(torch.cat([x, torch.randn(128, 64, dtype=x.dtype)])).double(),
+        "pca": circuitsae.PCADictionary.fit(
+            torch.cat([x, torch.randn(128, 64, dtype=x.dtype, device=x.device)])
+        ).double(),
         "identity": circuitsae.IdentityDictionary(64).double(),
     }
     for d in out.values():
@@ -95,14 +97,16 @@ def test_patch_is_the_formula_at_the_site(llama64, prompts):
     sae = _dicts(llama64, prompts)["relu"]
     feats = [0, 5, 7, 20]
     x, xt = _site_acts(llama64, base).reshape(5, 9, 64), _site_acts(llama64, target).reshape(5, 9, 64)
+    x, xt = x.cpu(), xt.cpu()  # the formula, computed by hand on the CPU
     dc = sae.encode(xt) - sae.encode(x)
     x_new = x.clone()
     x_new[:, 1:] += dc[:, 1:, feats] @ sae.W_dec[feats]
     with llama64.trace(base):
-        sites.read(llama64, SITE)[:] = x_new
+        sites.read(llama64, SITE)[:] = x_new.to(llama64.device)
         logits = llama64.output.logits.save()
     r = patch_features(llama64, sae, SITE, base, target, feats, lengths=lengths)
-    torch.testing.assert_close(r.logits, logits[torch.arange(5), lengths - 1].detach(), rtol=0, atol=1e-10)
+    want = logits.detach().cpu()[torch.arange(5), lengths - 1]
+    torch.testing.assert_close(r.logits.cpu(), want, rtol=0, atol=1e-10)
     norms = (x_new - x).norm(dim=-1)
     valid = (torch.arange(9)[None] >= 1) & (torch.arange(9)[None] < lengths[:, None])
     assert r.edit_magnitude == pytest.approx(float(norms[valid].mean().detach()), rel=1e-10)

@@ -34,10 +34,16 @@ def test_out_of_range_lists_valid_layers(tiny_llama):
 def _hooked(model, module, ids):
     """Output of ``module`` on ``ids`` by a plain PyTorch forward hook."""
     got = {}
-    h = module.register_forward_hook(lambda m, i, o: got.setdefault("x", o[0] if isinstance(o, tuple) else o))
-    with torch.no_grad():
-        model(ids)
-    h.remove()
+
+    def hook(m, i, o):
+        got.setdefault("x", o[0] if isinstance(o, tuple) else o)
+
+    h = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        h.remove()
     return got["x"]
 
 
@@ -52,7 +58,7 @@ def _hooked(model, module, ids):
 def test_sites_read_the_right_module(tiny_models, arch, blocks, attn):
     lm = tiny_models[arch]
     hf = lm._module
-    ids = torch.randint(0, 1000, (2, 9))
+    ids = torch.randint(0, 1000, (2, 9)).to(hf.device)
     want = {
         "attn.1": _hooked(hf, getattr(blocks(hf)[1], attn), ids),
         "mlp.1": _hooked(hf, blocks(hf)[1].mlp, ids),

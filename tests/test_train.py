@@ -41,7 +41,7 @@ def test_training_recovers_known_sparse_features(synthetic, tmp_path):
     }
     assert saes["paper"].config() == {"d": 32, "d_dict": 64, "tied": True, "decoder_bias": False}
     for name, sae in saes.items():
-        mmcs = (sae.directions @ feats.T).max(0).values.mean()  # best match for each true feature
+        mmcs = (sae.directions.cpu() @ feats.T).max(0).values.mean()  # best match for each true feature
         assert mmcs >= 0.9, f"{name}: mean max cosine similarity {mmcs:.3f}"
     relu, gated = saes["untied"].meta["metrics"], saes["gated"].meta["metrics"]
     assert relu["gamma"] < 0.97 < gated["gamma"] < 1.05  # L1 shrinks, the gate does not (Gated paper)
@@ -51,12 +51,12 @@ def test_training_recovers_known_sparse_features(synthetic, tmp_path):
 def test_feature_rows_stay_unit_norm(synthetic, tmp_path):
     root, _ = synthetic
     tr = Trainer(TrainConfig(store=str(root), out=str(tmp_path), expansion=1, batch_size=128, lr=1e-2), progress=False)
-    batches = ActivationStore(root).batches("resid.0", 128)
+    batches = ActivationStore(root).batches("resid.0", 128, device=tr.device)
     for _ in range(20):
         tr.step({"resid.0": next(batches)})
     for run in tr.runs:
         for w in run.sae.constrained():
-            torch.testing.assert_close(w.norm(dim=-1), torch.ones(w.shape[0]), atol=1e-5, rtol=0)
+            torch.testing.assert_close(w.norm(dim=-1).cpu(), torch.ones(w.shape[0]), atol=1e-5, rtol=0)
 
 
 def _cfg(root, out, **kw):
@@ -234,6 +234,8 @@ def test_killed_training_process_resumes_to_the_same_result(synthetic, tmp_path)
         "2",
         "--checkpoint-every",
         "20",
+        "--device",  # kill and resume are the point here; devices are test_devices.py's
+        "cpu",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
@@ -250,7 +252,8 @@ def test_killed_training_process_resumes_to_the_same_result(synthetic, tmp_path)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = torch.load(tmp_path / "k" / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < killed_at < 2 * 195  # a mid-run checkpoint (195 batches per epoch)
-    same = dict(store=str(root), arch=("relu", "gated"), expansion=2, batch_size=256, epochs=2, checkpoint_every=20)
+    same = dict(store=str(root), arch=("relu", "gated"), expansion=2, batch_size=256, epochs=2, checkpoint_every=20,
+                device="cpu")  # fmt: skip
     resumed = train(out=str(tmp_path / "k"), progress=False, **same)
     full = train(out=str(tmp_path / "f"), progress=False, **same)
     for name in full:

@@ -53,7 +53,7 @@ def test_effects_equal_full_model_ablations(tiny_llama, wired):
     store, dicts = wired
     g = causal_tree(tiny_llama, dicts, ("resid.1", 3), depth=1, branching=2, contexts=5, progress=False)
     hf = tiny_llama._module
-    acts = dicts["resid.1"].encode(store.activations("resid.1", "train"))[:, 3]
+    acts = dicts["resid.1"].encode(store.activations("resid.1", "train").to(hf.device))[:, 3].cpu()
     best = acts.view(-1, 15).max(-1)
     ok = (best.values >= acts.max() / 2).nonzero().flatten()
     chosen = ok[torch.randperm(len(ok), generator=torch.Generator().manual_seed(0))[:5]].sort().values
@@ -61,7 +61,7 @@ def test_effects_equal_full_model_ablations(tiny_llama, wired):
         i, total = g.nodes[u]["feature"], 0.0
         for c in chosen.tolist():
             p = 1 + int(best.indices[c])
-            ids = store.tokens("train")[c : c + 1, : p + 1]
+            ids = store.tokens("train")[c : c + 1, : p + 1].to(hf.device)
             clean = dicts["resid.1"].encode(record(hf, ids, ["resid.1"])["resid.1"])[0, p, 3]
             with site_hook(tiny_llama, "resid.0", lambda x: ablate(dicts["resid.0"], x, i, start=1)):
                 ablated = dicts["resid.1"].encode(record(hf, ids, ["resid.1"])["resid.1"])[0, p, 3]
@@ -82,8 +82,9 @@ def test_hook_engine_gives_the_same_tree(tiny_llama, wired, tree, monkeypatch):
 def test_less_than_rank_one_ablation_removes_exactly_c_f(tiny_llama, wired):
     store, dicts = wired
     d, i = dicts["resid.0"], 5
-    ids = store.tokens("train")[:3]
     hf = tiny_llama._module
+    ids = store.tokens("train")[:3].to(hf.device)
+    d.to(hf.device)
     x = record(hf, ids, ["resid.0"])["resid.0"]
     seen = {}
     with site_hook(tiny_llama, "resid.0", lambda out: ablate(d, out, i, start=1)):
@@ -93,7 +94,7 @@ def test_less_than_rank_one_ablation_removes_exactly_c_f(tiny_llama, wired):
         finally:
             h.remove()
     c = d.encode(x)[..., i]
-    fires = (c > 0) & (torch.arange(16) >= 1)
+    fires = (c > 0) & (torch.arange(16, device=c.device) >= 1)
     want = torch.where(fires[..., None], x - c[..., None] * d.W_dec[i], x)
     torch.testing.assert_close(seen["x"], want, rtol=0, atol=1e-6)
     assert torch.equal(seen["x"][~fires], x[~fires]) and fires.sum() > 10

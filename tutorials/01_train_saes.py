@@ -121,10 +121,11 @@ ids = store.tokens("heldout")[:4]
 clean = circuitsae.run_spliced(lm, ids, {})
 spliced = circuitsae.run_spliced(lm, ids, {SITE: sae})
 ce = torch.nn.functional.cross_entropy
-ce_clean = float(ce(clean[:, 1:-1].flatten(0, 1).float(), ids[:, 2:].flatten()))
-ce_sae = float(ce(spliced[:, 1:-1].flatten(0, 1).float(), ids[:, 2:].flatten()))
+targets = ids[:, 2:].flatten().to(clean.device)  # the logits are where the model runs (a GPU, if there is one)
+ce_clean = float(ce(clean[:, 1:-1].flatten(0, 1).float(), targets))
+ce_sae = float(ce(spliced[:, 1:-1].flatten(0, 1).float(), targets))
 print(f"next-token CE on 4 held-out contexts: clean {ce_clean:.3f}, with the gated SAE spliced at {SITE} {ce_sae:.3f}")
 
 x = store[SITE].heldout()[:1000]
-codes = sae.encode(x.float())
+codes = sae.encode(x.to(sae.W_dec.device))  # run_spliced put the SAE on the model's device
 print(f"the gated SAE's codes: {int((codes > 0).sum(1).float().mean())} of {sae.d_dict} features active per token")

@@ -90,7 +90,7 @@ def codes_at_end(ids):
     with lm.trace(ids):
         x = sites.read(lm, SITE).save()
     x = x.detach()[torch.arange(len(ds)), ds.end_position]
-    return sae.encode(x.float())
+    return sae.encode(x.to(sae.W_dec.device, torch.float32))  # the SAE's device and dtype, whatever the model's
 
 
 change = (codes_at_end(ds.target) - codes_at_end(ds.base)).abs().sum(0)

@@ -39,7 +39,11 @@ class PCADictionary(Dictionary):
     @classmethod
     @torch.no_grad()
     def fit(cls, x: "torch.Tensor | Any", site: "str | None" = None, max_rows: "int | None" = None) -> PCADictionary:
-        """Fit on a tensor ``[n, d]`` or on the train split of an :class:`ActivationStore` (streamed, float64)."""
+        """Fit on a tensor ``[n, d]`` or on the train split of an :class:`ActivationStore` (streamed, float64).
+
+        The sums are taken where the activations are (a GPU tensor is fitted on the GPU); the fitted
+        dictionary is on the CPU, like every freshly made one.
+        """
         if isinstance(x, torch.Tensor):
             chunks, d, meta = [x], x.shape[-1], {}
         else:
@@ -56,7 +60,7 @@ class PCADictionary(Dictionary):
                     "first_position": int(store.meta["first_position"]),
                 },
             )
-        n, s1, s2 = 0, torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+        n, s1, s2 = 0, 0.0, 0.0
         for c in chunks:
             c = c.reshape(-1, d).double()
             n, s1, s2 = n + c.shape[0], s1 + c.sum(0), s2 + c.T @ c
@@ -66,7 +70,7 @@ class PCADictionary(Dictionary):
         cov = (s2 - n * torch.outer(mean, mean)) / (n - 1)
         evals, evecs = torch.linalg.eigh(cov)  # ascending: flip to decreasing variance
         evals, evecs = evals.flip(0), evecs.flip(1)
-        pca = cls(d)
+        pca = cls(d)  # on the CPU; copy_ brings the fitted values over from wherever they were computed
         pca.W_dec.copy_(evecs.T.float())
         pca.b_dec.copy_(mean.float())
         pca.explained_variance.copy_(evals.clamp_min(0).float())
