@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--pca-tokens", type=int, default=20_000, help="activations the PCA rotation is fitted on")
     ap.add_argument("--work", default="runs/precision")
     args = ap.parse_args()
+    if args.dtypes[0] != "float32":
+        ap.error("the first dtype must be float32: the others are compared with it")
     rows = []
     for name in args.models:
         store = circuitsae.harvest(model=circuitsae.load_model(name, device="cpu", dtype="float32"),

@@ -33,7 +33,8 @@ EXAMPLES = {
     "  circuitsae tree resid.5:123 --dictionaries runs/saes/resid.3-relu-c1 runs/saes/resid.4-relu-c1 "
     "runs/saes/resid.5-relu-c1 --branching 2 --contexts 10",
     "demo": "examples:\n  circuitsae demo                                # the embedded defaults, ~30 min on 2 CPU cores\n"
-    "  circuitsae demo --scale 2.5 --device cuda     # the paper's 50 IOI prompts and thresholds, 500k tokens",
+    "  circuitsae demo --model gemma3-270m           # the same on Gemma 3 270M (resid.12-15)\n"
+    "  circuitsae demo --scale 5 --ioi-dense-acdc --device cuda --model-dtype float32   # paper-sized, on a GPU",
 }
 
 

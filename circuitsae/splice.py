@@ -107,8 +107,9 @@ def splice_sites(
     Sites are visited in forward order.
     """
     order = sites_mod.resolve(model, list(dictionaries))
+    placed = {str(s): check_dictionary(model, s, dictionaries[str(s)]) for s in order}  # before any tensor meets one
     for site in order:
-        dictionary = dictionaries[str(site)]
+        dictionary = placed[str(site)]
         s = default_start(dictionary) if start is None else start
         x = sites_mod.read(model, site)[:, s:]
         x_hat = dictionary(x.to(dictionary.W_dec.dtype)).x_hat

@@ -29,6 +29,8 @@ def _err(capsys, argv):
             "cannot write to output folder",
         ),
         (["harvest", "--bogus"], "unrecognized arguments"),
+        (["harvest", "--model-dtype", "float8"], "invalid choice: 'float8'"),
+        (["harvest", "--model", "tiny-llama", "--device", "tpu", "--out", "{tmp}/o"], "unknown device 'tpu'"),
         (["frobnicate"], "invalid choice"),
     ],
 )

@@ -132,6 +132,15 @@ def test_causal_tree_on_cuda_equals_the_cpu(tiny_llama, wired, fast, monkeypatch
         assert got.edges[u, v]["effect"] == pytest.approx(e["effect"], rel=1e-4, abs=1e-6)
 
 
+def test_pca_fits_where_its_activations_are():
+    x = torch.randn(500, 8, dtype=torch.float64) @ torch.randn(8, 8, dtype=torch.float64)
+    want = circuitsae.PCADictionary.fit(x)
+    with fake_cuda():
+        got = circuitsae.PCADictionary.fit(x.cuda())
+    assert got.W_dec.device.type == "cpu"  # a fresh dictionary, like every other; placed when used
+    torch.testing.assert_close(got.explained_variance, want.explained_variance)
+
+
 def test_store_batches_arrive_on_the_device(wired):
     store, _ = wired
     want = list(store.batches("resid.0", 64, seed=3))
