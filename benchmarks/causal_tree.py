@@ -19,6 +19,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from circuitsae.render import render  # noqa: E402
 from circuitsae.store import ActivationStore  # noqa: E402
 from circuitsae.trees import causal_tree  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def main() -> None:
@@ -53,15 +55,16 @@ def main() -> None:
     report = analyse_feature(model, dicts[site], store, pick["feature"], site)
     t_feature = time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
-    paths = report.write(RESULTS / "causal_tree_feature")
-    for kind in ("histogram", "logit_effect"):
-        shutil.copy(paths[kind], RESULTS / f"causal_tree_feature-{kind}.png")
+    with tempfile.TemporaryDirectory() as tmp:  # the report's own folder is not a result: its two plots are
+        paths = report.write(Path(tmp) / "causal_tree_feature")
+        for kind in ("histogram", "logit_effect"):
+            shutil.copy(paths[kind], RESULTS / f"causal_tree_feature-{kind}.png")
     print(report.summary())
     t0 = time.perf_counter()
     graph = causal_tree(model, dicts, (site, pick["feature"]), depth=args.depth, branching=args.branching,
                         contexts=args.contexts)  # fmt: skip
     t_tree = time.perf_counter() - t0
-    files = render(graph, RESULTS / "causal_tree")
+    files = {k: str(Path(v).resolve().relative_to(ROOT)) for k, v in render(graph, RESULTS / "causal_tree").items()}
     timing = {
         "machine": describe(),
         "target": f"{site}:{pick['feature']}",

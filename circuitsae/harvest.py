@@ -38,7 +38,9 @@ class HarvestConfig:
     corpus: str = option(data.DEFAULT_CORPUS, "corpus: mix, sotu, bbc, a folder, a .txt/.jsonl file, or a HF dataset")
     ctx_len: int = option(128, "tokens per context, the start token included")
     batch_size: int = option(16, "contexts per forward pass")
-    dtype: str = option("float16", "storage dtype: float16, bfloat16 or float32")
+    dtype: str | None = option(
+        None, "storage dtype: float16, bfloat16 or float32 (default: float16; bfloat16 for families that overflow it)"
+    )
     seed: int = option(0, "seed of the document and context order")
     heldout_tokens: int | None = option(None, "tokens to store from the held-out split (default: 5%% of --tokens)")
     heldout_fraction: float = option(0.05, "fraction of documents reserved for the held-out split")
@@ -54,7 +56,10 @@ class HarvestConfig:
             (self.ctx_len >= 2, f"ctx_len must be >= 2, got {self.ctx_len}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.shard_contexts >= 1, f"shard_contexts must be >= 1, got {self.shard_contexts}"),
-            (self.dtype in STORE_DTYPES, f"dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}"),
+            (
+                self.dtype is None or self.dtype in STORE_DTYPES,
+                f"dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}",
+            ),
             (self.heldout_tokens is None or self.heldout_tokens >= 0, "heldout_tokens must be >= 0"),
             (0 <= self.heldout_fraction < 1, "heldout_fraction must be in [0, 1)"),
             (len(self.sites) > 0, "name at least one site, e.g. resid.3"),
@@ -89,6 +94,21 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _storable(x: torch.Tensor, site: str, dtype: str) -> torch.Tensor:
+    """``x`` in the storage dtype; raises (before anything is written) if a value is not finite there."""
+    stored = x.to(STORE_DTYPES[dtype][1])
+    if not bool(torch.isfinite(stored).all()):
+        if not bool(torch.isfinite(x).all()):
+            raise CircuitSAEError(
+                f"the model produced NaN or inf at {site} (a float16 model overflowing? use --model-dtype bfloat16)"
+            )
+        raise CircuitSAEError(
+            f"activations at {site} reach {float(x.abs().max()):.3g}, beyond {dtype}'s range "
+            f"({torch.finfo(STORE_DTYPES[dtype][1]).max:.3g}): harvest with --dtype bfloat16 into a new --out"
+        )
+    return stored
 
 
 @torch.no_grad()
@@ -126,6 +146,8 @@ def harvest(
         model = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     cfg.model = model_name(model)
     cfg.model_dtype = dtype_name(model)
+    if cfg.dtype is None:  # float16 halves the store, unless the family's activations do not fit it (Gemma)
+        cfg.dtype = "bfloat16" if sites_mod.layout(model).float16_overflows else "float16"
     sites = sites_mod.resolve(model, cfg.sites)
     cfg.sites = tuple(str(s) for s in sites)
     tok = model.tokenizer
@@ -178,7 +200,9 @@ def harvest(
                     batch = shard_ids[b : b + cfg.batch_size]
                     r0, r1 = b * cfg.rows_per_context, (b + batch.shape[0]) * cfg.rows_per_context
                     for k, a in record(model, sites, batch.to(device)).items():
-                        buf[k][r0:r1] = to_numpy(a[:, first:].reshape(-1, a.shape[-1]), cfg.dtype)
+                        buf[k][r0:r1] = to_numpy(
+                            _storable(a[:, first:].reshape(-1, a.shape[-1]), k, cfg.dtype), cfg.dtype
+                        )
                     bar.update(batch.shape[0] * cfg.rows_per_context)
                 writer.write_shard(split, i, i * cfg.shard_contexts, shard_ids, buf)
                 del buf

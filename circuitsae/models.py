@@ -244,13 +244,33 @@ BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
 }
 
 
-def default_dtype(device: "str | torch.device | None" = None) -> torch.dtype:
+def default_dtype(device: "str | torch.device | None" = None, model_type: "str | None" = None) -> torch.dtype:
     """The model dtype used when none is given: float32 on the CPU (exact, and the CPU has no fast bf16 matmul);
-    bfloat16 on CUDA (half the memory, the tensor cores' type), float16 on a GPU without bfloat16."""
+    bfloat16 on CUDA (half the memory, the tensor cores' type), float16 on a GPU without bfloat16 unless the
+    family overflows float16 (Gemma: float32 there)."""
     dev = resolve_device(device)
-    if dev.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    if dev.type != "cuda":
+        return torch.float32
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32 if _overflows_float16(model_type) else torch.float16
+
+
+def _overflows_float16(model_type: "str | None") -> bool:
+    from circuitsae.sites import ARCHITECTURES
+
+    lay = ARCHITECTURES.get(str(model_type))
+    return bool(lay and lay.float16_overflows)
+
+
+def _model_type(folder_or_id: "str | Path") -> "str | None":
+    """The config's model_type, read without loading weights (None when there is no local config)."""
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(folder_or_id, local_files_only=True).model_type
+    except Exception:  # no local config: the loader says why, later
+        return None
 
 
 def _map_device(device_map: Any) -> torch.device:
@@ -344,10 +364,17 @@ def load_model(
     if device_map is not None and device is not None:
         raise CircuitSAEError("give device or device_map, not both")
     dev = _map_device(device_map) if device_map is not None else resolve_device(device)
-    dt = resolve_dtype(dtype) if dtype is not None else default_dtype(dev)
     name = str(name_or_path)
+    source = BUILTIN_MODELS[name]() if name in BUILTIN_MODELS else name
+    model_type = _model_type(source)
+    dt = resolve_dtype(dtype) if dtype is not None else default_dtype(dev, model_type)
+    if dt == torch.float16 and _overflows_float16(model_type):
+        raise CircuitSAEError(
+            f"{name} ({model_type}) cannot run in float16: its residual stream exceeds float16's range "
+            "(NaN logits); use bfloat16 or float32"
+        )
     if name in BUILTIN_MODELS:
-        hf, tok = _load_pretrained(BUILTIN_MODELS[name](), dt, True, device_map)
+        hf, tok = _load_pretrained(source, dt, True, device_map)
     else:
         hf, tok = _load_named(name, dt, device_map)
     hf.config.name_or_path = name

@@ -54,11 +54,14 @@ class Layout:
     blocks_only: bool = False
     rope_per_layer_type: bool = False  # rotary_emb(h, pos, layer_type): one rotary table per kind of layer
     window_everywhere: bool = False  # every layer uses config.sliding_window (Mistral), not only those typed so
+    #: the residual stream exceeds float16's range (Gemma: |x| up to ~1e5 on real weights), so neither the
+    #: model nor its stored activations can be float16
+    float16_overflows: bool = False
 
 
 _LLAMA = Layout(blocks="model.layers", attn="self_attn", mlp="mlp", blocks_only=True)
 _GEMMA = Layout(blocks="model.layers", attn="post_attention_layernorm", mlp="post_feedforward_layernorm",
-                blocks_only=True)  # fmt: skip
+                blocks_only=True, float16_overflows=True)  # fmt: skip
 
 #: model_type -> layout. Every family here has a tiny random model and tests (tests/test_families.py).
 ARCHITECTURES: dict[str, Layout] = {

@@ -119,3 +119,28 @@ def test_feature_analysis_and_causal_tree(half, tiny_llama, wired):
     first = max(want.edges(data=True), key=lambda e: e[2]["effect"])
     assert got.has_edge(first[0], first[1])  # the wired edge survives half precision
     assert got.edges[first[0], first[1]]["effect"] == pytest.approx(first[2]["effect"], rel=0.1)
+
+
+def test_activations_beyond_float16_stop_the_harvest_before_anything_is_written(tmp_path, device):
+    lm = circuitsae.load_model("tiny-llama", device=device, dtype="float32")
+    with torch.no_grad():
+        lm._module.model.embed_tokens.weight.mul_(1e6)  # a residual stream like Gemma's outliers, and beyond
+    kw = dict(model=lm, sites=("resid.0",), tokens=60, ctx_len=16, batch_size=4, corpus="sotu", progress=False)
+    with pytest.raises(circuitsae.CircuitSAEError, match="beyond float16's range.*--dtype bfloat16") as err:
+        circuitsae.harvest(out=str(tmp_path / "f16"), dtype="float16", **kw)
+    assert "\n" not in str(err.value) and not list((tmp_path / "f16").glob("train-*"))
+    store = circuitsae.harvest(out=str(tmp_path / "bf16"), dtype="bfloat16", **kw)
+    assert torch.isfinite(store.activations("resid.0", "train")).all()
+
+
+def test_gemma_families_refuse_float16_and_store_bfloat16(tmp_path, device):
+    with pytest.raises(circuitsae.CircuitSAEError, match="cannot run in float16.*bfloat16 or float32"):
+        circuitsae.load_model("tiny-gemma3", device=device, dtype="float16")
+    lm = circuitsae.load_model("tiny-gemma3", device=device, dtype="float32")
+    store = circuitsae.harvest(model=lm, sites=("resid.1",), tokens=60, ctx_len=16, batch_size=4, corpus="sotu",
+                               out=str(tmp_path / "s"), progress=False)  # fmt: skip
+    assert store.dtype == "bfloat16"  # the default storage dtype follows the family
+    other = circuitsae.harvest(model=circuitsae.load_model("tiny-llama", device=device, dtype="float32"),
+                               sites=("resid.1",), tokens=60, ctx_len=16, batch_size=4, corpus="sotu",
+                               out=str(tmp_path / "l"), progress=False)  # fmt: skip
+    assert other.dtype == "float16"

@@ -63,6 +63,10 @@ class PCADictionary(Dictionary):
         n, s1, s2 = 0, 0.0, 0.0
         for c in chunks:
             c = c.reshape(-1, d).double()
+            if not bool(torch.isfinite(c).all()):
+                raise CircuitSAEError(
+                    "PCA cannot be fitted on activations with NaN or inf (a float16 store overflowing?)"
+                )
             n, s1, s2 = n + c.shape[0], s1 + c.sum(0), s2 + c.T @ c
         if n < 2:
             raise CircuitSAEError(f"PCA needs at least 2 activations, got {n}")
