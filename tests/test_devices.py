@@ -55,6 +55,19 @@ def test_load_model_on_cuda_defaults_to_bfloat16_and_puts_everything_there():
     assert circuitsae.models.default_dtype("cpu") is torch.float32
 
 
+def test_a_gpu_without_bfloat16_defaults_to_float16_but_never_for_gemma():
+    with fake_cuda():
+        bf16, torch.cuda.is_bf16_supported = torch.cuda.is_bf16_supported, lambda *a, **k: False  # a T4, say
+        try:
+            default = circuitsae.models.default_dtype
+            assert default("cuda", "llama") is torch.float16 and default("cuda", "qwen2") is torch.float16
+            assert default("cuda", "gemma3_text") is torch.float32 and default("cuda", "gemma2") is torch.float32
+            lm = circuitsae.load_model("tiny-gemma3", device="cuda")
+            assert {p.dtype for p in lm._module.parameters()} == {torch.float32}
+        finally:
+            torch.cuda.is_bf16_supported = bf16  # the fake's own, which fake_cuda() restores on leaving
+
+
 def test_patch_features_with_a_cpu_dictionary_on_a_cuda_model(tiny_llama, ioi, saved_sae):
     feats = list(range(0, 16, 3))
     want = circuitsae.patch_features(tiny_llama, load_dictionary(saved_sae), SITE, ioi.base, ioi.target, feats,
