@@ -50,7 +50,7 @@ from circuitsae.dictionaries import Dictionary
 from circuitsae.downstream import Evaluator, make_evaluator
 from circuitsae.errors import CircuitSAEError
 from circuitsae.metrics import kl_divergence
-from circuitsae.patching import FeatureDeltas, _as_ids, check_pair, feature_deltas, patched_run, target_run
+from circuitsae.patching import FeatureDeltas, _as_ids, check_pair, clean_run, feature_deltas, patched_run
 from circuitsae.splice import check_dictionary
 
 
@@ -375,7 +375,7 @@ def acdc_reference(
     t0 = time.perf_counter()
     base_t, target_t, fd = _prepare(model, dictionary, site, base, target, lengths, start)
     lengths_t = fd.lengths
-    saved = target_run(model, target_t, [fd.site], lengths_t)
+    saved = clean_run(model, target_t, [fd.site], lengths_t)
     y = saved["logits"]
     evaluations = 0
 

@@ -151,11 +151,12 @@ def _final(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def target_run(model: Any, target: torch.Tensor, sites: "list[str]", lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One clean run of the target prompts: each site's activation and the final-token logits (``"logits"``)."""
+def clean_run(model: Any, prompts: torch.Tensor, sites: "list[str]", lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One clean run of ``prompts`` (target or base): each site's activation and the final-token logits
+    (``"logits"``)."""
     saved = {}
-    with model.trace(target.to(input_device(model))):
-        for s in sites_mod.resolve(model, sites):
+    with model.trace(prompts.to(input_device(model))):
+        for s in sites_mod.resolve(model, sites) if sites else []:
             saved[str(s)] = sites_mod.read(model, s).save()
         logits = logits_of(model).save()
     out = {s: v.detach() for s, v in saved.items()}
@@ -222,9 +223,7 @@ def patch_features(
     base, target = _as_ids(base, "base"), _as_ids(target, "target")
     lengths = check_pair(base, target, lengths)
     plan = _normalise(model, dictionary, site, features)
-    saved = target_run(model, target, list(plan), lengths)
-    with model.trace(base.to(input_device(model))):
-        base_logits = logits_of(model).save()
+    saved, clean = clean_run(model, target, list(plan), lengths), clean_run(model, base, [], lengths)
     z, norms = patched_run(model, plan, base, saved, lengths, start)
     y = saved["logits"]
     kl = kl_divergence(z, y)
@@ -238,7 +237,7 @@ def patch_features(
     return PatchResult(
         logits=z,
         target_logits=y,
-        base_logits=_final(base_logits, lengths),
+        base_logits=clean["logits"],
         kl=float(kl.mean()),
         kl_reverse=float(kl_divergence(y, z).mean()),
         kl_per_prompt=kl,
@@ -310,11 +309,8 @@ def feature_deltas(
     lengths = check_pair(base, target, lengths)
     check_dictionary(model, site, dictionary)
     site = str(sites_mod.Site.parse(site))
-    saved = target_run(model, target, [site], lengths)
-    with model.trace(base.to(input_device(model))):
-        x_save = sites_mod.read(model, site).save()
-        base_logits = logits_of(model).save()
-    x = wide(x_save.detach())
+    saved, clean = clean_run(model, target, [site], lengths), clean_run(model, base, [site], lengths)
+    x = wide(clean[site])
     first = default_start(dictionary) if start is None else start
     mask = position_mask(lengths, base.shape[1], first, x.device)
     w = dictionary.W_dec.detach().to(x.dtype)
@@ -333,7 +329,7 @@ def feature_deltas(
         directions=w[candidates].contiguous(),
         x_base=x,
         target_logits=saved["logits"],
-        base_logits=_final(base_logits, lengths),
+        base_logits=clean["logits"],
         lengths=lengths,
         mask=mask,
         d_dict=dictionary.d_dict,
