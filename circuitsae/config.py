@@ -59,9 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         tp, _, seq = _base_type(hints[f.name])
         help_ = f.metadata.get("help", "")
         if tp is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=f.default, help=f"{help_} (default: {f.default})"
-            )
+            if "default:" not in help_:  # a None default explains itself in the help ("default: on for CUDA")
+                help_ = f"{help_} (default: {f.default})"
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
             continue
         default = f.default
         shown = " ".join(map(str, default)) if seq else default
@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             default=default,
             choices=f.metadata.get("choices"),
             metavar=f.name.upper() if not f.metadata.get("choices") else "{" + ",".join(f.metadata["choices"]) + "}",
-            help=f"{help_} (default: {shown})",
+            help=help_ if "default:" in help_ else f"{help_} (default: {shown})",
         )
 
 
