@@ -126,7 +126,8 @@ def _ioi(cfg: DemoConfig, model: Any, out: Path, progress: bool) -> dict:
              "evaluations": r["evaluations"], "seconds": r["seconds"]} for r in rep["results"]]  # fmt: skip
     return {"site": site, "prompts": rep["prompts"], "thresholds": len(rep["thresholds"]),
             "performance": rep["ioi"], "png": str(out / "ioi" / "kl_vs_patches.png"),
-            "json": rep["path"], "rows": rows, "finding": ioi_finding(rep["results"])}  # fmt: skip
+            "json": rep["path"], "rows": rows, "finding": ioi_finding(rep["results"]),
+            "skipped": rep["skipped"]}  # fmt: skip
 
 
 def ioi_finding(results: list[dict]) -> str:
@@ -231,6 +232,7 @@ def one_screen(summary: dict) -> str:
               for k, v in best.items()]  # fmt: skip
     i = s["ioi"]
     lines.append(f"IOI at {i['site']}: logit diff {i['performance']['logit_diff']:.2f}, {i['finding']}")
+    lines += [f"  {k['label']}: skipped ({k['reason']})" for k in i.get("skipped", [])]
     f = s["feature"]
     lines.append(f"feature {f['site']}:{f['feature']} fires on {f['token']!r} (precision {f['precision']:.2f})")
     lines.append(f"causal tree: {s['tree']['nodes']} nodes in {s['tree']['seconds']:.0f} s -> {s['tree'].get('svg')}")

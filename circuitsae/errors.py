@@ -12,3 +12,8 @@ from __future__ import annotations
 
 class CircuitSAEError(ValueError):
     """A user-facing error whose message is a single, self-contained line."""
+
+
+class NothingToPatch(CircuitSAEError):
+    """No feature of a dictionary differs between the base and target prompts (a dictionary whose features are
+    all dead on them, say): there is no curve to draw. Experiments over many dictionaries skip it and say so."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 
 from circuitsae.config import model_dtype_option, option
 from circuitsae.dictionaries import Dictionary, PCADictionary, load_dictionary
-from circuitsae.errors import CircuitSAEError
+from circuitsae.errors import CircuitSAEError, NothingToPatch
 from circuitsae.store import atomic_write, digest
 
 
@@ -157,6 +158,7 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
     parts = Path(cfg.out) / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
+    skipped: list[dict] = []  # dictionaries with no feature that differs between base and target prompts
 
     def write(complete: bool = False) -> dict:
         """JSON and PNG of the curves finished so far (after each one, so an interrupted run still shows them)."""
@@ -171,6 +173,7 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
             "ioi": perf,
             "config": asdict(cfg),
             "results": results,
+            "skipped": skipped,
             "seconds": time.perf_counter() - t_all,
             "complete": complete,
         }
@@ -199,8 +202,13 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
                 if part.exists():
                     results.append(json.loads(part.read_text()))
                     continue
-                res = acdc(model, d, site, ds, thresholds=thresholds, seed=cfg.seed, order=order,
-                           engine=cfg.engine, progress=progress)  # fmt: skip
+                try:
+                    res = acdc(model, d, site, ds, thresholds=thresholds, seed=cfg.seed, order=order,
+                               engine=cfg.engine, progress=progress)  # fmt: skip
+                except NothingToPatch as e:  # one dead dictionary does not stop the others' curves
+                    warnings.warn(f"{label(d)} ({path}) skipped: {e}", stacklevel=2)
+                    skipped.append({"site": site, "label": label(d), "path": path, "reason": str(e)})
+                    break  # the other ordering has nothing to patch either
                 row = res.to_json()
                 row.update(label=label(d), path=path, architecture=d.architecture, d_dict=d.d_dict)
                 row["order"] = row["order"][:100]  # the most important features; the full list is long

@@ -34,7 +34,7 @@ import torch
 
 from circuitsae import sites as sites_mod
 from circuitsae.dictionaries import Dictionary
-from circuitsae.errors import CircuitSAEError
+from circuitsae.errors import CircuitSAEError, NothingToPatch
 from circuitsae.metrics import kl_divergence, wide
 from circuitsae.models import input_device
 from circuitsae.splice import check_dictionary, default_start, logits_of
@@ -318,7 +318,7 @@ def feature_deltas(
     dc = (dictionary.encode(saved[site].to(wd)) - dictionary.encode(x.to(wd))).to(x.dtype) * mask[..., None]
     candidates = dc.abs().amax(dim=(0, 1)).nonzero().flatten().cpu()
     if candidates.numel() == 0:
-        raise CircuitSAEError(
+        raise NothingToPatch(
             f"no feature of the {dictionary.architecture} dictionary at {site} differs between base and target "
             "prompts: nothing to patch"
         )

@@ -120,6 +120,10 @@ def _ioi(s: dict) -> str:
         + _img(ioi.get("png"), "KL vs features patched and vs edit magnitude")
         + _table(ioi["rows"], cols)
         + f'<p class="note">{html.escape(ioi.get("finding", ""))}</p>'
+        + "".join(
+            f'<p class="note">{html.escape(k["label"])}: skipped, {html.escape(k["reason"])}.</p>'
+            for k in ioi.get("skipped", [])
+        )
     )
 
 

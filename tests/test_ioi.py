@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import circuitsae
 from circuitsae.errors import CircuitSAEError
 from circuitsae.models import start_token_id
 from circuitsae.tasks import TEMPLATES, final_logits, ioi_performance, logit_diff, make_ioi, single_token_names
@@ -116,3 +117,33 @@ def test_smollm2_does_ioi(smollm2):
     perf = ioi_performance(smollm2, make_ioi(smollm2, n=50))
     assert perf["accuracy"] >= 0.9 and perf["logit_diff"] > 1.0, perf
     assert perf["target_logit_diff"] > 1.0, perf
+
+
+def test_a_dictionary_with_nothing_to_patch_is_skipped_not_fatal(tiny_llama, wired, tmp_path):
+    """A dictionary whose features are all dead on the IOI prompts (the demo's α = 4 SAE on Gemma 3 is nearly so)
+    has no curve; the experiment over several dictionaries draws the others and says which it skipped."""
+    import copy
+    import warnings
+
+    from circuitsae.errors import NothingToPatch
+    from circuitsae.ioi_curves import run_ioi
+    from circuitsae.patching import feature_deltas
+
+    _, dicts = wired
+    live, dead = dicts["resid.1"], copy.deepcopy(dicts["resid.1"])
+    with torch.no_grad():
+        dead.b_enc.fill_(-1e6)  # no feature ever fires
+    paths = [str(live.save(tmp_path / "live")), str(dead.save(tmp_path / "dead"))]
+    ds = circuitsae.make_ioi(tiny_llama, n=4, seed=0)
+    with pytest.raises(NothingToPatch, match="no feature of the relu dictionary at resid.1 differs") as err:
+        feature_deltas(tiny_llama, dead, "resid.1", ds.base, ds.target, lengths=ds.lengths)
+    assert "\n" not in str(err.value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = run_ioi(dictionaries=paths, model=tiny_llama, prompts=4, thresholds=3, pca=False,
+                         out=str(tmp_path / "ioi"), progress=False)  # fmt: skip
+    assert {r["path"] for r in report["results"]} == {paths[0]}
+    assert {r["method"] for r in report["results"]} == {"acdc", "attribution"}
+    assert [s["path"] for s in report["skipped"]] == [paths[1]] and "differs" in report["skipped"][0]["reason"]
+    assert any("skipped" in str(w.message) for w in caught)
+    assert (tmp_path / "ioi" / "kl_vs_patches.png").is_file()
