@@ -52,7 +52,10 @@ def main() -> None:
         "tree_seconds": summary["tree"]["seconds"],
         "tree_nodes": summary["tree"]["nodes"],
         "saes": summary["saes"],
-        "ioi": {k: summary["ioi"][k] for k in ("site", "prompts", "thresholds", "performance", "finding", "rows")},
+        "ioi": {
+            k: summary["ioi"].get(k)
+            for k in ("site", "prompts", "thresholds", "performance", "finding", "rows", "skipped")
+        },
         "feature": {
             k: summary["feature"].get(k) for k in ("site", "feature", "token", "precision", "recall", "unembed")
         },
