@@ -14,10 +14,14 @@ other              a Hugging Face dataset name, streamed (needs ``datasets``
 =================  ==========================================================
 
 **Splits.** Documents, not contexts, are split, so no held-out context shares
-a document with training. A finite corpus sorts its documents by a hash of
-their id and puts the first ``max(1, round(heldout_fraction * n))`` in the
-held-out split; a stream uses the hash as a threshold. The split therefore
-depends only on the document ids, not on the seed.
+a document with training. Documents are keyed by a hash of their *content*
+with whitespace runs collapsed, and documents with the same key are
+duplicates: only the first (by id) is kept, so no text is in both splits
+(the ``mix`` corpus holds about 100 groups of copies). A finite corpus sorts
+the kept documents by that hash and puts the first
+``max(1, round(heldout_fraction * n))`` in the held-out split; a stream uses
+the hash as a threshold and skips copies it has already seen. The split
+therefore depends only on the texts, not on the seed or the document ids.
 
 **Contexts.** Documents of the split are visited in a seeded random order,
 tokenised without special tokens, joined with the EOS token between them and
@@ -176,15 +180,28 @@ def load_corpus(spec: "str | Corpus" = DEFAULT_CORPUS) -> Corpus:
     return Corpus(spec, stream=_hf_stream(spec))
 
 
-def _hash01(doc_id: str) -> float:
-    return int.from_bytes(hashlib.sha1(doc_id.encode()).digest()[:8], "big") / 2**64
+def content_key(text: str) -> bytes:
+    """The document's identity for splitting and deduplication: sha1 of its text, whitespace runs collapsed."""
+    return hashlib.sha1(" ".join(text.split()).encode()).digest()
+
+
+def _hash01(key: bytes) -> float:
+    return int.from_bytes(key[:8], "big") / 2**64
+
+
+def deduplicate(docs: list[Document]) -> list[tuple[bytes, Document]]:
+    """``(content_key, document)`` for the first document (by id) of each group of identical texts."""
+    first: dict[bytes, Document] = {}
+    for d in sorted(docs, key=lambda d: d.id):
+        first.setdefault(content_key(d.text), d)
+    return list(first.items())
 
 
 def split_documents(docs: list[Document], heldout_fraction: float) -> dict[str, list[Document]]:
-    """Split a finite corpus by document-id hash (see the module docstring)."""
+    """Split a finite corpus by content hash, copies removed (see the module docstring)."""
     if not 0 <= heldout_fraction < 1:
         raise CircuitSAEError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    ranked = sorted(docs, key=lambda d: (_hash01(d.id), d.id))
+    ranked = [d for _, d in sorted(deduplicate(docs), key=lambda kd: (_hash01(kd[0]), kd[1].id))]
     n_held = max(1, round(heldout_fraction * len(ranked))) if heldout_fraction > 0 else 0
     if len(ranked) < 2:
         n_held = 0
@@ -206,8 +223,11 @@ def documents(corpus: "str | Corpus", split: str, seed: int, heldout_fraction: f
         yield from chosen  # empty documents add nothing when tokenised
     else:
         assert corpus.stream is not None
+        seen: set[bytes] = set()  # 20 bytes a document
         for d in corpus.stream():
-            if d.text.strip() and (_hash01(d.id) < heldout_fraction) == (split == "heldout"):
+            key = content_key(d.text)
+            if d.text.strip() and key not in seen and (_hash01(key) < heldout_fraction) == (split == "heldout"):
+                seen.add(key)
                 yield d
 
 

@@ -13,9 +13,38 @@ def test_folder_corpus_split_is_disjoint_and_stable(text_corpus):
     split = data.split_documents(docs, 0.25)
     held, train = {d.id for d in split["heldout"]}, {d.id for d in split["train"]}
     assert len(held) == 3 and len(train) == 9 and not held & train
-    # depends on the ids only: same answer for a reordered list
+    # depends on the texts only: same answer for a reordered list
     again = data.split_documents(list(reversed(docs)), 0.25)
     assert {d.id for d in again["heldout"]} == held
+
+
+def test_copies_up_to_whitespace_are_one_document_on_one_side():
+    texts = [f"Document {i} says something {i * 7}." for i in range(40)]
+    docs = [data.Document(f"a{i:02d}", t) for i, t in enumerate(texts)]
+    docs += [data.Document(f"b{i:02d}", "  " + t.replace(" ", "\n\t ") + "\n") for i, t in enumerate(texts)]
+    split = data.split_documents(docs, 0.5)
+    kept = [" ".join(d.text.split()) for s in split.values() for d in s]
+    assert len(kept) == 40 and sorted(kept) == sorted(texts)  # one copy of each, the first by id
+    assert all(d.id.startswith("a") for s in split.values() for d in s)
+    # the split follows the content, not the id: renaming every document changes nothing
+    renamed = data.split_documents([data.Document("z" + d.id, d.content) for d in docs], 0.5)
+    assert [d.text for d in renamed["heldout"]] == [d.text for d in split["heldout"]]
+
+
+def test_streamed_corpus_skips_copies_and_splits_by_content():
+    texts = [f"streamed text number {i}" for i in range(30)]
+    stream = [data.Document(f"s{i}", t) for i, t in enumerate(texts + [t + "  " for t in texts])]
+    corpus = data.Corpus("stream", stream=lambda: iter(stream))
+    held = [d.text for d in data.documents(corpus, "heldout", 0, 0.3)]
+    train = [d.text for d in data.documents(corpus, "train", 0, 0.3)]
+    assert len(held) + len(train) == 30 and not {t.strip() for t in held} & {t.strip() for t in train}
+
+
+def test_mix_corpus_has_no_text_in_both_splits():
+    split = data.split_documents(data.load_corpus("mix").load(), 0.05)
+    keys = {s: {data.content_key(d.text) for d in docs} for s, docs in split.items()}
+    assert not keys["heldout"] & keys["train"]
+    assert sum(len(k) for k in keys.values()) == sum(len(d) for d in split.values())  # no copies left
 
 
 def test_contexts_shape_start_token_and_determinism(tiny_llama, text_corpus):
