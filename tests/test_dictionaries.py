@@ -145,6 +145,19 @@ def test_gated_encoder_is_a_jumprelu():
     assert 0 < (expected != 0).float().mean() < 1
 
 
+@pytest.mark.parametrize("make", [lambda d, f: ReluSAE(d, f, tied=False, decoder_bias=True), GatedSAE])
+def test_untied_encoders_start_with_a_reconstruction_of_the_right_size(make):
+    # with random unit features about half open and x̂ ≈ (d_sae/2d)·x·(encoder scale); the encoder is
+    # scaled by 2d/d_sae so that the first steps start from x̂ ≈ x, not from 4x (d_sae = 8d)
+    torch.manual_seed(0)
+    sae, x = make(32, 256), torch.randn(512, 32)
+    with torch.no_grad():
+        out = sae(x)
+        gamma = (out.x_hat.pow(2).sum() / (out.x_hat * x).sum()).item()
+        scale = (out.x_hat.norm(dim=-1) / x.norm(dim=-1)).mean().item()
+    assert 0.7 < scale < 1.4 and 0.7 < gamma < 1.4, (scale, gamma)
+
+
 def test_gated_aux_loss_sends_no_gradient_to_the_decoder():
     sae = _randomise(GatedSAE(D, 48))
     x = torch.randn(30, D)

@@ -43,7 +43,9 @@ class GatedSAE(Dictionary):
     def __init__(self, d: int, d_dict: int) -> None:
         super().__init__(d, d_dict)
         w = unit_rows(torch.randn(d_dict, d))
-        self.W_gate = nn.Parameter(w.clone())
+        # W_gate starts at W_dec · min(1, 2d/d_sae), as the untied ReLU SAE's encoder does: about half the
+        # random features open, and Σ_i ReLU(f_i·x) f_i ≈ (d_sae/2d)·x would overshoot x by that factor.
+        self.W_gate = nn.Parameter(w * min(1.0, 2 * d / d_dict))
         self.b_gate = nn.Parameter(torch.zeros(d_dict))
         self.r_mag = nn.Parameter(torch.zeros(d_dict))
         self.b_mag = nn.Parameter(torch.zeros(d_dict))
