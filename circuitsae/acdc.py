@@ -13,7 +13,11 @@ removed later matter more; the records are the curves "KL vs features
 patched" and "KL vs edit magnitude".
 
 :func:`acdc_reference` is that loop written plainly: one full nnsight forward
-pass per visit. :func:`acdc` gives exactly the same decisions, faster:
+pass per visit. :func:`acdc` takes the same decisions, faster — the same up to
+floating-point rounding: it computes each KL with other batch shapes and from
+a cached prefix, so a KL differs from the reference's by ~1e-7 relative, and a
+decision whose margin KL(F ∖ {j}) − KL(F) − τ is that close to 0 can go the
+other way (the benchmark counts such decisions):
 
 * the layers below the site never run again and only positions from a
   subset's first change on are recomputed (:mod:`circuitsae.downstream`);

@@ -87,19 +87,28 @@ def _pca_for(site: str, dictionaries: list[Dictionary], rows: int) -> PCADiction
 
 
 def halving(result: dict, fraction: float = 0.5) -> dict:
-    """Fewest features (and the smallest edit) among a curve's records with KL ≤ ``fraction`` × KL(nothing patched).
+    """The smallest patch among a curve's records with KL ≤ ``fraction`` × KL(nothing patched).
 
     Read off the recorded points, so as coarse as the thresholds. ``features``
-    is None when no record gets there; ``floor`` is the lowest KL reached.
+    and ``edit_magnitude`` come from one record: the one with the fewest
+    features (ties: the smaller edit). ``min_edit`` is the smallest edit among
+    the records that get there and ``min_edit_features`` that record's feature
+    count — with ACDC's records they are usually the same record, with another
+    ordering not always. All are None when no record gets there; ``floor`` is
+    the lowest KL reached.
     """
     goal = fraction * result["start"]["none"]["kl"]
     hits = [r for r in result["records"] if r["kl"] <= goal]
+    fewest = min(hits, key=lambda r: (r["n_features"], r["edit_magnitude"]), default=None)
+    smallest = min(hits, key=lambda r: (r["edit_magnitude"], r["n_features"]), default=None)
     return {
         "label": result["label"],
         "site": result["site"],
         "method": result["method"],
-        "features": min((r["n_features"] for r in hits), default=None),
-        "edit_magnitude": min((r["edit_magnitude"] for r in hits), default=None),
+        "features": fewest and fewest["n_features"],
+        "edit_magnitude": fewest and fewest["edit_magnitude"],
+        "min_edit": smallest and smallest["edit_magnitude"],
+        "min_edit_features": smallest and smallest["n_features"],
         "kl_none": result["start"]["none"]["kl"],
         "floor": min(r["kl"] for r in result["records"]),
     }

@@ -28,8 +28,9 @@ every model. At save ``s`` is folded into the biases (see
 every ``resample_every`` steps (default: every quarter of training, skipped
 when a quarter is under 50 steps; until 80% of training), features that have
 not fired in that window are re-initialised: the decoder row becomes a training
-input from the current batch, drawn with probability ∝ its squared
-reconstruction error, minus b_dec, normalised; the encoder (gate) row becomes
+input from the current batch, drawn with probability ∝ the *square* of its
+loss ||x − x̂||² (Bricken et al.: "proportional to the square of the
+autoencoder loss", i.e. ∝ ||x − x̂||⁴), minus b_dec, normalised; the encoder (gate) row becomes
 that direction × 0.2 × the mean norm of live encoder rows; their biases are
 zeroed and the Adam moments of all those rows reset.
 

@@ -7,6 +7,7 @@ import torch
 
 import circuitsae
 from circuitsae.errors import CircuitSAEError
+from circuitsae.ioi_curves import halving
 from circuitsae.models import start_token_id
 from circuitsae.tasks import TEMPLATES, final_logits, ioi_performance, logit_diff, make_ioi, single_token_names
 
@@ -147,3 +148,18 @@ def test_a_dictionary_with_nothing_to_patch_is_skipped_not_fatal(tiny_llama, wir
     assert [s["path"] for s in report["skipped"]] == [paths[1]] and "differs" in report["skipped"][0]["reason"]
     assert any("skipped" in str(w.message) for w in caught)
     assert (tmp_path / "ioi" / "kl_vs_patches.png").is_file()
+
+
+def test_halving_reads_features_and_edit_off_one_record():
+    records = [
+        {"n_features": 40, "kl": 0.9, "edit_magnitude": 30.0},
+        {"n_features": 60, "kl": 0.8, "edit_magnitude": 20.0},  # more features, smaller edit
+        {"n_features": 20, "kl": 1.5, "edit_magnitude": 10.0},  # does not halve
+    ]
+    curve = {"label": "x", "site": "resid.1", "method": "attribution", "start": {"none": {"kl": 2.0}}, "records": records}
+    h = halving(curve)
+    assert (h["features"], h["edit_magnitude"]) == (40, 30.0)
+    assert (h["min_edit_features"], h["min_edit"]) == (60, 20.0)
+    assert h["floor"] == 0.8
+    none = halving({**curve, "records": records[2:]})
+    assert none["features"] is None and none["edit_magnitude"] is None and none["min_edit"] is None
