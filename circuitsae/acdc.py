@@ -54,7 +54,15 @@ from circuitsae.dictionaries import Dictionary
 from circuitsae.downstream import Evaluator, make_evaluator
 from circuitsae.errors import CircuitSAEError
 from circuitsae.metrics import kl_divergence
-from circuitsae.patching import FeatureDeltas, _as_ids, check_pair, clean_run, feature_deltas, patched_run
+from circuitsae.patching import (
+    FeatureDeltas,
+    _as_ids,
+    check_pair,
+    clean_run,
+    feature_deltas,
+    pad_id,
+    patched_run,
+)
 from circuitsae.splice import check_dictionary
 
 
@@ -162,11 +170,15 @@ def _visit_order(k: int, seed: int) -> list[int]:
     return torch.randperm(k, generator=g, device="cpu").tolist()
 
 
-def _prepare(model: Any, dictionary: Dictionary, site: str, base: Any, target: Any, lengths: Any, start: Any):
+def _prepare(
+    model: Any, dictionary: Dictionary, site: str, base: Any, target: Any, lengths: Any, target_lengths: Any, start: Any
+):
     base_t, target_t = _as_ids(base, "base"), _as_ids(target, "target")
-    check_pair(base_t, target_t, lengths)
+    check_pair(base_t, target_t, lengths, target_lengths, pad_id(model))
     check_dictionary(model, site, dictionary)
-    fd = feature_deltas(model, dictionary, site, base_t, target_t, lengths=lengths, start=start)
+    fd = feature_deltas(
+        model, dictionary, site, base_t, target_t, lengths=lengths, target_lengths=target_lengths, start=start
+    )
     return base_t, target_t, fd
 
 
@@ -262,6 +274,7 @@ def acdc(
     target: Any = None,
     *,
     lengths: Any = None,
+    target_lengths: Any = None,
     answer_tokens: Any = None,
     thresholds: Any = None,
     seed: int = 0,
@@ -275,7 +288,9 @@ def acdc(
     """Order the dictionary's features for patching target into base (see the module docstring).
 
     ``base`` may be an IOI dataset (then ``target``, ``lengths`` and the IO/S
-    answer tokens come from it). ``order`` is ``"acdc"`` (exact) or
+    answer tokens come from it). Each base prompt and its target must have the
+    same real length (``target_lengths``, if not ``lengths``; see
+    :func:`~circuitsae.patching.check_pair`). ``order`` is ``"acdc"`` (exact) or
     ``"attribution"`` (linear estimate, one backward pass). ``engine`` picks the
     evaluator (``auto``: the downstream-only one where it applies).
     """
@@ -283,7 +298,7 @@ def acdc(
     if order not in ("acdc", "attribution"):
         raise CircuitSAEError(f"order must be 'acdc' or 'attribution', not {order!r}")
     t0 = time.perf_counter()
-    base_t, _, fd = _prepare(model, dictionary, site, base, target, lengths, start)
+    base_t, _, fd = _prepare(model, dictionary, site, base, target, lengths, target_lengths, start)
     ev = make_evaluator(model, fd, base_t, engine, token_budget)
     if order == "attribution":
         return _attribution(ev, fd, answers, t0, progress)
@@ -368,6 +383,7 @@ def acdc_reference(
     target: Any = None,
     *,
     lengths: Any = None,
+    target_lengths: Any = None,
     answer_tokens: Any = None,
     thresholds: Any = None,
     seed: int = 0,
@@ -377,7 +393,7 @@ def acdc_reference(
     """The sequential oracle: a full nnsight forward pass of the base prompts for every visit."""
     base, target, lengths, answers = _unpack(base, target, lengths, answer_tokens)
     t0 = time.perf_counter()
-    base_t, target_t, fd = _prepare(model, dictionary, site, base, target, lengths, start)
+    base_t, target_t, fd = _prepare(model, dictionary, site, base, target, lengths, target_lengths, start)
     lengths_t = fd.lengths
     saved = clean_run(model, target_t, [fd.site], lengths_t)
     y = saved["logits"]

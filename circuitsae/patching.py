@@ -70,20 +70,62 @@ def _as_ids(ids: Any, name: str) -> torch.Tensor:
     return t.long()
 
 
-def check_pair(base: torch.Tensor, target: torch.Tensor, lengths: "torch.Tensor | None") -> torch.Tensor:
-    """Validate base/target token ids and return per-prompt lengths (one-line errors)."""
+def _trailing(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """[N] length of each row once its trailing run of ``pad_id`` is cut off."""
+    not_pad = (ids != pad_id).flip(1).long()
+    return ids.shape[1] - (not_pad.cumsum(1) == 0).sum(1)
+
+
+def pad_id(model: Any) -> "int | None":
+    """The padding token id of the model's tokenizer (None when it has none)."""
+    tok = getattr(model, "tokenizer", None)
+    return getattr(tok, "pad_token_id", None)
+
+
+def check_pair(
+    base: torch.Tensor,
+    target: torch.Tensor,
+    lengths: "torch.Tensor | None",
+    target_lengths: "torch.Tensor | None" = None,
+    pad: "int | None" = None,
+) -> torch.Tensor:
+    """Validate base/target token ids and return per-prompt lengths (one-line errors).
+
+    Patching aligns base and target positions by index, so each base prompt and
+    its target must have the same *real* length, not only the same padded
+    shape. Real lengths are ``lengths`` (base) and ``target_lengths`` when given;
+    with a padding id ``pad``, also each row with its trailing pad tokens cut
+    off. Unequal real lengths are refused, naming the first such prompt.
+    """
     if base.shape != target.shape:
         raise CircuitSAEError(
             f"base and target prompts must tokenise to the same length: shapes {tuple(base.shape)} and "
             f"{tuple(target.shape)}"
         )
     n, t = base.shape
-    if lengths is None:
-        return torch.full((n,), t, dtype=torch.long, device="cpu")
-    lengths = torch.as_tensor(lengths).long().reshape(-1)
-    if lengths.numel() != n or int(lengths.min()) < 1 or int(lengths.max()) > t:
-        raise CircuitSAEError(f"lengths must be {n} integers in 1..{t}")
-    return lengths
+
+    def valid(x: Any, name: str) -> torch.Tensor:
+        x = torch.as_tensor(x).long().reshape(-1).cpu()
+        if x.numel() != n or int(x.min()) < 1 or int(x.max()) > t:
+            raise CircuitSAEError(f"{name} must be {n} integers in 1..{t}")
+        return x
+
+    full = torch.full((n,), t, dtype=torch.long, device="cpu")
+    b_len = full if lengths is None else valid(lengths, "lengths")
+    t_len = b_len if target_lengths is None else valid(target_lengths, "target_lengths")
+    checks = [(b_len, t_len, "lengths")]
+    if pad is not None:
+        checks.append((_trailing(base.cpu(), pad), _trailing(target.cpu(), pad), "tokens before trailing padding"))
+    for a, b, what in checks:
+        differ = (a != b).nonzero().flatten()
+        if differ.numel():
+            i = int(differ[0])
+            raise CircuitSAEError(
+                f"base prompt {i} has {int(a[i])} real tokens and its target {int(b[i])} ({what}; "
+                f"{differ.numel()} of {n} prompts differ): patching aligns positions by index, so each pair must "
+                "have the same real length"
+            )
+    return b_len
 
 
 def feature_index(dictionary: Dictionary, features: Features) -> torch.Tensor:
@@ -208,6 +250,7 @@ def patch_features(
     features: Any,
     *,
     lengths: Any = None,
+    target_lengths: Any = None,
     start: "int | None" = None,
 ) -> PatchResult:
     """Patch features of the target run into the base run (REFERENCE §4) and measure the effect.
@@ -217,11 +260,13 @@ def patch_features(
     once pass ``{site: dictionary}`` and ``site=None``; ``features`` is then
     ``{site: ids}`` (or one list/"all" for every site). ``lengths`` gives each
     prompt's real length when prompts are right-padded (the final token is
-    ``lengths − 1``); ``start`` overrides the first patched position (default:
+    ``lengths − 1``), ``target_lengths`` the targets' when they are not the
+    same (they must be: pairs of unequal real length are refused, also when
+    only the trailing padding shows it); ``start`` overrides the first patched position (default:
     the dictionary's ``first_position``, which skips the start token).
     """
     base, target = _as_ids(base, "base"), _as_ids(target, "target")
-    lengths = check_pair(base, target, lengths)
+    lengths = check_pair(base, target, lengths, target_lengths, pad_id(model))
     plan = _normalise(model, dictionary, site, features)
     saved, clean = clean_run(model, target, list(plan), lengths), clean_run(model, base, [], lengths)
     z, norms = patched_run(model, plan, base, saved, lengths, start)
@@ -302,11 +347,12 @@ def feature_deltas(
     target: Any,
     *,
     lengths: Any = None,
+    target_lengths: Any = None,
     start: "int | None" = None,
 ) -> FeatureDeltas:
     """Run target and base once each and collect what patching any feature subset needs."""
     base, target = _as_ids(base, "base"), _as_ids(target, "target")
-    lengths = check_pair(base, target, lengths)
+    lengths = check_pair(base, target, lengths, target_lengths, pad_id(model))
     check_dictionary(model, site, dictionary)
     site = str(sites_mod.Site.parse(site))
     saved, clean = clean_run(model, target, [site], lengths), clean_run(model, base, [site], lengths)

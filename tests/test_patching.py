@@ -209,3 +209,27 @@ def test_bad_input_is_one_line(llama64, prompts):
         acdc(llama64, d, SITE, base, base, lengths=lengths, progress=False)
     with pytest.raises(CircuitSAEError, match="lie in 0..47"):
         patch_features(llama64, d, SITE, base, target, [48])
+
+
+def test_pairs_of_unequal_real_length_are_refused(llama64, prompts):
+    base, target, lengths = prompts
+    d = _dicts(llama64, prompts)["relu"]
+    # the target of prompt 1 is one token longer than its base: same padded shape, positions misaligned
+    short = lengths.clone()
+    short[1] -= 1
+    for call in (
+        lambda: patch_features(llama64, d, SITE, base, target, [1], lengths=short, target_lengths=lengths),
+        lambda: acdc(llama64, d, SITE, base, target, lengths=short, target_lengths=lengths, progress=False),
+        lambda: feature_deltas(llama64, d, SITE, base, target, lengths=short, target_lengths=lengths),
+    ):
+        with pytest.raises(CircuitSAEError, match="base prompt 1 has 7 real tokens and its target 8"):
+            call()
+    # without lengths, the trailing padding (the tokenizer's pad id) shows it
+    pad = llama64.tokenizer.pad_token_id
+    b, t = base.clone(), target.clone()
+    for i, n in enumerate(lengths.tolist()):
+        b[i, n:] = t[i, n:] = pad
+    b[2, 8] = pad
+    with pytest.raises(CircuitSAEError, match="base prompt 2 has 8 real tokens and its target 9"):
+        patch_features(llama64, d, SITE, b, t, [1])
+    patch_features(llama64, d, SITE, b[[0, 1, 3]], t[[0, 1, 3]], [1])  # equal lengths still pass
