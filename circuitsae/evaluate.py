@@ -153,9 +153,10 @@ def evaluate(config: "EvalConfig | None" = None, *, model: Any = None, progress:
     if model is None:
         model = load_model(wanted, device=cfg.device, dtype=cfg.model_dtype)
     results: dict[str, dict] = {}
-    pairs, names = [], []
+    by_store: dict[str, list[tuple[str, tuple[str, Any]]]] = {}  # store -> [(name, (site, dictionary))]
     for folder, d in loaded:
-        store = stores[cfg.store or d.meta["store"]]
+        store_path = cfg.store or d.meta["store"]
+        store = stores[store_path]
         site = d.meta.get("site")
         if site is None or site not in store.sites:
             raise CircuitSAEError(f"{folder}: its site {site!r} is not in store {store.root}")
@@ -164,19 +165,22 @@ def evaluate(config: "EvalConfig | None" = None, *, model: Any = None, progress:
         rec = reconstruction(d, x)
         results[folder.name] = {
             "path": str(folder),
+            "store": str(store_path),
             "architecture": d.architecture,
             "site": site,
             "d_dict": d.d_dict,
             "coefficient": d.meta.get("training", {}).get("coefficient"),
             **rec,
         }
-        pairs.append((site, d))
-        names.append(folder.name)
-    ids = next(iter(stores.values())).tokens("heldout")[: cfg.contexts]
-    if ids.shape[0] == 0:
-        raise CircuitSAEError("the store has no held-out contexts to measure loss recovered on")
-    for name, fid in zip(names, fidelity(model, pairs, ids, cfg.batch_size, progress)):
-        results[name].update(fid)
+        by_store.setdefault(store_path, []).append((folder.name, (site, d)))
+    # loss recovered of each dictionary on the held-out text of its own store (never another store's
+    # training text); one model pass per store serves all of that store's dictionaries
+    for store_path, members in by_store.items():
+        ids = stores[store_path].tokens("heldout")[: cfg.contexts]
+        if ids.shape[0] == 0:
+            raise CircuitSAEError(f"store {store_path} has no held-out contexts to measure loss recovered on")
+        for (name, _), fid in zip(members, fidelity(model, [p for _, p in members], ids, cfg.batch_size, progress)):
+            results[name].update(fid)
     out = Path(cfg.out) if cfg.out else folders[0].parent / "eval.json"
     report = {"model": model_name(model), "model_dtype": dtype_name(model), "results": results}
     atomic_write(out, json.dumps(report, indent=1).encode())
