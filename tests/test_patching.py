@@ -13,6 +13,7 @@ from circuitsae.metrics import kl_divergence
 from circuitsae.patching import feature_deltas, patch_features
 
 SITE = "resid.1"
+_ORIG_UPDATE = __import__("circuitsae.downstream", fromlist=["_KV"])._KV.update
 TAUS = np.logspace(-5, -1, 6)
 
 
@@ -182,6 +183,40 @@ def test_downstream_and_hook_evaluators_agree(llama64, prompts):
     torch.testing.assert_close(sf["logits"], sh["logits"], rtol=0, atol=1e-9)
     sets = [torch.tensor([j]) for j in range(0, k, 3)] + [torch.tensor([0, 1, 2])]
     torch.testing.assert_close(fast.without(sets), hook.without(sets), rtol=1e-9, atol=1e-12)
+
+
+def test_the_windowed_replay_checks_itself_and_falls_back_with_one_warning(llama64, prompts, monkeypatch):
+    import warnings
+
+    from circuitsae import downstream
+
+    base, target, lengths = prompts
+    fd = feature_deltas(llama64, _dicts(llama64, prompts)["relu"], SITE, base, target, lengths=lengths)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ev = downstream.make_evaluator(llama64, fd, base)
+    assert isinstance(ev, DownstreamEvaluator) and ev.replay_error() < 1e-9 and ev.evaluations == 0
+    assert not ev.member.any()  # the check leaves the state at "nothing patched"
+
+    def stale(self, *args, **kwargs):  # a replay whose earlier keys are wrong (shapes right)
+        ks, vs = _ORIG_UPDATE(self, *args, **kwargs)
+        return (ks * 0.5, vs) if self.replay is not None else (ks, vs)
+
+    monkeypatch.setattr(downstream._KV, "update", stale)
+    with pytest.warns(UserWarning, match="windowed key/value replay is off") as caught:
+        ev = downstream.make_evaluator(llama64, fd, base)
+    assert isinstance(ev, HookEvaluator) and len(caught) == 1
+    # a cache called another way (the transformers convention changed): the same one warning
+    def broken(self, *args, **kwargs):
+        if self.replay is not None:
+            raise TypeError("update() got an unexpected keyword argument")
+        return _ORIG_UPDATE(self, *args, **kwargs)
+
+    monkeypatch.setattr(downstream._KV, "update", broken)
+    with pytest.warns(UserWarning, match="replay failed \\(TypeError"):
+        assert isinstance(downstream.make_evaluator(llama64, fd, base), HookEvaluator)
+    with pytest.raises(RuntimeError, match="replay failed"):
+        downstream.make_evaluator(llama64, fd, base, engine="downstream")
 
 
 def test_attribution_order_gives_a_curve_from_all_to_none(llama64, prompts):
