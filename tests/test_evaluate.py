@@ -36,4 +36,3 @@ def test_dictionaries_of_two_stores_are_each_measured_on_their_own_heldout_text(
             assert got["store"] == str(stores[c].root)
             for k in ("ce_clean", "ce_zero", "ce_spliced", "loss_recovered", "kl", "fvu", "l0"):
                 assert got[k] == pytest.approx(alone[c][k], rel=1e-6, abs=1e-9), (c, k)
-

@@ -156,7 +156,13 @@ def test_halving_reads_features_and_edit_off_one_record():
         {"n_features": 60, "kl": 0.8, "edit_magnitude": 20.0},  # more features, smaller edit
         {"n_features": 20, "kl": 1.5, "edit_magnitude": 10.0},  # does not halve
     ]
-    curve = {"label": "x", "site": "resid.1", "method": "attribution", "start": {"none": {"kl": 2.0}}, "records": records}
+    curve = {
+        "label": "x",
+        "site": "resid.1",
+        "method": "attribution",
+        "start": {"none": {"kl": 2.0}},
+        "records": records,
+    }
     h = halving(curve)
     assert (h["features"], h["edit_magnitude"]) == (40, 30.0)
     assert (h["min_edit_features"], h["min_edit"]) == (60, 20.0)

@@ -206,6 +206,7 @@ def test_the_windowed_replay_checks_itself_and_falls_back_with_one_warning(llama
     with pytest.warns(UserWarning, match="windowed key/value replay is off") as caught:
         ev = downstream.make_evaluator(llama64, fd, base)
     assert isinstance(ev, HookEvaluator) and len(caught) == 1
+
     # a cache called another way (the transformers convention changed): the same one warning
     def broken(self, *args, **kwargs):
         if self.replay is not None:
