@@ -4,13 +4,18 @@ Uses baseline SAEs at four successive residual sites (by default the ones
 ``make demo`` trains in ``runs/demo``; pass ``--work`` and ``--sites`` for
 others), picks the feature at the last site that best picks out one of the
 paper's example tokens, analyses it (histogram, logit effect) and builds its
-depth-3, branching-3 tree over 20 contexts.
+depth-3, branching-3 tree over 20 contexts — in both modes, one after the
+other in this process: ``paper`` (the default: each parent on its own
+contexts, Cunningham et al. §5.3) and ``shared`` (the root's contexts at every
+level).
 
     python benchmarks/causal_tree.py                  # after `make demo`
+    python benchmarks/causal_tree.py --work runs/demo-bench   # the demo benchmark's run
 
-Writes ``benchmarks/results/causal_tree.{svg,png,dot,json}``, the feature's
+Writes ``benchmarks/results/causal_tree.{svg,png,dot,json}`` (paper mode),
+``causal_tree_shared.*`` (shared mode), the feature's
 ``causal_tree_feature-histogram.png`` / ``-logit_effect.png`` and
-``causal_tree_timing.json`` (wall times, machine).
+``causal_tree_timing.json`` (wall times of both modes, machine).
 """
 
 from __future__ import annotations
@@ -60,32 +65,40 @@ def main() -> None:
         for kind in ("histogram", "logit_effect"):
             shutil.copy(paths[kind], RESULTS / f"causal_tree_feature-{kind}.png")
     print(report.summary())
-    t0 = time.perf_counter()
-    graph = causal_tree(model, dicts, (site, pick["feature"]), depth=args.depth, branching=args.branching,
-                        contexts=args.contexts)  # fmt: skip
-    t_tree = time.perf_counter() - t0
-    files = {k: str(Path(v).resolve().relative_to(ROOT)) for k, v in render(graph, RESULTS / "causal_tree").items()}
     timing = {
         "machine": describe(),
+        "work": str(work),
         "target": f"{site}:{pick['feature']}",
         "token": pick["token"],
         "precision": pick["precision"],
         "recall": pick["recall"],
         "depth": args.depth,
         "branching": args.branching,
-        "contexts": graph.graph["contexts"],
-        "nodes": graph.number_of_nodes(),
-        "edges": graph.number_of_edges(),
-        "engines": graph.graph["engines"],
         "feature_seconds": t_feature,
-        "tree_seconds": t_tree,
-        "edges_by_effect": sorted(
-            ({"from": u, "to": v, **e} for u, v, e in graph.edges(data=True)), key=lambda e: -e["effect"]
-        ),
-        "files": files,
+        "modes": {},
     }
+    for mode, stem in (("paper", "causal_tree"), ("shared", "causal_tree_shared")):
+        t0 = time.perf_counter()
+        graph = causal_tree(model, dicts, (site, pick["feature"]), depth=args.depth, branching=args.branching,
+                            contexts=args.contexts, mode=mode)  # fmt: skip
+        t_tree = time.perf_counter() - t0
+        graph.graph["machine"] = describe()
+        files = {k: str(Path(v).resolve().relative_to(ROOT)) for k, v in render(graph, RESULTS / stem).items()}
+        timing["modes"][mode] = {
+            "tree_seconds": t_tree,
+            "contexts": graph.graph["contexts"],
+            "nodes": graph.number_of_nodes(),
+            "edges": graph.number_of_edges(),
+            "engines": graph.graph["engines"],
+            "edges_by_effect": sorted(
+                ({"from": u, "to": v, **e} for u, v, e in graph.edges(data=True)), key=lambda e: -e["effect"]
+            ),
+            "files": files,
+        }
+        print(f"{mode}: {t_tree:.1f} s, {graph.number_of_nodes()} nodes")
     (RESULTS / "causal_tree_timing.json").write_text(json.dumps(timing, indent=1, default=str))
-    print(json.dumps({k: v for k, v in timing.items() if k != "edges_by_effect"}, indent=1, default=str))
+    brief = {m: {k: v for k, v in r.items() if k != "edges_by_effect"} for m, r in timing["modes"].items()}
+    print(json.dumps({**timing, "modes": brief}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -15,22 +15,36 @@ a target feature t at ``s_L``:
 
    with q_t = c_t at p. Candidates are ranked by effect; the top
    ``branching`` with a positive effect become t's parents.
-3. Recurse from each parent into the site before it, to ``depth`` levels.
-   **choice** — a parent is studied on the *same* contexts (truncated at the
-   same p), and its quantity q_i is its activation summed over positions ≤ p
-   (the positions where ablating it changed the site, so the mass that
-   carried its effect on the child), not only at p: a parent that acts on the
-   child through attention from earlier tokens fires there, not at p.
+3. Recurse, to ``depth`` levels. Two ways (``mode``):
+
+   * ``"paper"`` (the default, as Cunningham et al. §5.3 "recursively apply"
+     the procedure): every kept parent p is a target in its own right — its
+     own maximum M_p over the store, its own fresh contexts where it is in
+     [M_p/2, M_p], truncated at its own best position, and q = its activation
+     there. A feature that is the parent of several children is studied once.
+     Every site of the tree must be in the store.
+   * ``"shared"`` (a **choice**, not the paper's quantity): every level reuses
+     the root's contexts (truncated at the root's p), and a parent's q is its
+     activation summed over positions ≤ p — the positions where ablating it
+     changed the site, so the mass that carried its effect on the child.
 
 Edges point parent → child and carry ``effect`` (the mean decrease above) and
-``relative`` (effect / the child's mean clean q). **Speed**: the model runs
-once to record every site on the truncated contexts; each ablation then runs
-only the blocks between the two sites (:class:`_Segment`: Hugging Face's own
-blocks, :class:`~circuitsae.downstream.Blocks`, for ``resid`` sites of the
-families that allow it, else the full model with forward hooks, stopped at the
-later site); a candidate is run only on
-the contexts where it fires, rows are batched per context under a token
-budget, and all parents at one site are measured from the same ablation runs.
+``relative`` (effect / the child's mean clean q).
+
+**One computation path.** The clean q of the child is computed in the same
+batch, by the same code, as the ablated ones (the clean context is row 0 of
+every batch of ablations), so an ablation that changes nothing has an effect
+of exactly 0, and no numerical gap between two paths biases the edges.
+
+**Speed.** The model runs once per set of contexts to record the sites; each
+ablation then runs only the blocks between the two sites (:class:`_Segment`:
+Hugging Face's own blocks, :class:`~circuitsae.downstream.Blocks`, for
+``resid`` sites of the families that allow it, else the full model with
+forward hooks, stopped at the later site). On the block path a candidate is
+recomputed only from the first position where it fires (the clean context's
+keys and values serve the positions before; windows are rounded up to a power
+of two so candidates batch together), only on the contexts where it fires, and
+all candidates of a context are batched under a token budget.
 """
 
 from __future__ import annotations
@@ -48,7 +62,7 @@ from tqdm.auto import tqdm
 from circuitsae import sites as sites_mod
 from circuitsae.config import model_dtype_option, option
 from circuitsae.dictionaries import Dictionary
-from circuitsae.downstream import Blocks, tolerance
+from circuitsae.downstream import _KV, Blocks, tolerance
 from circuitsae.errors import CircuitSAEError
 from circuitsae.features import feature_activations, row_tokens, site_codes, site_hook
 from circuitsae.models import input_device, model_name
@@ -83,35 +97,58 @@ def record(hf: Any, input_ids: torch.Tensor, names: list[str]) -> dict[str, torc
 
 
 class _Segment:
-    """Maps rows x ``[R, L, d]`` at site ``src`` (one context, ids ``[L]``) to the activation at ``dst``."""
+    """Maps rows x ``[R, Q, d]`` at site ``src`` to the activation at ``dst``, for one context at a time.
+
+    :meth:`prepare` records the clean context (ids ``[L]``, activation ``[L, d]`` at ``src``); rows then
+    cover positions ``start .. L-1`` of that context. On the block path the clean context's keys and values
+    serve the positions before ``start``; the hook path runs whole contexts (``start`` must be 0).
+    """
 
     def __init__(self, model: Any, src: str, dst: str) -> None:
         self.model, self.hf, self.src, self.dst = model, sites_mod._hf_module(model), src, dst
         self.fast = Blocks.supports(model, src) and Blocks.supports(model, dst)
         a, b = sites_mod.Site.parse(src).layer, sites_mod.Site.parse(dst).layer
         self.blocks = Blocks(model, a + 1, b) if self.fast else None
+        self.kv = _KV()
+        self.ids: "torch.Tensor | None" = None
 
     @property
     def engine(self) -> str:
         return "downstream" if self.fast else "hook"
 
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if self.blocks is None:
-            return self._hooked(x, ids)
-        r, t, _ = x.shape
-        pos = torch.arange(t, device=x.device).expand(r, t)
-        return self.blocks.run(x, pos, t)
+    def prepare(self, x: torch.Tensor, ids: torch.Tensor) -> None:
+        """Record the clean context: its keys and values at every block (block path), its ids (hook path)."""
+        self.ids = ids
+        if self.blocks is not None:
+            t = x.shape[0]
+            self.kv.replay, self.kv.record = None, True
+            self.blocks.run(x[None], torch.arange(t, device=x.device)[None], t, self.kv)
 
-    def _hooked(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        with site_hook(self.model, self.src, lambda out: x.to(out.dtype)):
-            return record(self.hf, ids[None].expand(len(x), -1), [self.dst])[self.dst]
+    def __call__(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        if self.blocks is None:
+            assert start == 0, "the hook path runs whole contexts"
+            with site_hook(self.model, self.src, lambda out: x.to(out.dtype)):
+                return record(self.hf, self.ids[None].expand(len(x), -1), [self.dst])[self.dst]
+        r, q, _ = x.shape
+        pos = (start + torch.arange(q, device=x.device)).expand(r, q)
+        self.kv.replay = (torch.zeros(r, dtype=torch.long, device="cpu"), pos)
+        try:
+            return self.blocks.run(x, pos, start + q, self.kv)
+        finally:
+            self.kv.replay = None
 
     def check(self, xs: torch.Tensor, ys: torch.Tensor, ids: torch.Tensor, lengths: list[int]) -> None:
-        """Fall back to hooks (with a warning) if the block path does not reproduce the recorded ``ys``."""
+        """Fall back to hooks (with a warning) if the block path does not reproduce the recorded ``ys``.
+
+        Checks the whole context and, from half way, the replayed window of each context.
+        """
         if not self.fast:
             return
         for n, length in enumerate(lengths):
-            got, want = self(xs[n : n + 1, :length], ids[n, :length])[0], ys[n, :length]
+            self.prepare(xs[n, :length], ids[n, :length])
+            half = length // 2
+            want = ys[n, :length]
+            got = torch.cat([self(xs[n : n + 1, :length])[0, :half], self(xs[n : n + 1, half:length], half)[0]])
             tol = tolerance(want.dtype) * float(want.abs().max()) + 1e-4
             if not torch.allclose(got.to(want.dtype), want, atol=tol, rtol=0):
                 err = float((got - want).abs().max())
@@ -156,6 +193,43 @@ def _pick_contexts(acts: torch.Tensor, store: ActivationStore, n: int, split: st
     return [store.locate(int(c) * per + int(best.indices[c]), split) for c in chosen], len(ok)
 
 
+@dataclass
+class _Contexts:
+    """Contexts truncated right after a position p each, with the sites recorded on them and their codes."""
+
+    ids: torch.Tensor  # [N, T] right-padded (causal attention keeps positions <= p exact)
+    pos: list[int]  # p per context
+    xs: dict[str, torch.Tensor]  # site -> [N, T, d]
+    codes: dict[str, torch.Tensor]  # site -> [N, T, K], c > 0 only, at positions start..p
+
+    @property
+    def lengths(self) -> list[int]:
+        return [p + 1 for p in self.pos]
+
+    def at_p(self, site: str) -> torch.Tensor:
+        """[N, K]: the codes at each context's p."""
+        c = self.codes[site]
+        return c[torch.arange(len(self.pos), device=c.device), torch.tensor(self.pos, device=c.device)]
+
+
+def _contexts(model: Any, hf: Any, dicts: Mapping, store: ActivationStore, picked: list, split: str, sites: list):
+    tokens = store.tokens(split)
+    pos = [p for _, p in picked]
+    ids = torch.zeros(len(picked), max(pos) + 1, dtype=torch.long, device="cpu")
+    for n, (c, p) in enumerate(picked):
+        ids[n, : p + 1] = tokens[c, : p + 1]
+    ids = ids.to(input_device(model))
+    xs = record(hf, ids, sites)
+    codes = {}
+    for s in sites:  # c > 0 only, at positions the dictionary applies to and <= p
+        dev = xs[s].device
+        valid = torch.arange(ids.shape[1], device=dev)[None] <= torch.tensor(pos, device=dev)[:, None]
+        c = dicts[s].encode(xs[s].to(dicts[s].W_dec.dtype)).clamp_min(0) * valid[..., None]
+        c[:, : default_start(dicts[s])] = 0
+        codes[s] = c
+    return _Contexts(ids, pos, xs, codes)
+
+
 @torch.no_grad()
 def causal_tree(
     model: Any,
@@ -167,6 +241,7 @@ def causal_tree(
     store: "ActivationStore | str | None" = None,
     seed: int = 0,
     *,
+    mode: str = "paper",
     split: str = "train",
     token_budget: int = 8192,
     label_rows: int = 200_000,
@@ -175,16 +250,21 @@ def causal_tree(
     """The ablation tree of ``target = (site, feature)``; see the module docstring for the definition.
 
     ``dictionaries`` maps sites (forward order) to dictionaries; ``store``
-    defaults to the target dictionary's training store. Node ids are
-    ``"site:feature"``; nodes carry ``site, layer, feature, label`` (the most
-    frequent tokens among its top store activations), ``max_activation`` (over
-    the first ``label_rows`` stored rows) and ``mean_activation`` (its q over
-    the contexts).
+    defaults to the target dictionary's training store. ``mode`` is ``"paper"``
+    (each parent studied on its own contexts) or ``"shared"`` (the root's
+    contexts throughout). Node ids are ``"site:feature"``; nodes carry ``site,
+    layer, feature, label`` (the most frequent tokens among its top store
+    activations), ``max_activation`` (over the first ``label_rows`` stored
+    rows) and ``mean_activation`` (its clean q over the contexts it was studied
+    on); in paper mode also ``contexts`` and ``context_max`` (the M its contexts
+    were sampled below).
     """
     t0 = time.perf_counter()
     chain = _check(model, dictionaries, target)
     if depth < 1 or branching < 1 or contexts < 1:
         raise CircuitSAEError("depth, branching and contexts must be >= 1")
+    if mode not in ("paper", "shared"):
+        raise CircuitSAEError(f"mode must be 'paper' (each parent on its own contexts) or 'shared', not {mode!r}")
     hf = sites_mod._hf_module(model)
     dicts = {s: dictionaries[s] for s in chain}
     site, feature = chain[-1], int(target[1])
@@ -192,6 +272,14 @@ def causal_tree(
     if store is None:
         raise CircuitSAEError("the target dictionary does not name its activation store: pass store=")
     store = ActivationStore(store) if not isinstance(store, ActivationStore) else store
+    chain = chain[max(0, len(chain) - 1 - depth) :]
+    if mode == "paper":
+        missing = [s for s in chain[:-1] if s not in store.sites]
+        if missing:
+            raise CircuitSAEError(
+                f"a paper-mode tree samples each parent's own contexts from the store, which lacks {', '.join(missing)}"
+                "; harvest those sites too, or use mode='shared'"
+            )
     acts = feature_activations(dicts[site], store, site, feature, split, progress)
     big = float(acts.max())
     picked, available = _pick_contexts(acts, store, contexts, split, seed)
@@ -201,59 +289,51 @@ def causal_tree(
             f"using them (asked for {contexts})",
             stacklevel=2,
         )
-    tokens = store.tokens(split)
-    pos = [p for _, p in picked]
-    ids = torch.zeros(len(picked), max(pos) + 1, dtype=torch.long, device="cpu")
-    for n, (c, p) in enumerate(picked):  # right padding: causal attention keeps positions <= p exact
-        ids[n, : p + 1] = tokens[c, : p + 1]
-    ids = ids.to(input_device(model))
-    chain = chain[max(0, len(chain) - 1 - depth) :]
-    xs = record(hf, ids, chain)
-    codes = {}
-    for s in chain:  # c > 0 only, at positions the dictionary applies to and <= p
-        dev = xs[s].device
-        valid = torch.arange(ids.shape[1], device=dev)[None] <= torch.tensor(pos, device=dev)[:, None]
-        c = dicts[s].encode(xs[s].to(dicts[s].W_dec.dtype)).clamp_min(0) * valid[..., None]
-        c[:, : default_start(dicts[s])] = 0
-        codes[s] = c
-    dev = codes[site].device
-    at_p = torch.arange(len(pos), device=dev), torch.tensor(pos, device=dev)
-
+    root = _contexts(model, hf, dicts, store, picked, split, chain if mode == "shared" else chain[-2:])
     graph = nx.DiGraph()
-    q_root = codes[site][at_p][:, feature]
+    q_root = root.at_p(site)[:, feature]
     graph.add_node(f"{site}:{feature}", site=site, feature=feature, mean_activation=float(q_root.mean()))
+    if mode == "paper":
+        graph.nodes[f"{site}:{feature}"].update(contexts=len(picked), context_max=big)
     frontier, engines = [feature], {}
     for level in range(1, len(chain)):
         src, dst = chain[-1 - level], chain[-level]
         seg = _Segment(model, src, dst)
-        seg.check(xs[src], xs[dst], ids, [p + 1 for p in pos])
         engines[f"{src}->{dst}"] = seg.engine
-        effects, cands = _ablate_all(
-            seg, dicts, src, dst, frontier, xs, codes, ids, pos, level == 1, token_budget, progress
-        )
+        if mode == "shared" or level == 1:
+            seg.check(root.xs[src], root.xs[dst], root.ids, root.lengths)
+            effects, cands = _effects(seg, dicts, src, dst, frontier, root, level == 1, token_budget, progress)
+            studied = [(child, effects[:, j], cands) for j, child in enumerate(frontier)]
+        else:
+            studied = _study_each(model, hf, seg, dicts, store, split, src, dst, frontier, contexts, seed,
+                                  token_budget, graph, progress)  # fmt: skip
         parents = set()
-        for j, child in enumerate(frontier):
+        for child, eff_child, cands in studied:
             child_id = f"{dst}:{child}"
             mean = graph.nodes[child_id]["mean_activation"]
-            order = effects[:, j].argsort(descending=True)[:branching]
-            for k in order.tolist():
-                if effects[k, j] <= 0:
+            for k in eff_child.argsort(descending=True)[:branching].tolist():
+                if eff_child[k] <= 0:
                     break
                 i = int(cands[k])
                 node = f"{src}:{i}"
                 if node not in graph:
-                    q = codes[src][..., i].sum(-1)
-                    graph.add_node(node, site=src, feature=i, mean_activation=float(q.mean()))
-                eff = float(effects[k, j])
-                graph.add_edge(node, child_id, effect=eff, relative=eff / mean if mean > 0 else None)
+                    q = root.codes[src][..., i].sum(-1) if mode == "shared" else None
+                    graph.add_node(
+                        node, site=src, feature=i, mean_activation=float(q.mean()) if q is not None else None
+                    )
+                eff = float(eff_child[k])
+                graph.add_edge(node, child_id, effect=eff, relative=eff / mean if mean and mean > 0 else None)
                 parents.add(i)
         frontier = sorted(parents)
         if not frontier:
             break
+    if mode == "paper":  # the last level's parents were never studied as targets: their q at their own p
+        _fill_means(graph, dicts, store, split, contexts, seed, progress)
     _label(graph, dicts, store, split, label_rows, model.tokenizer, progress)
     graph.graph.update(
         target=f"{site}:{feature}",
         model=model_name(model),
+        mode=mode,
         target_max_activation=big,
         contexts=len(picked),
         contexts_requested=contexts,
@@ -267,44 +347,125 @@ def causal_tree(
     return graph
 
 
-def _ablate_all(
+def _own_contexts(
+    dicts: Mapping,
+    store: ActivationStore,
+    split: str,
+    site: str,
+    features: list[int],
+    n: int,
+    seed: int,
+    progress: bool,
+) -> dict[int, tuple[list, float]]:
+    """Each feature's own contexts (``_pick_contexts``) and its maximum M, from one pass over the store."""
+    acts = site_codes(dicts[site], store, site, features, split, progress=progress)
+    return {
+        f: (_pick_contexts(acts[:, j], store, n, split, seed)[0], float(acts[:, j].max()))
+        for j, f in enumerate(features)
+    }
+
+
+def _study_each(
+    model: Any,
+    hf: Any,
+    seg: "_Segment",
+    dicts: Mapping,
+    store: ActivationStore,
+    split: str,
+    src: str,
+    dst: str,
+    frontier: list[int],
+    contexts: int,
+    seed: int,
+    token_budget: int,
+    graph: nx.DiGraph,
+    progress: bool,
+) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Paper mode: each frontier feature at ``dst`` is a target of its own, on its own contexts."""
+    own = _own_contexts(dicts, store, split, dst, frontier, contexts, seed, progress)
+    out = []
+    for child in frontier:
+        picked, big = own[child]
+        ctx = _contexts(model, hf, dicts, store, picked, split, [src, dst])
+        q = ctx.at_p(dst)[:, child]
+        graph.nodes[f"{dst}:{child}"].update(mean_activation=float(q.mean()), contexts=len(picked), context_max=big)
+        seg.check(ctx.xs[src], ctx.xs[dst], ctx.ids, ctx.lengths)
+        effects, cands = _effects(seg, dicts, src, dst, [child], ctx, True, token_budget, progress)
+        out.append((child, effects[:, 0], cands))
+    return out
+
+
+def _fill_means(
+    graph: nx.DiGraph, dicts: Mapping, store: ActivationStore, split: str, n: int, seed: int, progress: bool
+) -> None:
+    """Paper mode: the leaves were never studied as targets; their mean q at their own p over their own
+    contexts, read off the stored activations (the studied nodes' q come from the model run)."""
+    todo: dict[str, list[int]] = {}
+    for _, a in graph.nodes(data=True):
+        if a.get("mean_activation") is None:
+            todo.setdefault(a["site"], []).append(a["feature"])
+    per, first = int(store.meta["rows_per_context"]), int(store.meta["first_position"])
+    for s, feats in todo.items():
+        acts = site_codes(dicts[s], store, s, feats, split, progress=progress)
+        for j, f in enumerate(feats):
+            picked, _ = _pick_contexts(acts[:, j], store, n, split, seed)
+            rows = [c * per + p - first for c, p in picked]
+            graph.nodes[f"{s}:{f}"].update(
+                mean_activation=float(acts[rows, j].mean()), contexts=len(picked), context_max=float(acts[:, j].max())
+            )
+
+
+def _effects(
     seg: _Segment,
     dicts: Mapping[str, Dictionary],
     src: str,
     dst: str,
     frontier: list[int],
-    xs: dict,
-    codes: dict,
-    ids: torch.Tensor,
-    pos: list[int],
-    root: bool,
+    ctx: _Contexts,
+    at_p: bool,
     token_budget: int,
     progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean decrease ``[candidates, len(frontier)]`` of each frontier feature at ``dst`` per ablated candidate at ``src``.
 
-    A candidate is run only on the contexts where it fires (elsewhere its ablation changes nothing).
+    q is each frontier feature's code at p (``at_p``) or summed over the positions its dictionary applies to.
+    Every batch holds the clean context as row 0, so clean and ablated q come from one computation.
     """
-    c_src, d_dst, f_src = codes[src], dicts[dst], dicts[src].directions
+    c_src, d_dst, f_src = ctx.codes[src], dicts[dst], dicts[src].directions
     fires = c_src.gt(0).any(1)  # [N, K]
     cands = fires.any(0).nonzero().flatten()
-    dev = codes[dst].device  # effects are measured where the child's codes are
-    total = torch.zeros(dicts[src].d_dict, len(frontier), device=dev)
+    dev = ctx.codes[dst].device  # effects are measured where the child's codes are
+    total = torch.zeros(dicts[src].d_dict, len(frontier), device=dev, dtype=torch.float64)
     feats = torch.tensor(frontier, device=dev)
-    start = default_start(d_dst)
-    for n in tqdm(range(len(pos)), desc=f"ablating {src} -> {dst}", unit="context", disable=not progress, leave=False):
-        length = pos[n] + 1
-        clean = codes[dst][n, pos[n], feats] if root else codes[dst][n, :, feats].sum(0)
+    first_dst = default_start(d_dst)
+    bar = tqdm(total=int(fires.sum()), desc=f"ablating {src} -> {dst}", unit="ablation", disable=not progress,
+               leave=False)  # fmt: skip
+    for n, length in enumerate(ctx.lengths):
         ks = fires[n].nonzero().flatten()
-        for b in range(0, len(ks), max(1, token_budget // length)):
-            k = ks[b : b + max(1, token_budget // length)]
-            delta = c_src[n, :length, k].T[..., None] * f_src[k][:, None, :]  # [R, L, d]
-            x = xs[src][n, :length][None] - delta.to(xs[src].dtype)
-            y = seg(x, ids[n, :length])
-            y = y[:, pos[n]] if root else y[:, start:length]
-            c = d_dst.encode_features(y.to(d_dst.W_dec.dtype), feats).clamp_min(0)
-            total[k.to(dev)] += clean - (c if root else c.sum(1))
-    return total[cands] / len(pos), cands
+        if len(ks) == 0:
+            continue
+        x = ctx.xs[src][n, :length]
+        seg.prepare(x, ctx.ids[n, :length])
+        if seg.fast:  # recompute from the first position each candidate fires at (windows of 2^j positions)
+            first = c_src[n, :length, ks].gt(0).float().argmax(0).cpu()
+            width = (2 ** torch.ceil(torch.log2((length - first).float()))).long().clamp(max=length)
+            starts = length - width
+        else:
+            starts = torch.zeros(len(ks), dtype=torch.long)
+        for start in starts.unique().tolist():
+            group = ks[(starts == start).to(ks.device)]
+            per = max(1, token_budget // (length - start) - 1)
+            for b in range(0, len(group), per):
+                k = group[b : b + per]
+                delta = c_src[n, start:length, k].T[..., None] * f_src[k][:, None, :]  # [R, Q, d]
+                rows = torch.cat([x[None, start:], x[None, start:] - delta.to(x.dtype)])
+                y = seg(rows, start)
+                y = y[:, -1:] if at_p else y[:, max(0, first_dst - start) :]
+                c = d_dst.encode_features(y.to(d_dst.W_dec.dtype), feats).clamp_min(0).sum(1).double()
+                total[k.to(dev)] += c[0] - c[1:]
+                bar.update(len(k))
+    bar.close()
+    return (total[cands] / len(ctx.lengths)).float(), cands
 
 
 def _label(
@@ -344,6 +505,11 @@ class TreeConfig:
     store: "str | None" = option(None, "activation store (default: the one the target dictionary was trained on)")
     model: "str | None" = option(None, "model (default: the one the dictionaries were trained on)")
     seed: int = option(0, "seed of the context sample")
+    mode: str = option(
+        "paper",
+        "paper: every parent is a target of its own, on its own contexts (Cunningham et al. §5.3); "
+        "shared: every level on the root's contexts",
+    )
     max_nodes: int = option(40, "draw at most this many nodes (the strongest)")
     out: str = option("runs/tree/causal_tree", "output path stem: writes .dot, .svg, .png and .json")
     device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
@@ -355,6 +521,8 @@ class TreeConfig:
             raise CircuitSAEError("depth, branching, contexts and max_nodes must be >= 1")
         if not self.dictionaries:
             raise CircuitSAEError("name the dictionaries with --dictionaries")
+        if self.mode not in ("paper", "shared"):
+            raise CircuitSAEError(f"--mode must be paper or shared, not {self.mode!r}")
 
 
 def run_tree(cfg: TreeConfig, model: Any = None, progress: bool = True) -> tuple[nx.DiGraph, dict[str, str]]:
@@ -371,6 +539,15 @@ def run_tree(cfg: TreeConfig, model: Any = None, progress: bool = True) -> tuple
     name = cfg.model or (min(models) if models else "smollm2-135m")
     model = model or load_model(name, device=cfg.device, dtype=cfg.model_dtype)
     graph = causal_tree(
-        model, dicts, target, cfg.depth, cfg.branching, cfg.contexts, cfg.store, cfg.seed, progress=progress
+        model,
+        dicts,
+        target,
+        cfg.depth,
+        cfg.branching,
+        cfg.contexts,
+        cfg.store,
+        cfg.seed,
+        mode=cfg.mode,
+        progress=progress,
     )
     return graph, render(graph, cfg.out, max_nodes=cfg.max_nodes)

@@ -128,6 +128,80 @@ def test_bad_input_is_one_line(tiny_llama, wired):
         assert "\n" not in str(e.value)
 
 
+def test_paper_mode_studies_each_parent_on_its_own_contexts(tiny_llama, wired, tree):
+    """A parent's subtree is the tree it would have as a root: its own M, its own contexts, q at its own p."""
+    store, dicts = wired
+    assert tree.graph["mode"] == "paper"
+    for _, a in tree.nodes(data=True):
+        with torch.no_grad():
+            acts = dicts[a["site"]].encode(store.activations(a["site"], "train"))[:, a["feature"]]
+        assert a["context_max"] == pytest.approx(float(acts.max()), rel=1e-5) and 1 <= a["contexts"] <= 8
+    for parent in [u for u, _ in tree.in_edges("resid.2:7")]:
+        site, feature = parent.split(":")
+        alone = causal_tree(tiny_llama, dicts, (site, int(feature)), depth=1, branching=3, contexts=8, progress=False)
+        assert alone.nodes[parent]["mean_activation"] == pytest.approx(tree.nodes[parent]["mean_activation"], rel=1e-6)
+        assert set(alone.in_edges(parent)) == set(tree.in_edges(parent))
+        for u, v in alone.in_edges(parent):
+            assert tree.edges[u, v]["effect"] == pytest.approx(alone.edges[u, v]["effect"], rel=1e-6)
+
+
+def test_shared_mode_reuses_the_root_contexts_and_is_named(tiny_llama, wired, tree):
+    store, dicts = wired
+    g = causal_tree(tiny_llama, dicts, ("resid.2", 7), depth=2, branching=3, contexts=8, mode="shared", progress=False)
+    assert g.graph["mode"] == "shared" and "contexts" not in g.nodes["resid.1:3"]
+    # the first level is the same quantity in both modes
+    assert set(g.in_edges("resid.2:7")) == set(tree.in_edges("resid.2:7"))
+    for u, v in g.in_edges("resid.2:7"):
+        assert g.edges[u, v]["effect"] == pytest.approx(tree.edges[u, v]["effect"], rel=1e-6)
+    top = max(g.in_edges("resid.1:3", data=True), key=lambda e: e[2]["effect"])
+    assert top[0] == "resid.0:5"
+    with pytest.raises(CircuitSAEError, match="mode must be 'paper'"):
+        causal_tree(tiny_llama, dicts, ("resid.2", 7), mode="recursive", progress=False)
+    partial = {"resid.1": dicts["resid.1"], "resid.2": dicts["resid.2"]}
+    with pytest.raises(CircuitSAEError, match="lacks resid.0; harvest those sites too, or use mode='shared'"):
+        causal_tree(tiny_llama, {"resid.0": _copy(dicts["resid.0"]), **partial}, ("resid.2", 7), depth=2,
+                    store=_store_without(store, "resid.0"), progress=False)  # fmt: skip
+
+
+def test_an_ablation_that_changes_nothing_has_an_effect_of_exactly_zero(tiny_llama, wired, monkeypatch):
+    """Clean and ablated q come from one computation: a firing feature with a zero direction moves nothing."""
+    from circuitsae import trees
+
+    store, dicts = wired
+    src = _copy(dicts["resid.0"])
+    with torch.no_grad():
+        src.W_dec[9] = 0.0  # tied: its code is ReLU(b_enc) = 1 everywhere, its ablation subtracts 1 · 0
+        src.b_enc[9] = 1.0
+    chain = {"resid.0": src, "resid.1": dicts["resid.1"]}
+    hf = tiny_llama._module
+    with torch.no_grad():
+        acts = dicts["resid.1"].encode(store.activations("resid.1", "train"))[:, 3]
+    picked, _ = trees._pick_contexts(acts, store, 6, "train", 0)
+    ctx = trees._contexts(tiny_llama, hf, chain, store, picked, "train", ["resid.0", "resid.1"])
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr("circuitsae.trees.Blocks.supports", staticmethod(lambda m, s: False))
+        seg = trees._Segment(tiny_llama, "resid.0", "resid.1")
+        for at_p in (True, False):
+            effects, cands = trees._effects(seg, chain, "resid.0", "resid.1", [3], ctx, at_p, 8192, False)
+            k = (cands == 9).nonzero().flatten()
+            assert len(k) == 1 and float(effects[k[0], 0]) == 0.0, (fast, at_p)
+            assert effects.abs().max() > 0  # the others do move it
+
+
+def _store_without(store, site):
+    """A copy of the wired store's folder that lacks one site (its meta says so)."""
+    import shutil
+
+    root = store.root.parent / f"without-{site}"
+    if not root.exists():
+        shutil.copytree(store.root, root)
+        meta = json.loads((root / "meta.json").read_text())
+        meta["sites"] = [s for s in meta["sites"] if s != site]
+        (root / "meta.json").write_text(json.dumps(meta))
+    return circuitsae.ActivationStore(str(root))
+
+
 def test_dot_has_ranks_nodes_and_widths_ordered_like_effects(tree):
     src = to_dot(tree).source
     for node in tree.nodes:  # DOT id site_feature (a colon would name a port), label site:feature
