@@ -5,6 +5,14 @@ plus a PCA rotation fitted at each site, on the same IOI prompts: order the
 features by ACDC (and, optionally, by attribution), and plot KL(patched ‖
 target) against the number of features patched and against the mean edit
 size. ``circuitsae ioi DICT ...`` runs it from the command line.
+
+**Selection and evaluation on different prompts** (``heldout_prompts > 0``):
+the orderings then choose their feature sets on prompts built from half of
+the templates and half of the names (:func:`split_prompts`), and every
+recorded set is also patched, unchanged, into prompts built from the other
+templates and names (:func:`score_sets`); each curve gains a ``heldout``
+record list. A circuit that works only on the prompts it was chosen on is not
+the paper's claim.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from circuitsae.config import model_dtype_option, option
 from circuitsae.dictionaries import Dictionary, PCADictionary, load_dictionary
@@ -41,6 +50,11 @@ class IOIConfig:
         True, "exact ACDC also for dense dictionaries (α = 0, PCA): every feature a candidate, slow on a CPU"
     )
     attribution: bool = option(True, "also order by attribution (one backward pass) and plot it beside ACDC")
+    heldout_prompts: int = option(
+        0,
+        "also patch every chosen feature set into this many other prompts (the other half of the templates and "
+        "names; the orderings then use the first half); 0: off",
+    )
     engine: str = option("auto", "evaluator: auto, downstream (later layers only) or hook (full passes)")
     out: str = option("runs/ioi", "output folder: kl_vs_patches.json and .png")
     device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
@@ -50,6 +64,8 @@ class IOIConfig:
         self.dictionaries = tuple(self.dictionaries)
         if self.prompts < 1 or self.thresholds < 1:
             raise CircuitSAEError("prompts and thresholds must be >= 1")
+        if self.heldout_prompts < 0:
+            raise CircuitSAEError("heldout_prompts must be >= 0")
         if not (self.acdc or self.attribution):
             raise CircuitSAEError("choose at least one ordering: ACDC or attribution")
         if self.engine not in ("auto", "downstream", "hook"):
@@ -114,6 +130,58 @@ def halving(result: dict, fraction: float = 0.5) -> dict:
     }
 
 
+def split_prompts(model: Any, n_select: int, n_heldout: int, seed: int = 0) -> tuple[Any, Any]:
+    """Two IOI datasets with no template and no name in common: even-numbered templates and names for
+    selection, odd-numbered ones for evaluation (another seed too)."""
+    from circuitsae.tasks.ioi import TEMPLATES, make_ioi, single_token_names
+
+    names = single_token_names(model.tokenizer)
+    select = make_ioi(model, n=n_select, seed=seed, templates=TEMPLATES[0::2], names=names[0::2])
+    heldout = make_ioi(model, n=n_heldout, seed=seed + 1, templates=TEMPLATES[1::2], names=names[1::2])
+    return select, heldout
+
+
+def feature_sets(curve: dict, order: list[int]) -> list[list[int]]:
+    """The feature set behind each record of a curve (``order``: its full candidate ordering).
+
+    ACDC: the candidates not yet removed at the record's τ; attribution: the first ``n_features`` of the order.
+    """
+    if curve["method"] == "attribution":
+        return [order[: r["n_features"]] for r in curve["records"]]
+    removed = {int(f): float(t) for f, t in curve["removed_at"].items()}
+    return [[f for f in order if not (f in removed and removed[f] <= r["tau"])] for r in curve["records"]]
+
+
+@torch.no_grad()
+def score_sets(model: Any, dictionary: Dictionary, site: str, dataset: Any, sets: list, engine: str = "auto") -> dict:
+    """Patch each feature set, unchanged, into ``dataset``'s prompts: KL and edit per set, and the two ends.
+
+    Features that change nothing on these prompts are patched as no-ops. Returns ``{"prompts", "start":
+    {"none", "all"}, "records": [{n_features, kl, kl_reverse, edit_magnitude}]}`` with "all" = every feature
+    whose patch is non-zero on these prompts.
+    """
+    from circuitsae.downstream import make_evaluator
+    from circuitsae.patching import feature_deltas
+
+    fd = feature_deltas(model, dictionary, site, dataset.base, dataset.target, lengths=dataset.lengths)
+    ev = make_evaluator(model, fd, dataset.base, engine)
+
+    def measure(member: torch.Tensor, n: int) -> dict:
+        st = ev.set_state(member)
+        return {"n_features": n, "kl": float(st["kl"].mean()), "kl_reverse": float(st["kl_reverse"].mean()),
+                "edit_magnitude": fd.edit_magnitude(member)}  # fmt: skip
+
+    k = fd.n_candidates
+    return {
+        "prompts": len(dataset),
+        "start": {
+            "none": measure(torch.zeros(k, dtype=torch.bool), 0),
+            "all": measure(torch.ones(k, dtype=torch.bool), k),
+        },
+        "records": [measure(fd.member(s), len(s)) for s in sets],
+    }
+
+
 def _dense(d: Dictionary) -> bool:
     """PCA and the α = 0 dictionary: codes are dense, so every feature is a candidate."""
     return d.architecture == "pca" or d.meta.get("training", {}).get("coefficient") == 0
@@ -132,6 +200,8 @@ def _fingerprint(cfg: IOIConfig, path: str, d: Dictionary, thresholds: np.ndarra
     else:
         stamp = hashlib.sha1(b"".join(t.detach().cpu().numpy().tobytes() for t in d.state_dict().values())).hexdigest()
     key = json.dumps([cfg.model, cfg.prompts, cfg.seed, cfg.engine, path, stamp, list(thresholds)])
+    if cfg.heldout_prompts:  # other selection prompts, and the held-out scores
+        key += f"heldout{cfg.heldout_prompts}"
     if dtype != "float32":
         key += dtype
     return hashlib.sha1(key.encode()).hexdigest()[:10]
@@ -155,8 +225,12 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
             raise CircuitSAEError(f"the dictionaries come from different models: {sorted(models)}")
         name = cfg.model or (models.pop() if models else "smollm2-135m")
         model = load_model(name, device=cfg.device, dtype=cfg.model_dtype)
-    ds = make_ioi(model, n=cfg.prompts, seed=cfg.seed)
+    if cfg.heldout_prompts:
+        ds, ds_heldout = split_prompts(model, cfg.prompts, cfg.heldout_prompts, cfg.seed)
+    else:
+        ds, ds_heldout = make_ioi(model, n=cfg.prompts, seed=cfg.seed), None
     perf = ioi_performance(model, ds)
+    perf_heldout = ioi_performance(model, ds_heldout) if ds_heldout is not None else None
     by_site: dict[str, list[tuple[str, Dictionary]]] = {}
     for path, d in dicts:
         site = d.meta.get("site")
@@ -180,6 +254,8 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
             "seed": cfg.seed,
             "thresholds": [float(t) for t in thresholds],
             "ioi": perf,
+            "heldout_prompts": cfg.heldout_prompts,
+            "ioi_heldout": perf_heldout,
             "config": asdict(cfg),
             "results": results,
             "skipped": skipped,
@@ -188,6 +264,8 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
         }
         atomic_write(parts.parent / "kl_vs_patches.json", json.dumps(report, indent=1).encode())
         plot_curves(report, parts.parent / "kl_vs_patches.png")
+        if any("records" in r.get("heldout", {}) for r in results):
+            plot_transfer(report, parts.parent / "kl_vs_patches_heldout.png")
         return report
 
     for site, entries in sorted(by_site.items(), key=lambda kv: int(kv[0].split(".")[1])):
@@ -220,6 +298,14 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
                     break  # the other ordering has nothing to patch either
                 row = res.to_json()
                 row.update(label=label(d), path=path, architecture=d.architecture, d_dict=d.d_dict)
+                if ds_heldout is not None:
+                    t0 = time.perf_counter()
+                    try:
+                        row["heldout"] = score_sets(model, d, site, ds_heldout, feature_sets(row, res.order),
+                                                    cfg.engine)  # fmt: skip
+                        row["heldout"]["seconds"] = time.perf_counter() - t0
+                    except NothingToPatch as e:
+                        row["heldout"] = {"prompts": len(ds_heldout), "skipped": str(e)}
                 row["order"] = row["order"][:100]  # the most important features; the full list is long
                 atomic_write(part, json.dumps(row).encode())
                 results.append(row)
@@ -275,6 +361,49 @@ def plot_curves(report: dict, path: "str | Path", sites: "list[str] | None" = No
         k for m, k in (("acdc", "solid: ACDC order"), ("attribution", "dotted: attribution order")) if m in methods
     )
     fig.suptitle(f"IOI feature patching, {report['model']}, {report['prompts']} prompts ({key})")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_transfer(report: dict, path: "str | Path", sites: "list[str] | None" = None) -> Path:
+    """Fraction of the unpatched KL left vs features patched: on the selection prompts (solid) and the same
+    feature sets on the held-out prompts (dashed), one panel per site and ordering."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for r in report["results"] if "records" in r.get("heldout", {})]
+    sites = sites or sorted({r["site"] for r in results}, key=lambda s: int(s.split(".")[1]))
+    methods = [m for m in ("acdc", "attribution") if any(r["method"] == m for r in results)]
+    fig, axes = plt.subplots(len(sites), len(methods), figsize=(6.5 * len(methods), 4.2 * len(sites)), squeeze=False)
+    labels = list(dict.fromkeys(r["label"] for r in report["results"]))
+    colours = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
+    for row, site in zip(axes, sites):
+        for ax, method in zip(row, methods):
+            for r in (r for r in results if r["site"] == site and r["method"] == method):
+                for recs, none, ls, tag in (
+                    (r["records"], r["start"]["none"]["kl"], "-", "selection"),
+                    (r["heldout"]["records"], r["heldout"]["start"]["none"]["kl"], "--", "held-out"),
+                ):
+                    n = np.array([x["n_features"] for x in recs], float)
+                    frac = np.array([x["kl"] for x in recs]) / none
+                    ok = n > 0
+                    ax.plot(n[ok], frac[ok], ls=ls, color=colours[r["label"]], label=f"{r['label']} ({tag})")
+            ax.axhline(0.5, color="grey", ls=":", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_ylim(0, 1.2)
+            ax.set_xlabel("features patched (chosen on the selection prompts)")
+            ax.set_ylabel("KL / KL(nothing patched)")
+            ax.set_title(f"{site}, {method} order: selection (solid) vs held-out prompts (dashed)", fontsize=9)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=6, loc="lower left")
+    n_sel, n_held = report["prompts"], report.get("heldout_prompts")
+    fig.suptitle(f"IOI: do the features chosen on {n_sel} prompts carry over to {n_held} prompts with other "
+                 "names and templates? (grey: half the KL)")  # fmt: skip
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -1,6 +1,7 @@
 """The IOI dataset: prompt structure, determinism, name validation, metrics, and the real model doing IOI."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -169,3 +170,51 @@ def test_halving_reads_features_and_edit_off_one_record():
     assert h["floor"] == 0.8
     none = halving({**curve, "records": records[2:]})
     assert none["features"] is None and none["edit_magnitude"] is None and none["min_edit"] is None
+
+
+def test_selection_and_heldout_prompts_share_no_name_or_template(tiny_llama):
+    from circuitsae.ioi_curves import split_prompts
+
+    select, held = split_prompts(tiny_llama, 12, 10, seed=0)
+    assert len(select) == 12 and len(held) == 10
+    sel_names = set(select.io_token.tolist()) | set(select.s_token.tolist()) | set(select.target_token.tolist())
+    held_names = set(held.io_token.tolist()) | set(held.s_token.tolist()) | set(held.target_token.tolist())
+    assert not sel_names & held_names
+
+    def pattern(template):
+        parts = re.split(r"\{\w+\}", template)
+        return re.compile("^" + ".+?".join(map(re.escape, parts)) + "$")
+
+    chosen = [pattern(t) for t in TEMPLATES[0::2]]
+    assert all(any(p.match(t) for p in chosen) for t in select.texts)
+    assert not any(p.match(t) for p in chosen for t in held.texts)
+
+
+def test_chosen_feature_sets_are_scored_on_heldout_prompts(tiny_llama, wired, tmp_path):
+    """Every record's feature set is rebuilt exactly and patched, unchanged, into the other prompts."""
+    from circuitsae.ioi_curves import feature_sets, plot_transfer, run_ioi, score_sets, split_prompts
+
+    _, dicts = wired
+    path = str(dicts["resid.1"].save(tmp_path / "d"))
+    report = run_ioi(dictionaries=[path], model=tiny_llama, prompts=6, heldout_prompts=5, thresholds=4, pca=False,
+                     out=str(tmp_path / "ioi"), progress=False)  # fmt: skip
+    assert report["heldout_prompts"] == 5 and report["ioi_heldout"]["n"] == 5
+    _, held = split_prompts(tiny_llama, 6, 5, seed=0)
+    d = circuitsae.load_dictionary(path)
+    for curve in report["results"]:
+        h = curve["heldout"]
+        assert h["prompts"] == 5 and len(h["records"]) == len(curve["records"])
+        assert [r["n_features"] for r in h["records"]] == [r["n_features"] for r in curve["records"]]
+        # the same sets, measured again from scratch with patch_features, give the same KLs
+        sets = feature_sets(curve, curve["order"]) if len(curve["order"]) == curve["n_candidates"] else None
+        if sets is None:
+            continue
+        again = score_sets(tiny_llama, d, "resid.1", held, sets)
+        for a, b in zip(again["records"], h["records"]):
+            assert a["kl"] == pytest.approx(b["kl"], rel=1e-5, abs=1e-7)
+        for s, rec in zip(sets[:2], h["records"][:2]):
+            r = circuitsae.patch_features(tiny_llama, d, "resid.1", held.base, held.target, s, lengths=held.lengths)
+            assert r.kl == pytest.approx(rec["kl"], rel=1e-4, abs=1e-6)
+    assert h["start"]["none"]["kl"] > 0
+    assert (tmp_path / "ioi" / "kl_vs_patches_heldout.png").is_file()
+    plot_transfer(report, tmp_path / "t.png")
