@@ -1,21 +1,30 @@
-"""Cunningham et al. Fig. 3 / Fig. 17 on SmolLM2: IOI feature patching with ACDC ordering.
+"""Cunningham et al. Fig. 3 / Fig. 17 on SmolLM2, tested properly: IOI feature patching with better SAEs.
 
-At each residual site: the baseline SAE at two sparsity coefficients, the
-Gated SAE, the α = 0 dictionary (all of width 2·d) and PCA (a rotation, all
-components), on the same 50 IOI prompts. For each, ACDC orders the features
-(thresholds logspace(−5, 0, 50)) and, beside it, attribution; the curves are
-KL(patched ‖ target) vs features patched and vs edit magnitude.
+At a late site (resid.27 of 30) and a middle one (resid.15, like the paper's
+layer 11 of 24), SAEs trained on ``--tokens`` (2M) activations: the baseline
+SAE at an α grid, the α = 0 dictionary, the Gated SAE, and PCA (a rotation,
+all components). On ``--prompts`` (50) IOI prompts built from half of the
+templates and names:
 
-    python benchmarks/kl_vs_patches.py                      # harvest + train if needed, then all sites
-    python benchmarks/kl_vs_patches.py --sites resid.16     # the Fig. 3 analogue only
+* attribution order for every dictionary at every site (``--sites``: four
+  layers, the paper's Fig. 17);
+* exact ACDC (``--thresholds``, ≥ 20) at the late site for the Gated SAE,
+  every baseline SAE with α > 0 and PCA (``--dense-acdc`` adds α = 0), and
+  for the Gated SAE at the middle site (how far attribution is from ACDC
+  there);
+* every chosen feature set also patched, unchanged, into ``--heldout-prompts``
+  (50) prompts built from the other templates and names.
 
-Per-site results are kept in ``--work`` so an interrupted run resumes at the
-next site. Also measures, in the same run, the speed of :func:`acdc` against
-the sequential reference (one full forward per visit) on a reduced problem
-both can finish, and checks they give the same output.
+Every step resumes: the harvest and the training from their checkpoints, each
+curve from ``--work``/curves-SITE/parts. The commands it runs are the
+library's own (printed); nothing it builds is kept in git.
 
-Writes ``benchmarks/results/kl_vs_patches.json`` + ``.png`` (the main site) and
-``kl_vs_patches_layers.png`` (every site, like Fig. 17).
+    python benchmarks/kl_vs_patches.py                       # everything (hours on 2 CPU cores)
+    python benchmarks/kl_vs_patches.py --stage attribution   # only the attribution curves (and what they need)
+
+Writes ``benchmarks/results/kl_vs_patches.json`` + ``.png`` (the late site),
+``kl_vs_patches_layers.png`` (every site) and ``kl_vs_patches_heldout.png``
+(selection vs held-out prompts).
 """
 
 from __future__ import annotations
@@ -27,146 +36,187 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
 import circuitsae  # noqa: E402
-from circuitsae.acdc import acdc, acdc_reference  # noqa: E402
-from circuitsae.ioi_curves import halving, plot_curves, run_ioi  # noqa: E402
-from circuitsae.tasks import make_ioi  # noqa: E402
+from circuitsae.ioi_curves import halving, plot_curves, plot_transfer, run_ioi  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 
-def prepare(args: argparse.Namespace) -> None:
-    """Harvest and train the dictionaries unless they exist (both resume if interrupted)."""
+def prepare(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Harvest and train unless done (both resume); return the dictionary folders per site."""
     work = Path(args.work)
-    sites = args.sites
-    if not all((work / "saes" / f"{s}-relu-c{c:g}").exists() for s in sites for c in (0, *args.coefficients)):
-        circuitsae.harvest(circuitsae.HarvestConfig(sites=sites, tokens=args.tokens, out=str(work / "acts")))
-        circuitsae.train(store=str(work / "acts"), out=str(work / "saes"), sites=sites, arch=("relu",),
-                         coefficients=(0.0, *args.coefficients), expansion=2.0, lr=1e-3, batch_size=1024, epochs=2)  # fmt: skip
-    if not all((work / "saes-gated" / f"{s}-gated-c{args.gated:g}").exists() for s in sites):
-        circuitsae.train(store=str(work / "acts"), out=str(work / "saes-gated"), sites=sites, arch=("gated",),
-                         coefficients=(args.gated,), gated_expansion=2.0, lr=1e-3, batch_size=1024, epochs=2)  # fmt: skip
+    acts = work / "acts"
+    t0 = time.perf_counter()
+    meta = acts / "meta.json"
+    if not meta.exists() or not json.loads(meta.read_text()).get("complete"):
+        print(f"circuitsae harvest --sites {' '.join(args.sites)} --tokens {args.tokens} --out {acts} --device cpu")
+        circuitsae.harvest(circuitsae.HarvestConfig(sites=tuple(args.sites), tokens=args.tokens, out=str(acts),
+                                                    device="cpu"))  # fmt: skip
+    full = [args.main_site, args.middle_site]
+    runs = [
+        ("saes", full, ("relu",), (0.0, *args.coefficients), {"expansion": args.expansion}),
+        ("saes-gated", full, ("gated",), (args.gated,), {"gated_expansion": args.gated_expansion}),
+        ("saes-layers", [s for s in args.sites if s not in full], ("relu",), (args.coefficients[0],),
+         {"expansion": args.expansion}),
+        ("saes-layers-gated", [s for s in args.sites if s not in full], ("gated",), (args.gated,),
+         {"gated_expansion": args.gated_expansion}),
+    ]  # fmt: skip
+    for out, sites, arch, coefs, width in runs:
+        if not sites:
+            continue
+        want = [work / out / f"{s}-{arch[0]}-c{c:g}" for s in sites for c in coefs]
+        if not all(p.exists() for p in want):
+            flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in width.items())
+            print(f"circuitsae train --store {acts} --out {work / out} --sites {' '.join(sites)} --arch {arch[0]} "
+                  f"--coefficients {' '.join(f'{c:g}' for c in coefs)} {flags} --lr 1e-3 --batch-size {args.batch} "
+                  "--device cpu")  # fmt: skip
+            circuitsae.train(store=str(acts), out=str(work / out), sites=tuple(sites), arch=arch, coefficients=coefs,
+                             lr=1e-3, batch_size=args.batch, epochs=1, device="cpu", **width)  # fmt: skip
+    folders: dict[str, list[str]] = {}
+    for out, *_ in runs:
+        for p in sorted((work / out).glob("resid.*-*")):
+            if p.is_dir() and (p / "config.json").exists():
+                folders.setdefault(p.name.split("-")[0], []).append(str(p))
+    print(f"prepared in {time.perf_counter() - t0:.0f} s")
+    return folders
 
 
-def speedup(model, args: argparse.Namespace) -> dict:
-    """acdc vs acdc_reference on the same reduced problem, one after the other in this process."""
-    site = args.main_site
-    d = circuitsae.load_dictionary(Path(args.work) / "saes" / f"{site}-relu-c{max(args.coefficients):g}")
-    ds = make_ioi(model, n=args.speedup_prompts, seed=0)
-    taus = np.logspace(-5, 0, args.speedup_thresholds)
-    fast = acdc(model, d, site, ds, thresholds=taus, progress=False)
-    ref = acdc_reference(model, d, site, ds, thresholds=taus, progress=True)
-    same_sets = fast.removed_at == ref.removed_at
-    kl_err = max(abs(a["kl"] - b["kl"]) for a, b in zip(fast.records, ref.records))
-    return {
-        "dictionary": f"{site}-relu-c{max(args.coefficients):g}",
-        "prompts": args.speedup_prompts,
-        "thresholds": args.speedup_thresholds,
-        "candidates": fast.n_candidates,
-        "acdc_seconds": fast.seconds,
-        "reference_seconds": ref.seconds,
-        "speedup": ref.seconds / fast.seconds,
-        "acdc_evaluations": fast.evaluations,
-        "reference_evaluations": ref.evaluations,
-        "same_removals": same_sets,
-        "same_order": fast.order == ref.order,
-        "differing_decisions": sorted(
-            f for f in set(fast.removed_at) | set(ref.removed_at) if fast.removed_at.get(f) != ref.removed_at.get(f)
-        ),
-        "max_abs_kl_difference": kl_err,
-        "n_features": [r["n_features"] for r in fast.records],
-        "reference_n_features": [r["n_features"] for r in ref.records],
-    }
+def stages(args: argparse.Namespace, folders: dict[str, list[str]]) -> list[tuple[str, str, list[str], dict]]:
+    """(name, site, dictionaries, run_ioi options), cheapest first; later stages reuse earlier curves."""
+
+    def gated(site):
+        return [p for p in folders[site] if "-gated-" in p]
+
+    def sparse(site):
+        return [p for p in folders[site] if "-gated-" in p or ("-relu-" in p and not p.endswith("-c0"))]
+
+    out = [(f"attribution {s}", s, folders[s], dict(acdc=False, attribution=True, pca=True)) for s in args.sites]
+    out += [
+        (f"acdc {args.main_site} sparse", args.main_site, sparse(args.main_site),
+         dict(acdc=True, acdc_dense=False, attribution=False, pca=False)),
+        (f"acdc {args.main_site} PCA", args.main_site, gated(args.main_site),
+         dict(acdc=True, acdc_dense=True, attribution=False, pca=True)),
+        (f"acdc {args.middle_site} gated", args.middle_site, gated(args.middle_site),
+         dict(acdc=True, acdc_dense=False, attribution=False, pca=False)),
+    ]  # fmt: skip
+    if args.dense_acdc:
+        out.append((f"acdc {args.main_site} dense", args.main_site, folders[args.main_site],
+                    dict(acdc=True, acdc_dense=True, attribution=False, pca=False)))  # fmt: skip
+    return [s for s in out if args.stage == "all" or s[0].startswith(args.stage)]
 
 
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` writes what is finished
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sites", nargs="+", default=["resid.24", "resid.16", "resid.8"], help="main site first")
-    ap.add_argument("--main-site", default="resid.24", help="the site of the Fig. 3 analogue")
-    ap.add_argument("--tokens", type=int, default=300_000)
-    ap.add_argument("--coefficients", type=float, nargs="+", default=[1.0, 4.0], help="baseline α (α = 0 is added)")
+    ap.add_argument("--sites", nargs="+", default=["resid.27", "resid.15", "resid.21", "resid.9"])
+    ap.add_argument("--main-site", default="resid.27", help="the late site (Fig. 3 analogue)")
+    ap.add_argument("--middle-site", default="resid.15", help="the middle site (the paper's layer 11 of 24)")
+    ap.add_argument("--tokens", type=int, default=2_000_000)
+    ap.add_argument("--coefficients", type=float, nargs="+", default=[1.0, 2.0], help="baseline α (α = 0 is added)")
     ap.add_argument("--gated", type=float, default=2.0, help="Gated SAE λ")
-    ap.add_argument("--prompts", type=int, default=50)
-    ap.add_argument("--thresholds", type=int, default=50, help="ACDC thresholds, log-spaced over [1e-5, 1]")
-    ap.add_argument("--attribution-only", action="store_true", help="no exact ACDC anywhere (minutes on a CPU)")
-    ap.add_argument("--dense-acdc", action="store_true", help="exact ACDC also for α = 0 and PCA (hours on a CPU)")
-    ap.add_argument("--layer-prompts", type=int, default=None, help="prompts at the other sites (default: --prompts)")
-    ap.add_argument(
-        "--layer-orders",
-        choices=["both", "attribution"],
-        default="both",
-        help="orderings at the other sites (attribution only: minutes instead of hours on a CPU)",
-    )
-    ap.add_argument("--speedup-prompts", type=int, default=10)
-    ap.add_argument("--speedup-thresholds", type=int, default=10)
-    ap.add_argument("--no-speedup", action="store_true")
-    ap.add_argument("--work", default="runs/ioi")
+    ap.add_argument("--expansion", type=float, default=4.0)
+    ap.add_argument("--gated-expansion", type=float, default=3.0, help="3/4 of the baseline's, as the Gated paper")
+    ap.add_argument("--batch", type=int, default=2048)
+    ap.add_argument("--prompts", type=int, default=50, help="selection prompts")
+    ap.add_argument("--heldout-prompts", type=int, default=50, help="evaluation prompts: other names and templates")
+    ap.add_argument("--thresholds", type=int, default=20, help="ACDC thresholds, log-spaced over [1e-5, 1]")
+    ap.add_argument("--dense-acdc", action="store_true", help="exact ACDC also for α = 0 (hours on a CPU)")
+    ap.add_argument("--stage", default="all", help="run only the stages whose name starts with this")
+    ap.add_argument("--work", default="runs/ioi-paper")
     ap.add_argument("--results-name", default="kl_vs_patches", help="stem of the files in benchmarks/results")
     args = ap.parse_args()
-    prepare(args)
-    work = Path(args.work)
+    if args.main_site not in args.sites or args.middle_site not in args.sites:
+        ap.error("--main-site and --middle-site must be among --sites")
+    folders = prepare(args)
     model = circuitsae.load_model("smollm2-135m", device="cpu")
-    out = {"machine": describe(), "main_site": args.main_site, "prompts": args.prompts}
-    if not args.no_speedup:  # first, on an idle machine, before the long part
-        sp = work / "speedup.json"
-        if not sp.exists():
-            t0 = time.perf_counter()
-            res = speedup(model, args)
-            res["wall_seconds"] = time.perf_counter() - t0
-            sp.write_text(json.dumps(res, indent=1))
-            RESULTS.mkdir(exist_ok=True)
-            (RESULTS / "kl_vs_patches_speedup.json").write_text(json.dumps({**res, "machine": describe()}, indent=1))
-        out["speedup"] = json.loads(sp.read_text())
-        print(json.dumps({k: v for k, v in out["speedup"].items() if "n_features" not in k}, indent=1))
-    reports = {}
-    for site in args.sites:  # results are written after every site, so a partial run is usable
-        main_site = site == args.main_site
-        prompts = args.prompts if main_site else (args.layer_prompts or args.prompts)
-        acdc_here = not args.attribution_only and (main_site or args.layer_orders == "both")
-        tag = f"{prompts}p{args.thresholds}t{'' if acdc_here else '-attribution'}{'-dense' if args.dense_acdc else ''}"
-        part = work / f"curves-{site}-{tag}" / "kl_vs_patches.json"
-        if not part.exists() or not json.loads(part.read_text()).get("complete", True):
-            dicts = sorted(str(p) for p in (work / "saes").glob(f"{site}-*")) + sorted(
-                str(p) for p in (work / "saes-gated").glob(f"{site}-*")
-            )
-            try:
-                run_ioi(dictionaries=dicts, model=model, prompts=prompts, thresholds=args.thresholds, acdc=acdc_here,
-                        acdc_dense=args.dense_acdc, out=str(part.parent))  # fmt: skip
-            finally:  # also on Ctrl-C / SIGTERM: the curves finished so far are written
-                if part.exists():
-                    reports[site] = json.loads(part.read_text())
-                    write(out, reports, args)
-        reports[site] = json.loads(part.read_text())
-        write(out, reports, args)
+    reports: dict[tuple, dict] = {}
+    seconds: dict[str, float] = {}
+    for name, site, dicts, opts in stages(args, folders):
+        t0 = time.perf_counter()
+        print(f"== {name}: {len(dicts)} dictionaries")
+        try:
+            rep = run_ioi(dictionaries=dicts, model=model, prompts=args.prompts, heldout_prompts=args.heldout_prompts,
+                          thresholds=args.thresholds, out=str(Path(args.work) / f"curves-{site}"), **opts)  # fmt: skip
+            for r in rep["results"]:
+                reports[(r["site"], r["label"], r["method"])] = {
+                    **r,
+                    "ioi": rep["ioi"],
+                    "ioi_heldout": rep["ioi_heldout"],
+                }
+            seconds[name] = time.perf_counter() - t0
+        finally:
+            write(args, reports, seconds)
 
 
-def write(out: dict, reports: dict, args: argparse.Namespace) -> None:
-    main = reports.get(args.main_site) or next(iter(reports.values()))
+def transfer(r: dict) -> dict:
+    """How much of the KL the set that (first) halves it on the selection prompts removes on the held-out ones."""
+    h = halving(r)
+    out = {"label": r["label"], "site": r["site"], "method": r["method"], "features": h["features"]}
+    held = r.get("heldout", {})
+    if "records" not in held:
+        return out
+    none_sel, none_held = r["start"]["none"]["kl"], held["start"]["none"]["kl"]
+    out.update(
+        kl_none_selection=none_sel,
+        kl_none_heldout=none_held,
+        kl_all_candidates_heldout=held["start"]["all"]["kl"],
+        heldout_halving=halving({**r, "start": held["start"], "records": held["records"]})["features"],
+    )
+    if h["features"] is not None:
+        i = next(i for i, x in enumerate(r["records"]) if x["n_features"] == h["features"] and x["kl"] <= none_sel / 2)
+        out["removed_selection"] = 1 - r["records"][i]["kl"] / none_sel
+        out["removed_heldout"] = 1 - held["records"][i]["kl"] / none_held
+    return out
+
+
+def write(args: argparse.Namespace, reports: dict, seconds: dict) -> None:
+    if not reports:
+        return
+    results = sorted(reports.values(), key=lambda r: (int(r["site"].split(".")[1]), r["label"], r["method"]))
+    main = [r for r in results if r["site"] == args.main_site] or results
     out = {
-        **out,
-        "model": main["model"],
-        "ioi": main["ioi"],
-        "sites": list(reports),
-        "seconds_by_site": {s: r["seconds"] for s, r in reports.items()},
-        "prompts_by_site": {s: r["prompts"] for s, r in reports.items()},
-        "results": [r for rep in reports.values() for r in rep["results"]],
+        "machine": describe(),
+        "command": "python benchmarks/kl_vs_patches.py " + " ".join(sys.argv[1:]),
+        "model": "smollm2-135m",
+        "main_site": args.main_site,
+        "middle_site": args.middle_site,
+        "sites": sorted({r["site"] for r in results}, key=lambda s: int(s.split(".")[1])),
+        "tokens": args.tokens,
+        "prompts": args.prompts,
+        "heldout_prompts": args.heldout_prompts,
+        "thresholds": args.thresholds,
+        "ioi": main[0]["ioi"],
+        "ioi_heldout": main[0]["ioi_heldout"],
+        "seconds_by_stage": seconds,
+        "halving": [halving(r) for r in results],
+        "transfer": [transfer(r) for r in results],
+        "results": [
+            {k: v for k, v in r.items() if k not in ("ioi", "ioi_heldout", "path")} | {"path": _rel(r["path"])}
+            for r in results
+        ],  # fmt: skip
     }
-    # features and edit each ordering needs to halve the unpatched KL (the README's table)
-    out["halving"] = [halving(r) for r in out["results"]]
     RESULTS.mkdir(exist_ok=True)
     name = args.results_name
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
-    plot_curves(main, RESULTS / f"{name}.png")
-    layers = sorted(reports, key=lambda s: int(s.split(".")[1]))
-    if len(layers) > 1:
-        plot_curves({**main, "results": out["results"]}, RESULTS / f"{name}_layers.png", sites=layers)
-    print(f"wrote {RESULTS / name}.json with sites {layers}")
+    report = {"model": "smollm2-135m", "prompts": args.prompts, "heldout_prompts": args.heldout_prompts}
+    plot_curves({**report, "results": main}, RESULTS / f"{name}.png")
+    if len(out["sites"]) > 1:
+        plot_curves({**report, "results": results}, RESULTS / f"{name}_layers.png", sites=out["sites"])
+    if any("records" in r.get("heldout", {}) for r in results):
+        plot_transfer({**report, "results": results}, RESULTS / f"{name}_heldout.png")
+    print(f"wrote {RESULTS / name}.json: {len(results)} curves at {out['sites']}")
+
+
+def _rel(path: str) -> str:
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(ROOT))
+    except ValueError:
+        return path  # "pca", or a folder outside the repository
 
 
 if __name__ == "__main__":
