@@ -109,12 +109,13 @@ class _Segment:
         self.fast = Blocks.supports(model, src) and Blocks.supports(model, dst)
         a, b = sites_mod.Site.parse(src).layer, sites_mod.Site.parse(dst).layer
         self.blocks = Blocks(model, a + 1, b) if self.fast else None
+        self.at_p = _AtP.make(model, src, dst) if self.fast else None  # the child's q at p needs only this
         self.kv = _KV()
         self.ids: "torch.Tensor | None" = None
 
     @property
     def engine(self) -> str:
-        return "downstream" if self.fast else "hook"
+        return ("downstream+at_p" if self.at_p is not None else "downstream") if self.fast else "hook"
 
     def prepare(self, x: torch.Tensor, ids: torch.Tensor) -> None:
         """Record the clean context: its keys and values at every block (block path), its ids (hook path)."""
@@ -155,8 +156,112 @@ class _Segment:
                 warnings.warn(
                     f"block-only run {self.src} -> {self.dst} off by {err:.2e}; using full passes", stacklevel=3
                 )
-                self.fast, self.blocks = False, None
+                self.fast, self.blocks, self.at_p = False, None, None
                 return
+            if self.at_p is not None:  # the last position alone, clean and with one real edit
+                self.at_p.prepare(xs[n, :length])
+                codes = torch.zeros(length, 1, dtype=xs.dtype, device=xs.device)
+                codes[length // 2 :, 0] = 1.0
+                edit = xs[n, :length].std(0, keepdim=True)
+                window = self(xs[n : n + 1, :length] - codes.T[..., None] * edit)[0, -1]
+                got = self.at_p(codes, edit)
+                want_p = torch.stack([want[-1], window.to(want.dtype)])
+                if not torch.allclose(got.to(want.dtype), want_p, atol=tol, rtol=0):
+                    err = float((got - want_p).abs().max())
+                    warnings.warn(
+                        f"last-position run {self.src} -> {self.dst} off by {err:.2e}; using the block path",
+                        stacklevel=3,
+                    )
+                    self.at_p = None
+
+
+class _AtP:
+    """One Llama-style decoder block computed at the context's last position only, for many ablations at once.
+
+    What the child's q at p needs from the block after ``src``: the keys and values of every position (those
+    an ablation changes recomputed, the others the clean context's), the query, attention, output projection
+    and MLP at p alone. Costs O(changed positions) projections + one position's block per ablation, instead
+    of the block over a window. For families whose layer is ``input_layernorm → self_attn → +x →
+    post_attention_layernorm → mlp → +h`` with rotary half-rotation (Llama/SmolLM2, Qwen2, Mistral); None
+    elsewhere (:meth:`make`), and checked against the block path before use (:meth:`check`).
+    """
+
+    FAMILIES = ("llama", "qwen2", "mistral")
+
+    @classmethod
+    def make(cls, model: Any, src: str, dst: str) -> "_AtP | None":
+        hf = sites_mod._hf_module(model)
+        a, b = sites_mod.Site.parse(src), sites_mod.Site.parse(dst)
+        if getattr(hf.config, "model_type", None) not in cls.FAMILIES or not Blocks.supports(model, src):
+            return None
+        if not Blocks.supports(model, dst) or b.layer != a.layer + 1:
+            return None
+        return cls(hf, b.layer)
+
+    def __init__(self, hf: Any, layer: int) -> None:
+        cfg, inner = hf.config, hf.model
+        blk = inner.layers[layer]
+        self.ln1, self.attn, self.ln2, self.mlp = (
+            blk.input_layernorm,
+            blk.self_attn,
+            blk.post_attention_layernorm,
+            blk.mlp,
+        )
+        self.rotary = inner.rotary_emb
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.scaling = getattr(self.attn, "scaling", self.hd**-0.5)
+        types = getattr(cfg, "layer_types", None)
+        sliding = (types[layer] == "sliding_attention") if types else cfg.model_type == "mistral"
+        self.window = getattr(cfg, "sliding_window", None) if sliding else None
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+    def prepare(self, x: torch.Tensor) -> None:
+        """Record the clean context ``x`` ``[L, d]`` (the block's input): its keys and values, rotated."""
+        length = x.shape[0]
+        cos, sin = self.rotary(x[None], torch.arange(length, device=x.device)[None])
+        self.cos, self.sin = cos[0][:, None], sin[0][:, None]  # [L, 1, hd]
+        self.k, self.v = self._kv(x, torch.arange(length, device=x.device))
+        self.x = x
+
+    def _kv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.ln1(x)
+        k = self.attn.k_proj(n).view(-1, self.kv_heads, self.hd)
+        v = self.attn.v_proj(n).view(-1, self.kv_heads, self.hd)
+        return self._rope(k, self.cos[pos], self.sin[pos]), v
+
+    def __call__(self, codes: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+        """The block's output at the last position ``[R + 1, d]``: row 0 clean, row r+1 with ablation r.
+
+        ``codes`` ``[L, R]`` (c of each ablated feature per position, 0 where it is off) and ``directions``
+        ``[R, d]``; the ablation is x ← x − c f at the positions where that edit is non-zero.
+        """
+        x, length = self.x, self.x.shape[0]
+        r = codes.shape[1]
+        delta = codes.T[..., None].to(x.dtype) * directions.to(x.dtype)[:, None, :]  # [R, L, d]
+        changed = (delta != 0).any(-1)  # [R, L]
+        rows, pos = changed.nonzero(as_tuple=True)
+        k = self.k[None].repeat(r + 1, 1, 1, 1)  # [R+1, L, kvh, hd]
+        v = self.v[None].repeat(r + 1, 1, 1, 1)
+        if len(rows):
+            kc, vc = self._kv(x[pos] - delta[rows, pos], pos)
+            k[rows + 1, pos], v[rows + 1, pos] = kc, vc
+        xp = torch.cat([x[-1:], x[-1:] - delta[:, -1]])  # [R+1, d]
+        last = torch.full((1,), length - 1, device=x.device)
+        q = self.attn.q_proj(self.ln1(xp)).view(r + 1, self.kv_heads, self.heads // self.kv_heads, self.hd)
+        q = self._rope(q, self.cos[last], self.sin[last])
+        scores = torch.einsum("rkgh,rlkh->rkgl", q, k) * self.scaling
+        if self.window is not None and length > self.window:
+            scores[..., : length - self.window] = torch.finfo(scores.dtype).min
+        w = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.einsum("rkgl,rlkh->rkgh", w, v).reshape(r + 1, self.heads * self.hd)
+        h = xp + self.attn.o_proj(out)
+        return h + self.mlp(self.ln2(h))
 
 
 def _check(model: Any, dictionaries: Mapping[str, Dictionary], target: tuple[str, int]) -> list[str]:
@@ -415,6 +520,7 @@ def _fill_means(
             )
 
 
+@torch.no_grad()
 def _effects(
     seg: _Segment,
     dicts: Mapping[str, Dictionary],
@@ -445,6 +551,16 @@ def _effects(
         if len(ks) == 0:
             continue
         x = ctx.xs[src][n, :length]
+        if at_p and seg.at_p is not None:  # the block at the last position only
+            seg.at_p.prepare(x)
+            per = max(1, 4 * token_budget // length)
+            for b in range(0, len(ks), per):
+                k = ks[b : b + per]
+                y = seg.at_p(c_src[n, :length, k], f_src[k])
+                c = d_dst.encode_features(y.to(d_dst.W_dec.dtype), feats).clamp_min(0).double()
+                total[k.to(dev)] += c[0] - c[1:]
+                bar.update(len(k))
+            continue
         seg.prepare(x, ctx.ids[n, :length])
         if seg.fast:  # recompute from the first position each candidate fires at (windows of 2^j positions)
             first = c_src[n, :length, ks].gt(0).float().argmax(0).cpu()

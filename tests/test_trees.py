@@ -43,7 +43,7 @@ def test_the_wired_edge_comes_first_with_a_positive_effect(tree):
     assert tree.in_degree("resid.1:3") <= 3
     a = tree.graph
     assert a["target"] == "resid.2:7" and a["contexts"] == 8 and a["seconds"] > 0
-    assert set(a["engines"].values()) == {"downstream"}
+    assert set(a["engines"].values()) == {"downstream+at_p"}
     for _, n in tree.nodes(data=True):
         assert {"site", "layer", "feature", "label", "max_activation", "mean_activation"} <= set(n)
 
@@ -178,15 +178,25 @@ def test_an_ablation_that_changes_nothing_has_an_effect_of_exactly_zero(tiny_lla
         acts = dicts["resid.1"].encode(store.activations("resid.1", "train"))[:, 3]
     picked, _ = trees._pick_contexts(acts, store, 6, "train", 0)
     ctx = trees._contexts(tiny_llama, hf, chain, store, picked, "train", ["resid.0", "resid.1"])
-    for fast in (True, False):
-        if not fast:
+    got = {}
+    for engine in ("at_p", "window", "hook"):
+        if engine == "hook":
             monkeypatch.setattr("circuitsae.trees.Blocks.supports", staticmethod(lambda m, s: False))
         seg = trees._Segment(tiny_llama, "resid.0", "resid.1")
+        if engine == "window":
+            seg.at_p = None
+        assert (seg.at_p is not None) == (engine == "at_p") and seg.fast == (engine != "hook")
         for at_p in (True, False):
-            effects, cands = trees._effects(seg, chain, "resid.0", "resid.1", [3], ctx, at_p, 8192, False)
+            with torch.no_grad():
+                effects, cands = trees._effects(seg, chain, "resid.0", "resid.1", [3], ctx, at_p, 8192, False)
             k = (cands == 9).nonzero().flatten()
-            assert len(k) == 1 and float(effects[k[0], 0]) == 0.0, (fast, at_p)
+            assert len(k) == 1 and float(effects[k[0], 0]) == 0.0, (engine, at_p)
             assert effects.abs().max() > 0  # the others do move it
+            got[engine, at_p] = effects
+    # the three computations agree (the last-position one only computes q at p)
+    for engine in ("window", "hook"):
+        torch.testing.assert_close(got["at_p", True], got[engine, True], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["window", False], got["hook", False], rtol=1e-4, atol=1e-5)
 
 
 def _store_without(store, site):
@@ -261,3 +271,20 @@ def test_tree_cli(tiny_llama, wired, tmp_path, capsys, device):
     assert "2 dictionaries at resid.1" in err and "--arch/--coefficient" in err and len(err.splitlines()) == 1
     assert main(["tree", "resid.2-7", "--dictionaries", str(tmp_path / "saes")]) == 2
     assert "is not SITE:FEATURE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma3"])
+def test_last_position_block_matches_the_block_path_or_is_not_used(name):
+    """The last-position path exists for Llama-style blocks and passes its own check against the block path."""
+    import warnings
+
+    from circuitsae import trees
+
+    lm = circuitsae.load_model(name, device="cpu", dtype="float32")
+    ids = torch.randint(3, 200, (3, 40), generator=torch.Generator().manual_seed(0))
+    xs = record(lm._module, ids, ["resid.0", "resid.1"])
+    seg = trees._Segment(lm, "resid.0", "resid.1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seg.check(xs["resid.0"], xs["resid.1"], ids, [40, 31, 17])
+    assert (seg.at_p is not None) == (name != "tiny-gemma3")
