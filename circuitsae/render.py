@@ -92,7 +92,14 @@ def to_dot(graph: nx.DiGraph, max_nodes: int = 40, min_effect: float = 0.0) -> g
         "edge: parent ablated (x <- x - c f where c > 0) at its site;\n"
         "width and label: mean decrease of the child's activation (share of its mean)\n"
         f"{a.get('contexts', '?')} contexts with the target in [M/2, M], M = {a.get('target_max_activation', 0):.3g}"
-        f"; {a.get('seconds', 0):.1f} s"
+        + (
+            "; every parent on its own contexts (paper)"
+            if a.get("mode") == "paper"
+            else "; every level on the target's contexts (shared)"
+            if a.get("mode") == "shared"
+            else ""
+        )
+        + f"; {a.get('seconds', 0):.1f} s"
         + (f"\n{g.graph['pruned_nodes']} weaker nodes not drawn" if g.graph["pruned_nodes"] else "")
     )
     with dot.subgraph(name="cluster_legend") as leg:

@@ -1,0 +1,18 @@
+"""The committed benchmark results name their machine and hold no path of the machine they ran on."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+ABSOLUTE = re.compile(r'"(/|[A-Za-z]:\\\\|~/)[^"]*"')
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("*.json")), ids=lambda p: p.name)
+def test_results_json_hold_relative_paths_and_a_machine(path):
+    text = path.read_text()
+    assert not ABSOLUTE.search(text), f"{path.name} holds an absolute path: {ABSOLUTE.search(text).group(0)}"
+    data = json.loads(text)
+    assert "machine" in json.dumps(data), f"{path.name} does not name the machine it ran on"
