@@ -11,7 +11,12 @@ For feature i of a dictionary at a site, with codes c_i(x) and unit direction f_
   the positions where c_i > 0 (:func:`ablate`): the feature is lowered along
   its own direction just until it is off, nothing else moves. The mean change
   of next-token log-probabilities it causes at those positions
-  (:func:`logit_effect`, Fig. 4 right), and the tokens the direction itself
+  (:func:`logit_effect`, Fig. 4 right — **choice**: the paper plots the change
+  of the *logits*; a logit change is only defined up to a constant shared by
+  every token, which the softmax ignores, so raw logit differences mix "this
+  token moved" with "all tokens moved together". Log-probabilities remove that
+  constant, and the ranking of tokens at one position is the same either
+  way), and the tokens the direction itself
   promotes: ``W_U · (N(f_i) − N(0))`` with N the model's final norm
   (:func:`decoder_unembed`; subtracting N(0) drops a LayerNorm's bias, which
   is the same for every direction, and is 0 for RMSNorm).
@@ -269,6 +274,9 @@ def logit_effect(
     batch_size: int = 4,
 ) -> dict[str, Any]:
     """Mean change of next-token log-probs when feature i is ablated (x ← x − c_i f_i where c_i > 0).
+
+    Log-probabilities, not the paper's raw logits: the same ranking at each position, without the shift
+    shared by every token that a logit difference also carries (see the module docstring).
 
     Averaged over the (context, position) pairs of ``input_ids`` ``[n, T]``
     where the feature fires. Returns ``{"positions", "down", "up"}``: the ``k``
