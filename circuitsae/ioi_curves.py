@@ -175,8 +175,8 @@ def score_sets(model: Any, dictionary: Dictionary, site: str, dataset: Any, sets
     return {
         "prompts": len(dataset),
         "start": {
-            "none": measure(torch.zeros(k, dtype=torch.bool), 0),
-            "all": measure(torch.ones(k, dtype=torch.bool), k),
+            "none": measure(torch.zeros(k, dtype=torch.bool, device="cpu"), 0),
+            "all": measure(torch.ones(k, dtype=torch.bool, device="cpu"), k),
         },
         "records": [measure(fd.member(s), len(s)) for s in sets],
     }

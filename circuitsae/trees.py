@@ -567,7 +567,7 @@ def _effects(
             width = (2 ** torch.ceil(torch.log2((length - first).float()))).long().clamp(max=length)
             starts = length - width
         else:
-            starts = torch.zeros(len(ks), dtype=torch.long)
+            starts = torch.zeros(len(ks), dtype=torch.long, device="cpu")
         for start in starts.unique().tolist():
             group = ks[(starts == start).to(ks.device)]
             per = max(1, token_budget // (length - start) - 1)
