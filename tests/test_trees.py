@@ -14,6 +14,7 @@ from circuitsae.cli import main
 from circuitsae.errors import CircuitSAEError
 from circuitsae.features import ablate, site_hook
 from circuitsae.render import MISSING_DOT, render, to_dot
+from circuitsae.splice import check_dictionary
 from circuitsae.trees import causal_tree, record
 
 
@@ -134,7 +135,8 @@ def test_paper_mode_studies_each_parent_on_its_own_contexts(tiny_llama, wired, t
     assert tree.graph["mode"] == "paper"
     for _, a in tree.nodes(data=True):
         with torch.no_grad():
-            acts = dicts[a["site"]].encode(store.activations(a["site"], "train"))[:, a["feature"]]
+            d = dicts[a["site"]]
+            acts = d.encode(store.activations(a["site"], "train").to(d.W_dec.device))[:, a["feature"]].cpu()
         assert a["context_max"] == pytest.approx(float(acts.max()), rel=1e-5) and 1 <= a["contexts"] <= 8
     for parent in [u for u, _ in tree.in_edges("resid.2:7")]:
         site, feature = parent.split(":")
@@ -173,9 +175,12 @@ def test_an_ablation_that_changes_nothing_has_an_effect_of_exactly_zero(tiny_lla
         src.W_dec[9] = 0.0  # tied: its code is ReLU(b_enc) = 1 everywhere, its ablation subtracts 1 · 0
         src.b_enc[9] = 1.0
     chain = {"resid.0": src, "resid.1": dicts["resid.1"]}
+    for s, d in chain.items():
+        check_dictionary(tiny_llama, s, d)  # onto the site's device, as causal_tree does
     hf = tiny_llama._module
     with torch.no_grad():
-        acts = dicts["resid.1"].encode(store.activations("resid.1", "train"))[:, 3]
+        d1 = dicts["resid.1"]
+        acts = d1.encode(store.activations("resid.1", "train").to(d1.W_dec.device))[:, 3].cpu()
     picked, _ = trees._pick_contexts(acts, store, 6, "train", 0)
     ctx = trees._contexts(tiny_llama, hf, chain, store, picked, "train", ["resid.0", "resid.1"])
     got = {}
