@@ -384,6 +384,7 @@ def plot_transfer(report: dict, path: "str | Path", sites: "list[str] | None" = 
     colours = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
     for row, site in zip(axes, sites):
         for ax, method in zip(row, methods):
+            top = 1.2
             for r in (r for r in results if r["site"] == site and r["method"] == method):
                 for recs, none, ls, tag in (
                     (r["records"], r["start"]["none"]["kl"], "-", "selection"),
@@ -392,10 +393,13 @@ def plot_transfer(report: dict, path: "str | Path", sites: "list[str] | None" = 
                     n = np.array([x["n_features"] for x in recs], float)
                     frac = np.array([x["kl"] for x in recs]) / none
                     ok = n > 0
-                    ax.plot(n[ok], frac[ok], ls=ls, color=colours[r["label"]], label=f"{r['label']} ({tag})")
+                    ax.plot(n[ok], frac[ok], ls=ls, marker=("." if ls == "-" else "x") if method == "acdc" else None,
+                            color=colours[r["label"]], label=f"{r['label']} ({tag})")  # fmt: skip
+                    top = max(top, 1.05 * float(frac[ok].max(initial=0)))
             ax.axhline(0.5, color="grey", ls=":", lw=0.8)
+            ax.axhline(1.0, color="grey", ls="--", lw=0.8)
             ax.set_xscale("log")
-            ax.set_ylim(0, 1.2)
+            ax.set_ylim(0, top)
             ax.set_xlabel("features patched (chosen on the selection prompts)")
             ax.set_ylabel("KL / KL(nothing patched)")
             ax.set_title(f"{site}, {method} order: selection (solid) vs held-out prompts (dashed)", fontsize=9)
@@ -403,7 +407,7 @@ def plot_transfer(report: dict, path: "str | Path", sites: "list[str] | None" = 
             ax.legend(fontsize=6, loc="lower left")
     n_sel, n_held = report["prompts"], report.get("heldout_prompts")
     fig.suptitle(f"IOI: do the features chosen on {n_sel} prompts carry over to {n_held} prompts with other "
-                 "names and templates? (grey: half the KL)")  # fmt: skip
+                 "names and templates? (grey: all and half of the unpatched KL)")  # fmt: skip
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
