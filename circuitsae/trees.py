@@ -218,8 +218,10 @@ class _AtP:
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+        """Rotary embedding as these families apply it (transformers' own ``rotate_half``)."""
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        return x * cos + rotate_half(x) * sin
 
     def prepare(self, x: torch.Tensor) -> None:
         """Record the clean context ``x`` ``[L, d]`` (the block's input): its keys and values, rotated."""
