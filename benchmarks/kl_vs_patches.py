@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -212,11 +213,12 @@ def write(args: argparse.Namespace, reports: dict, seconds: dict) -> None:
 
 
 def _rel(path: str) -> str:
-    p = Path(path)
-    try:
-        return str(p.resolve().relative_to(ROOT))
-    except ValueError:
-        return path  # "pca", or a folder outside the repository
+    for p in (Path(os.path.abspath(path)), Path(path).resolve()):  # `runs` may be a link out of a worktree
+        try:
+            return str(p.relative_to(ROOT))
+        except ValueError:
+            pass
+    return path  # "pca", or a folder outside the repository
 
 
 if __name__ == "__main__":
