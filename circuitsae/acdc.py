@@ -41,8 +41,10 @@ that ranking.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import einops
@@ -64,6 +66,7 @@ from circuitsae.patching import (
     patched_run,
 )
 from circuitsae.splice import check_dictionary
+from circuitsae.store import atomic_write
 
 
 def default_thresholds() -> np.ndarray:
@@ -284,6 +287,7 @@ def acdc(
     token_budget: int = 4096,
     batch_visits: int = 64,
     progress: bool = True,
+    checkpoint: "str | Path | None" = None,
 ) -> ACDCResult:
     """Order the dictionary's features for patching target into base (see the module docstring).
 
@@ -293,6 +297,10 @@ def acdc(
     :func:`~circuitsae.patching.check_pair`). ``order`` is ``"acdc"`` (exact) or
     ``"attribution"`` (linear estimate, one backward pass). ``engine`` picks the
     evaluator (``auto``: the downstream-only one where it applies).
+    ``checkpoint``: a file where exact ACDC keeps its state after every
+    threshold; a run that finds one for the same problem resumes after the
+    last finished threshold (same decisions, up to floating-point rounding:
+    the per-prompt memo starts empty) and deletes it when done.
     """
     base, target, lengths, answers = _unpack(base, target, lengths, answer_tokens)
     if order not in ("acdc", "attribution"):
@@ -307,13 +315,22 @@ def acdc(
     visit = _visit_order(k, seed)
     member = torch.ones(k, dtype=torch.bool, device="cpu")
     ends = _endpoints(ev, fd, answers)
+    key = {"taus": taus.tolist(), "features": fd.features.tolist(), "seed": int(seed), "site": fd.site}
+    saved = _resume(checkpoint, key)
+    records, done, before = [], 0, 0
+    if saved is not None:
+        member = torch.tensor(saved["member"], dtype=torch.bool, device="cpu")
+        records, done, before = saved["records"], len(saved["records"]), saved["evaluations"]
+        t0 -= saved["seconds"]
     state = ev.set_state(member)
     kl_f = float(state["kl"].mean())
     est = _attribution_scores(ev, member)  # predictions for the first threshold
     search = _Search(ev, fd, member, kl_f)
+    if saved is not None:
+        search.removed_at = {int(f): t for f, t in saved["removed_at"].items()}
+        search.rank = {int(f): r for f, r in saved["rank"].items()}
     width = 1  # visits per speculative batch: doubles after a fully accepted batch, halves after a miss
-    records = []
-    bar = tqdm(taus, desc=f"acdc {fd.site}", unit="τ", disable=not progress)
+    bar = tqdm(taus[done:], desc=f"acdc {fd.site}", unit="τ", disable=not progress, initial=done, total=len(taus))
     for tau in bar:
         queue = [j for j in visit if member[j]]
         i = 0
@@ -334,8 +351,41 @@ def acdc(
         state = ev.state()
         records.append(_record(tau, member, state["kl"], state["kl_reverse"], state["logits"], fd, answers))
         bar.set_postfix(F=int(member.sum()), kl=f"{search.kl_f:.3g}", evals=ev.evaluations)
+        if checkpoint is not None:
+            _keep(checkpoint, key, member, records, search, before + ev.evaluations, time.perf_counter() - t0)
     removed_at, rank = search.removed_at, search.rank
-    return _result(fd, "acdc", records, _order(fd, removed_at, rank), removed_at, ev.evaluations, t0, ev.name, ends)
+    order = _order(fd, removed_at, rank)
+    result = _result(fd, "acdc", records, order, removed_at, before + ev.evaluations, t0, ev.name, ends)
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
+    return result
+
+
+def _keep(path, key: dict, member: torch.Tensor, records: list, search: "_Search", evaluations: int, seconds: float):
+    """Write ACDC's state after a threshold (atomically: a half-written file is never read back)."""
+    state = {
+        **key,
+        "member": member.tolist(),
+        "records": records,
+        "removed_at": {str(f): t for f, t in search.removed_at.items()},
+        "rank": {str(f): r for f, r in search.rank.items()},
+        "evaluations": evaluations,
+        "seconds": seconds,
+    }
+    atomic_write(Path(path), json.dumps(state).encode())
+
+
+def _resume(path, key: dict) -> "dict | None":
+    """The state kept by :func:`_keep` for this problem, or None (no file); another problem's is refused."""
+    if path is None or not Path(path).is_file():
+        return None
+    state = json.loads(Path(path).read_text())
+    differ = [k for k in key if state.get(k) != key[k]]
+    if differ:
+        raise CircuitSAEError(
+            f"{path} is the checkpoint of another ACDC run (its {', '.join(differ)} differ); delete it to start over"
+        )
+    return state
 
 
 def _endpoints(ev: Evaluator, fd: FeatureDeltas, answers: Any) -> dict[str, Any]:

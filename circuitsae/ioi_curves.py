@@ -290,8 +290,10 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
                     results.append(json.loads(part.read_text()))
                     continue
                 try:
+                    # exact ACDC also keeps its state after every threshold: an hours-long curve resumes
+                    state = part.with_name(part.stem + ".state.json") if order == "acdc" else None
                     res = acdc(model, d, site, ds, thresholds=thresholds, seed=cfg.seed, order=order,
-                               engine=cfg.engine, progress=progress)  # fmt: skip
+                               engine=cfg.engine, progress=progress, checkpoint=state)  # fmt: skip
                 except NothingToPatch as e:  # one dead dictionary does not stop the others' curves
                     warnings.warn(f"{label(d)} ({path}) skipped: {e}", stacklevel=2)
                     skipped.append({"site": site, "label": label(d), "path": path, "reason": str(e)})

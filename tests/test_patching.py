@@ -269,3 +269,37 @@ def test_pairs_of_unequal_real_length_are_refused(llama64, prompts):
     with pytest.raises(CircuitSAEError, match="base prompt 2 has 8 real tokens and its target 9"):
         patch_features(llama64, d, SITE, b, t, [1])
     patch_features(llama64, d, SITE, b[[0, 1, 3]], t[[0, 1, 3]], [1])  # equal lengths still pass
+
+
+def test_acdc_interrupted_after_some_thresholds_resumes_to_the_same_result(llama64, prompts, tmp_path, monkeypatch):
+    """The state kept after each threshold is picked up again; the finished run equals an uninterrupted one."""
+    import json
+    import sys
+
+    acdc_module = sys.modules["circuitsae.acdc"]  # the package's `acdc` attribute is the function
+    base, target, lengths = prompts
+    d = _dicts(llama64, prompts)["relu"]
+    whole = acdc(llama64, d, SITE, base, target, lengths=lengths, thresholds=TAUS, progress=False)
+    state = tmp_path / "acdc.state.json"
+    real, calls = acdc_module._record, []
+
+    def crash_at_the_third_threshold(tau, *a, **k):
+        calls.append(tau)
+        if len([t for t in calls if t is not None]) == 3:
+            raise KeyboardInterrupt
+        return real(tau, *a, **k)
+
+    monkeypatch.setattr(acdc_module, "_record", crash_at_the_third_threshold)
+    with pytest.raises(KeyboardInterrupt):
+        acdc(llama64, d, SITE, base, target, lengths=lengths, thresholds=TAUS, progress=False, checkpoint=state)
+    kept = json.loads(state.read_text())
+    assert len(kept["records"]) == 2
+    monkeypatch.setattr(acdc_module, "_record", real)
+    resumed = acdc(llama64, d, SITE, base, target, lengths=lengths, thresholds=TAUS, progress=False, checkpoint=state)
+    assert not state.exists()
+    assert resumed.removed_at == whole.removed_at and resumed.order == whole.order
+    for a, b in zip(resumed.records, whole.records):
+        assert a["n_features"] == b["n_features"] and a["kl"] == pytest.approx(b["kl"], rel=1e-8, abs=1e-12)
+    state.write_text(json.dumps({**kept, "taus": [1.0]}))
+    with pytest.raises(CircuitSAEError, match="checkpoint of another ACDC run .*taus"):
+        acdc(llama64, d, SITE, base, target, lengths=lengths, thresholds=TAUS, progress=False, checkpoint=state)
