@@ -80,7 +80,7 @@ def prepare(args: argparse.Namespace) -> dict[str, list[str]]:
     folders: dict[str, list[str]] = {}
     for out, *_ in runs:
         for p in sorted((work / out).glob("resid.*-*")):
-            if p.is_dir() and (p / "config.json").exists():
+            if p.is_dir() and (p / "cfg.json").exists():
                 folders.setdefault(p.name.split("-")[0], []).append(str(p))
     print(f"prepared in {time.perf_counter() - t0:.0f} s")
     return folders
@@ -92,8 +92,9 @@ def stages(args: argparse.Namespace, folders: dict[str, list[str]]) -> list[tupl
     def gated(site):
         return [p for p in folders[site] if "-gated-" in p]
 
-    def sparse(site):
-        return [p for p in folders[site] if "-gated-" in p or ("-relu-" in p and not p.endswith("-c0"))]
+    def sparse(site):  # the Gated SAE first, then the baseline SAEs of --acdc-coefficients
+        chosen = {f"-relu-c{c:g}" for c in args.acdc_coefficients}
+        return gated(site) + [p for p in folders[site] if any(p.endswith(c) for c in chosen)]
 
     out = [(f"attribution {s}", s, folders[s], dict(acdc=False, attribution=True, pca=True)) for s in args.sites]
     out += [
@@ -125,11 +126,14 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=50, help="selection prompts")
     ap.add_argument("--heldout-prompts", type=int, default=50, help="evaluation prompts: other names and templates")
     ap.add_argument("--thresholds", type=int, default=20, help="ACDC thresholds, log-spaced over [1e-5, 1]")
+    ap.add_argument("--acdc-coefficients", type=float, nargs="+", default=None,
+                    help="baseline α with exact ACDC at the late site (default: every α > 0)")  # fmt: skip
     ap.add_argument("--dense-acdc", action="store_true", help="exact ACDC also for α = 0 (hours on a CPU)")
     ap.add_argument("--stage", default="all", help="run only the stages whose name starts with this")
     ap.add_argument("--work", default="runs/ioi-paper")
     ap.add_argument("--results-name", default="kl_vs_patches", help="stem of the files in benchmarks/results")
     args = ap.parse_args()
+    args.acdc_coefficients = args.acdc_coefficients or args.coefficients
     if args.main_site not in args.sites or args.middle_site not in args.sites:
         ap.error("--main-site and --middle-site must be among --sites")
     folders = prepare(args)
