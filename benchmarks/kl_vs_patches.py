@@ -197,6 +197,7 @@ def write(args: argparse.Namespace, reports: dict, seconds: dict) -> None:
         "ioi": main[0]["ioi"],
         "ioi_heldout": main[0]["ioi_heldout"],
         "seconds_by_stage": seconds,
+        "training": training_costs(Path(args.work)),
         "halving": [halving(r) for r in results],
         "transfer": [transfer(r) for r in results],
         "results": [
@@ -214,6 +215,21 @@ def write(args: argparse.Namespace, reports: dict, seconds: dict) -> None:
     if any("records" in r.get("heldout", {}) for r in results):
         plot_transfer({**report, "results": results}, RESULTS / f"{name}_heldout.png")
     print(f"wrote {RESULTS / name}.json: {len(results)} curves at {out['sites']}")
+
+
+def training_costs(work: Path) -> dict:
+    """Steps, seconds (of the session that finished it) and activations/s of each training command."""
+    out = {}
+    for f in sorted(work.glob("saes*/train.json")):
+        t = json.loads(f.read_text())
+        out[f.parent.name] = {
+            "runs": sorted(t["runs"]),
+            "steps": t["steps"],
+            "seconds_last_session": t.get("seconds_last_session"),
+            "activations_per_second": t.get("activations_per_second"),
+            "final": {k: {m: v[m] for m in ("l0", "fvu", "gamma", "dead_fraction")} for k, v in t["runs"].items()},
+        }
+    return out
 
 
 def _rel(path: str) -> str:
