@@ -16,7 +16,9 @@ templates and names:
   (50) prompts built from the other templates and names.
 
 Every step resumes: the harvest and the training from their checkpoints, each
-curve from ``--work``/curves-SITE/parts. The commands it runs are the
+curve from ``--work``/curves-SITE/parts, exact ACDC after its last finished
+threshold. A run of some stages adds its curves to the results JSON of an
+earlier run with the same settings. The commands it runs are the
 library's own (printed); nothing it builds is kept in git.
 
     python benchmarks/kl_vs_patches.py                       # everything (hours on 2 CPU cores)
@@ -138,8 +140,7 @@ def main() -> None:
         ap.error("--main-site and --middle-site must be among --sites")
     folders = prepare(args)
     model = circuitsae.load_model("smollm2-135m", device="cpu")
-    reports: dict[tuple, dict] = {}
-    seconds: dict[str, float] = {}
+    reports, seconds = earlier(args)
     for name, site, dicts, opts in stages(args, folders):
         t0 = time.perf_counter()
         print(f"== {name}: {len(dicts)} dictionaries")
@@ -155,6 +156,20 @@ def main() -> None:
             seconds[name] = time.perf_counter() - t0
         finally:
             write(args, reports, seconds)
+
+
+def earlier(args: argparse.Namespace) -> tuple[dict, dict]:
+    """Curves and stage times of an earlier run with the same settings (other stages): later stages add to them."""
+    path = RESULTS / f"{args.results_name}.json"
+    if not path.exists():
+        return {}, {}
+    old = json.loads(path.read_text())
+    same = ("tokens", "prompts", "heldout_prompts", "thresholds", "main_site", "middle_site")
+    if any(old.get(k) != getattr(args, k) for k in same):
+        return {}, {}
+    extra = {"ioi": old["ioi"], "ioi_heldout": old["ioi_heldout"]}
+    reports = {(r["site"], r["label"], r["method"]): {**r, **extra} for r in old["results"]}
+    return reports, dict(old.get("seconds_by_stage", {}))
 
 
 def transfer(r: dict) -> dict:
