@@ -408,8 +408,8 @@ def plot_transfer(report: dict, path: "str | Path", sites: "list[str] | None" = 
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=6, loc="lower left")
     n_sel, n_held = report["prompts"], report.get("heldout_prompts")
-    fig.suptitle(f"IOI: do the features chosen on {n_sel} prompts carry over to {n_held} prompts with other "
-                 "names and templates? (grey: all and half of the unpatched KL)")  # fmt: skip
+    fig.suptitle(f"IOI: do the features chosen on {n_sel} prompts carry over\nto {n_held} prompts with other "
+                 "names and templates? (grey: all and half of the unpatched KL)", fontsize=10)  # fmt: skip
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
