@@ -160,16 +160,30 @@ def main() -> None:
 
 def earlier(args: argparse.Namespace) -> tuple[dict, dict]:
     """Curves and stage times of an earlier run with the same settings (other stages): later stages add to them."""
-    path = RESULTS / f"{args.results_name}.json"
-    if not path.exists():
-        return {}, {}
-    old = json.loads(path.read_text())
-    same = ("tokens", "prompts", "heldout_prompts", "thresholds", "main_site", "middle_site")
-    if any(old.get(k) != getattr(args, k) for k in same):
+    old = _earlier_file(args)
+    if old is None:
         return {}, {}
     extra = {"ioi": old["ioi"], "ioi_heldout": old["ioi_heldout"]}
     reports = {(r["site"], r["label"], r["method"]): {**r, **extra} for r in old["results"]}
     return reports, dict(old.get("seconds_by_stage", {}))
+
+
+def commands(args: argparse.Namespace) -> list[str]:
+    """This run's command after those of the earlier runs whose curves the results hold."""
+    this = "python benchmarks/kl_vs_patches.py " + " ".join(sys.argv[1:])
+    old = _earlier_file(args) or {}
+    before = old.get("commands", [old["command"]] if "command" in old else [])
+    return [c for c in before if c != this] + [this]
+
+
+def _earlier_file(args: argparse.Namespace) -> "dict | None":
+    """The results JSON of an earlier run with the same settings, if there is one."""
+    path = RESULTS / f"{args.results_name}.json"
+    if not path.exists():
+        return None
+    old = json.loads(path.read_text())
+    same = ("tokens", "prompts", "heldout_prompts", "thresholds", "main_site", "middle_site")
+    return old if all(old.get(k) == getattr(args, k) for k in same) else None
 
 
 def transfer(r: dict) -> dict:
@@ -200,7 +214,7 @@ def write(args: argparse.Namespace, reports: dict, seconds: dict) -> None:
     main = [r for r in results if r["site"] == args.main_site] or results
     out = {
         "machine": describe(),
-        "command": "python benchmarks/kl_vs_patches.py " + " ".join(sys.argv[1:]),
+        "commands": commands(args),
         "model": "smollm2-135m",
         "main_site": args.main_site,
         "middle_site": args.middle_site,
