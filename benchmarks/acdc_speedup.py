@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -26,13 +25,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from machine import ROOT, describe, repo_path  # noqa: E402
 
 import circuitsae  # noqa: E402
 from circuitsae.acdc import acdc, acdc_reference  # noqa: E402
 from circuitsae.tasks.ioi import make_ioi  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -59,7 +56,7 @@ def main() -> None:
     out = {
         "command": "python benchmarks/acdc_speedup.py " + " ".join(sys.argv[1:]),
         "commit": commit.strip() or None,
-        "dictionary": _rel(args.dictionary),
+        "dictionary": repo_path(args.dictionary),
         "site": site,
         "prompts": args.prompts,
         "thresholds": args.thresholds,
@@ -81,11 +78,6 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps({k: v for k, v in out.items() if "n_features" not in k}, indent=1))
-
-
-def _rel(path: str) -> str:
-    p = Path(os.path.abspath(path))
-    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name  # never a path of this machine
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from machine import ROOT, describe, repo_path  # noqa: E402
 
 import circuitsae  # noqa: E402
 from circuitsae.features import analyse_feature, find_token_feature  # noqa: E402
@@ -37,7 +37,6 @@ from circuitsae.render import render  # noqa: E402
 from circuitsae.store import ActivationStore  # noqa: E402
 from circuitsae.trees import causal_tree  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -83,7 +82,7 @@ def main() -> None:
                             contexts=args.contexts, mode=mode)  # fmt: skip
         t_tree = time.perf_counter() - t0
         graph.graph["machine"] = describe()
-        files = {k: str(Path(v).resolve().relative_to(ROOT)) for k, v in render(graph, RESULTS / stem).items()}
+        files = {k: repo_path(v) for k, v in render(graph, RESULTS / stem).items()}
         timing["modes"][mode] = {
             "tree_seconds": t_tree,
             "contexts": graph.graph["contexts"],

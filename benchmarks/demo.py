@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from machine import describe, repo_path  # noqa: E402
 
 import circuitsae  # noqa: E402
 
@@ -59,7 +59,7 @@ def main() -> None:
         "feature": {
             k: summary["feature"].get(k) for k in ("site", "feature", "token", "precision", "recall", "unembed")
         },
-        "source": _relative(Path(args.summary).parent if args.summary else Path(args.out)),
+        "source": repo_path(Path(args.summary).parent if args.summary else Path(args.out)),
     }
     stem = "demo" if record["model"] == "smollm2-135m" else f"demo-{record['model']}"
     RESULTS.mkdir(exist_ok=True)
@@ -68,15 +68,6 @@ def main() -> None:
         if src and Path(src).is_file():
             shutil.copy(src, RESULTS / f"{stem}-{name}.png")
     print(json.dumps(record, indent=1))
-
-
-def _relative(path: Path) -> str:
-    """``path`` relative to the repository when it lies inside it (results never hold this machine's paths)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        return str(path.resolve().relative_to(root))
-    except ValueError:
-        return path.name
 
 
 if __name__ == "__main__":

@@ -33,19 +33,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from machine import ROOT, describe, repo_path  # noqa: E402
 
 import circuitsae  # noqa: E402
 from circuitsae.ioi_curves import halving, plot_curves, plot_transfer, run_ioi  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -140,7 +138,7 @@ def main() -> None:
         ap.error("--main-site and --middle-site must be among --sites")
     folders = prepare(args)
     model = circuitsae.load_model("smollm2-135m", device="cpu")
-    reports, seconds = earlier(args)
+    reports, seconds, commands = earlier(args)
     for name, site, dicts, opts in stages(args, folders):
         t0 = time.perf_counter()
         print(f"== {name}: {len(dicts)} dictionaries")
@@ -155,35 +153,22 @@ def main() -> None:
                 }
             seconds.setdefault(name, time.perf_counter() - t0)  # the run that computed it, not a re-read
         finally:
-            write(args, reports, seconds)
+            write(args, reports, seconds, commands)
 
 
-def earlier(args: argparse.Namespace) -> tuple[dict, dict]:
-    """Curves and stage times of an earlier run with the same settings (other stages): later stages add to them."""
-    old = _earlier_file(args)
-    if old is None:
-        return {}, {}
+def earlier(args: argparse.Namespace) -> tuple[dict, dict, list[str]]:
+    """Curves, stage times and commands of an earlier run with the same settings (other stages): this run adds to
+    them, and ends the list of commands."""
+    this = "python benchmarks/kl_vs_patches.py " + " ".join(sys.argv[1:])
+    path = RESULTS / f"{args.results_name}.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    same = ("tokens", "prompts", "heldout_prompts", "thresholds", "main_site", "middle_site")
+    if not old or any(old.get(k) != getattr(args, k) for k in same):
+        return {}, {}, [this]
     extra = {"ioi": old["ioi"], "ioi_heldout": old["ioi_heldout"]}
     reports = {(r["site"], r["label"], r["method"]): {**r, **extra} for r in old["results"]}
-    return reports, dict(old.get("seconds_by_stage", {}))
-
-
-def commands(args: argparse.Namespace) -> list[str]:
-    """This run's command after those of the earlier runs whose curves the results hold."""
-    this = "python benchmarks/kl_vs_patches.py " + " ".join(sys.argv[1:])
-    old = _earlier_file(args) or {}
-    before = old.get("commands", [old["command"]] if "command" in old else [])
-    return [c for c in before if c != this] + [this]
-
-
-def _earlier_file(args: argparse.Namespace) -> "dict | None":
-    """The results JSON of an earlier run with the same settings, if there is one."""
-    path = RESULTS / f"{args.results_name}.json"
-    if not path.exists():
-        return None
-    old = json.loads(path.read_text())
-    same = ("tokens", "prompts", "heldout_prompts", "thresholds", "main_site", "middle_site")
-    return old if all(old.get(k) == getattr(args, k) for k in same) else None
+    commands = [c for c in old.get("commands", [old.get("command")]) if c and c != this] + [this]
+    return reports, dict(old.get("seconds_by_stage", {})), commands
 
 
 def transfer(r: dict) -> dict:
@@ -207,14 +192,14 @@ def transfer(r: dict) -> dict:
     return out
 
 
-def write(args: argparse.Namespace, reports: dict, seconds: dict) -> None:
+def write(args: argparse.Namespace, reports: dict, seconds: dict, commands: list[str]) -> None:
     if not reports:
         return
     results = sorted(reports.values(), key=lambda r: (int(r["site"].split(".")[1]), r["label"], r["method"]))
     main = [r for r in results if r["site"] == args.main_site] or results
     out = {
         "machine": describe(),
-        "commands": commands(args),
+        "commands": commands,
         "model": "smollm2-135m",
         "main_site": args.main_site,
         "middle_site": args.middle_site,
@@ -230,7 +215,8 @@ def write(args: argparse.Namespace, reports: dict, seconds: dict) -> None:
         "halving": [halving(r) for r in results],
         "transfer": [transfer(r) for r in results],
         "results": [
-            {k: v for k, v in r.items() if k not in ("ioi", "ioi_heldout", "path")} | {"path": _rel(r["path"])}
+            {k: v for k, v in r.items() if k not in ("ioi", "ioi_heldout", "path")}
+            | {"path": r["path"] if r["path"] == "pca" else repo_path(r["path"])}
             for r in results
         ],  # fmt: skip
     }
@@ -259,15 +245,6 @@ def training_costs(work: Path) -> dict:
             "final": {k: {m: v[m] for m in ("l0", "fvu", "gamma", "dead_fraction")} for k, v in t["runs"].items()},
         }
     return out
-
-
-def _rel(path: str) -> str:
-    for p in (Path(os.path.abspath(path)), Path(path).resolve()):  # `runs` may be a link out of a worktree
-        try:
-            return str(p.relative_to(ROOT))
-        except ValueError:
-            pass
-    return path  # "pca", or a folder outside the repository
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""A description of the machine a benchmark ran on (recorded in every result file)."""
+"""A description of the machine a benchmark ran on, and repository-relative paths (for every result file)."""
 
 from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -30,3 +31,15 @@ def describe() -> dict:
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_path(path: "str | Path") -> str:
+    """``path`` relative to the repository (as given, or after following links: ``runs`` may be a link out of a
+    worktree); a path outside it is reduced to its name. Results never hold a path of the machine they ran on."""
+    for p in (Path(os.path.abspath(path)), Path(path).resolve()):
+        if p.is_relative_to(ROOT):
+            return p.relative_to(ROOT).as_posix()
+    return Path(path).name
