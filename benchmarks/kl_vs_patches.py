@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
 import sys
 import time
@@ -151,7 +152,9 @@ def main() -> None:
                     "ioi": rep["ioi"],
                     "ioi_heldout": rep["ioi_heldout"],
                 }
-            seconds.setdefault(name, time.perf_counter() - t0)  # the run that computed it, not a re-read
+            # the run that computed it, not a re-read: curves read back from their parts count their own times
+            took = max(time.perf_counter() - t0, sum(r["seconds"] for r in rep["results"]))
+            seconds.setdefault(name, took)
         finally:
             write(args, reports, seconds, commands)
 
@@ -159,7 +162,7 @@ def main() -> None:
 def earlier(args: argparse.Namespace) -> tuple[dict, dict, list[str]]:
     """Curves, stage times and commands of an earlier run with the same settings (other stages): this run adds to
     them, and ends the list of commands."""
-    this = "python benchmarks/kl_vs_patches.py " + " ".join(sys.argv[1:])
+    this = shlex.join(["python", "benchmarks/kl_vs_patches.py", *sys.argv[1:]])
     path = RESULTS / f"{args.results_name}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     same = ("tokens", "prompts", "heldout_prompts", "thresholds", "main_site", "middle_site")
