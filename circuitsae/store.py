@@ -18,17 +18,23 @@ activation can be traced back to its token and text (:meth:`ActivationStore.loca
 renamed into place; a shard's manifest is written last and is its commit
 marker, so a shard without a manifest does not exist. ``meta.json`` says
 ``"complete": true`` only once every shard is in. Opening a store checks the
-size of every file; reading a shard checks its sha256. A failing check raises
+size of every file; reading a shard checks its sha256 the first time this
+process reads that file (hashed straight from the page cache, no copy), and
+again only if the file's size, inode or modification/change time moved since;
+the data itself is then memory-mapped, never copied whole. A failing check raises
 :class:`~circuitsae.errors.CircuitSAEError` naming the shard and file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import json
 import math
+import mmap
 import os
+import socket
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,7 @@ import numpy as np
 import torch
 
 from circuitsae.errors import CircuitSAEError
+from circuitsae.reader import reference_batches, shuffled_batches
 
 FORMAT = "circuitsae-activations/1"
 SPLITS = ("train", "heldout")
@@ -48,6 +55,26 @@ STORE_DTYPES: dict[str, tuple[Any, torch.dtype]] = {
     "bfloat16": (np.uint16, torch.bfloat16),
     "float32": (np.float32, torch.float32),
 }
+
+
+#: files whose sha256 this process has checked: (path, inode, size, mtime, ctime) -> the digest found
+_VERIFIED: dict[tuple, str] = {}
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _file_identity(path: Path) -> tuple:
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def sha256_file(path: "str | Path") -> str:
+    """sha256 hex digest of a file, hashed from a memory map (the GIL is released while hashing)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                h.update(m)
+    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -73,14 +100,21 @@ class _HashingWriter:
         return self.f.write(b)
 
 
+def writer_tag() -> str:
+    """What makes this writer's temporary names its own: host, rank (torchrun's RANK) and process."""
+    host = socket.gethostname().replace("-", "_").replace("/", "_") or "host"
+    return f"{host}-r{os.environ.get('RANK', '0')}"
+
+
 def atomic_write(path: Path, data: "bytes | np.ndarray") -> tuple[int, str]:
     """Write bytes, or an array as ``.npy``, so that readers see no file or the whole file.
 
-    The data goes to a temporary name, is flushed to disk and renamed into
+    The data goes to a temporary name (unique to this host, rank and process, so
+    concurrent writers never touch each other's), is flushed to disk and renamed into
     place. Arrays are streamed in chunks (no whole-file copy in memory).
     Returns ``(bytes written, sha256 hex digest)``.
     """
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp = path.with_name(f".tmp-{writer_tag()}-{os.getpid()}-{path.name}")
     with open(tmp, "wb") as f:
         w = _HashingWriter(f)
         if isinstance(data, np.ndarray):
@@ -137,19 +171,24 @@ class StoreWriter:
     #: what a store written before a config key existed had there (so it still resumes)
     CONFIG_DEFAULTS = {"model_dtype": "float32"}
 
-    def __init__(self, root: "str | Path", meta: dict) -> None:
+    def __init__(self, root: "str | Path", meta: dict, *, create: bool = True) -> None:
         self.root = Path(root)
         # through JSON once, so that it compares equal to what was written before
         self.meta = json.loads(json.dumps({"format": FORMAT, **meta, "complete": False}))
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".tmp-{os.getpid()}-probe"
+            probe = self.root / f".tmp-{writer_tag()}-{os.getpid()}-probe"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
             raise CircuitSAEError(f"cannot write to output folder {str(self.root)!r}: {e.strerror or e}") from None
         meta_path = self.root / "meta.json"
         resuming = meta_path.is_file()
+        if not resuming and not create:
+            raise CircuitSAEError(
+                f"{str(self.root)!r} has no meta.json although rank 0 wrote it: is this folder on storage every "
+                "node sees? (the store's folder must be shared)"
+            )
         if resuming:
             self._check_compatible(meta_path)
         elif any(p for p in self.root.iterdir() if not p.name.startswith(".tmp-")):
@@ -157,8 +196,9 @@ class StoreWriter:
                 f"output folder {str(self.root)!r} is not empty and holds no activation store; "
                 "choose an empty or new folder"
             )
-        for stale in self.root.glob(".tmp-*"):  # left by a killed writer
-            stale.unlink(missing_ok=True)
+        for stale in self.root.glob(f".tmp-{writer_tag()}-*"):  # left by a killed writer of this host and rank
+            if not stale.name.startswith(f".tmp-{writer_tag()}-{os.getpid()}-"):
+                stale.unlink(missing_ok=True)
         if not resuming:
             atomic_write(meta_path, json.dumps(self.meta, indent=2).encode())
 
@@ -229,13 +269,18 @@ class StoreWriter:
         atomic_write(self.root / f"{stem}.json", json.dumps(manifest, indent=1).encode())
 
     def finish(self, **summary: Any) -> None:
-        """Mark the store complete (only after every shard is written)."""
+        """Mark the store complete (only after every shard is written, by every writer).
+
+        Temporary files left by killed writers of any host or rank are removed here, when no writer is left.
+        """
         for split, info in self.meta["splits"].items():
             missing = [i for i in range(info["shards"]) if not self.has_shard(split, i)]
             if missing:
                 raise CircuitSAEError(f"cannot finish store {self.root}: {split} shards {missing[:5]} are missing")
         self.meta.update(summary, complete=True)
         atomic_write(self.root / "meta.json", json.dumps(self.meta, indent=2).encode())
+        for stale in self.root.glob(".tmp-*"):
+            stale.unlink(missing_ok=True)
 
 
 def _check_sizes(root: Path, manifest: dict) -> None:
@@ -333,28 +378,44 @@ class ActivationStore:
 
     # -- shards --------------------------------------------------------------
     def _read(self, manifest: dict, key: str, verify: bool) -> np.ndarray:
+        """One file of a shard, memory-mapped (copy-on-write: writing to it never touches the file).
+
+        With ``verify`` its sha256 is checked first, unless this process already found it good
+        and the file has not changed since (see the module docstring).
+        """
         f = manifest["files"][key]
         path = self.root / f["name"]
-        if not verify:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != f["sha256"]:
+        if verify:
+            self._check_sha256(manifest, key)
+        return np.load(path, mmap_mode="c", allow_pickle=False)
+
+    def _check_sha256(self, manifest: dict, key: str, force: bool = False) -> None:
+        f = manifest["files"][key]
+        path = self.root / f["name"]
+        before = _file_identity(path)
+        with _VERIFIED_LOCK:
+            if not force and _VERIFIED.get(before) == f["sha256"]:
+                return
+        found = sha256_file(path)
+        if found != f["sha256"]:
             raise CircuitSAEError(
                 f"shard {shard_stem(manifest['split'], manifest['index'])} of store {self.root} is damaged: "
                 f"{f['name']} fails its checksum; delete that shard's files and re-run the same harvest"
             )
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        if _file_identity(path) == before:  # not changed while it was hashed
+            with _VERIFIED_LOCK:
+                _VERIFIED[before] = found
 
     def shard(self, site: str, split: str = "train", index: int = 0, verify: bool = True) -> torch.Tensor:
         """Activations ``[rows, d]`` of one shard, in the storage dtype."""
         return from_numpy(self._read(self._split(split)[index], self._site(site), verify), self.dtype)
 
     def verify(self) -> None:
-        """Check the sha256 of every file of every shard (raises on the first bad one)."""
+        """Hash every file of every shard now, even those already found good (raises on the first bad one)."""
         for split in SPLITS:
             for m in self._split(split):
                 for key in m["files"]:
-                    self._read(m, key, verify=True)
+                    self._check_sha256(m, key, force=True)
 
     # -- reading -------------------------------------------------------------
     def batches(
@@ -371,14 +432,21 @@ class ActivationStore:
         drop_last: bool = False,
         verify: bool = True,
         skip: int = 0,
+        prefetch: int = 4,
+        reader: str = "fast",
+        part: tuple[int, int] = (0, 1),
     ) -> Iterator[Any]:
         """Shuffled mini-batches ``[batch_size, d]`` of one site, in ``dtype`` on ``device``.
 
-        Memory stays bounded by about ``buffer_rows`` rows plus one shard,
+        Memory stays bounded by about ``buffer_rows`` rows plus one shard per site,
         whatever the store's size: each epoch visits the shards in a seeded
         random order, pools them in a buffer of ``buffer_rows`` rows, shuffles
         the pool, and hands out half of it before refilling. The same seed
-        gives the same batches.
+        gives the same batches. The pool lives on ``device`` and shards are
+        read ahead in a background thread (:mod:`circuitsae.reader`);
+        ``reader="reference"`` runs the plain implementation it is tested
+        against (same batches, slower). ``part=(rank, world_size)`` yields only
+        that rank's contiguous share of every batch (data-parallel training).
 
         ``site`` may be a list of sites: each batch is then a tuple with one
         tensor per site, all for the same rows (one read serves SAEs at
@@ -388,58 +456,47 @@ class ActivationStore:
         """
         if batch_size < 1 or epochs < 1:
             raise CircuitSAEError("batch_size and epochs must be >= 1")
+        if not (len(part) == 2 and 0 <= part[0] < part[1]):
+            raise CircuitSAEError(f"part must be (rank, world_size) with 0 <= rank < world_size, got {part!r}")
+        if reader not in ("fast", "reference"):
+            raise CircuitSAEError(f"unknown reader {reader!r}: use 'fast' or 'reference'")
         single = isinstance(site, str)
         names = [self._site(s) for s in ([site] if single else site)]
         manifests = self._split(split)
         if not manifests:
             raise CircuitSAEError(f"store {self.root} has no {split} shards")
-        gen = torch.Generator().manual_seed(seed)
-        counter = 0
 
-        def emit(parts: list[torch.Tensor], j: int) -> Any:
-            out = [p[j : j + batch_size].to(device=device, dtype=dtype, non_blocking=True) for p in parts]
-            return out[0] if single else tuple(out)
+        def load(i: int) -> list[torch.Tensor]:
+            return [from_numpy(self._read(manifests[i], s, verify), self.dtype) for s in names]
 
-        for _ in range(epochs):
-            pool: list[list[torch.Tensor]] = []
-            pooled = 0
-            for i in torch.randperm(len(manifests), generator=gen, device="cpu").tolist():
-                pool.append([self._finite(manifests[i], s, verify) for s in names])
-                pooled += pool[-1][0].shape[0]
-                if pooled >= buffer_rows:
-                    perm = torch.randperm(pooled, generator=gen, device="cpu")
-                    mixed = [torch.cat([p[k] for p in pool])[perm] for k in range(len(names))]
-                    n_out = (pooled // 2) // batch_size * batch_size
-                    for j in range(0, n_out, batch_size):
-                        counter += 1
-                        if counter > skip:
-                            yield emit(mixed, j)
-                    pool, pooled = [[m[n_out:] for m in mixed]], pooled - n_out
-            if pooled:
-                perm = torch.randperm(pooled, generator=gen, device="cpu")
-                rest = [torch.cat([p[k] for p in pool])[perm] for k in range(len(names))]
-                stop = pooled - (pooled % batch_size if drop_last else 0)
-                for j in range(0, stop, batch_size):
-                    counter += 1
-                    if counter > skip:
-                        yield emit(rest, j)
+        def where(i: int, k: int) -> str:
+            return str(self.root / manifests[i]["files"][names[k]]["name"])
+
+        make = shuffled_batches if reader == "fast" else reference_batches
+        stream = make(
+            load,
+            [m["rows"] for m in manifests],
+            where,
+            batch_size,
+            width=self.d,
+            storage_dtype=STORE_DTYPES[self.dtype][1],
+            n_sites=len(names),
+            epochs=epochs,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            buffer_rows=buffer_rows,
+            drop_last=drop_last,
+            skip=skip,
+            prefetch=prefetch,
+            part=part,
+        )
+        return _unpack_single(stream) if single else _as_tuples(stream)
 
     def n_batches(self, batch_size: int, *, epochs: int = 1, split: str = "train", drop_last: bool = False) -> int:
         """How many batches :meth:`batches` yields with these settings."""
         n = self.n_rows(split)
         return epochs * (n // batch_size + int(bool(n % batch_size) and not drop_last))
-
-    def _finite(self, manifest: dict, site: str, verify: bool) -> torch.Tensor:
-        """One shard of ``site``; raises naming the file and row if a value is NaN or inf."""
-        x = from_numpy(self._read(manifest, site, verify), self.dtype)
-        bad = ~torch.isfinite(x)
-        if bad.any():
-            row = int(bad.any(dim=1).nonzero()[0, 0])
-            raise CircuitSAEError(
-                f"non-finite activation (NaN or inf) in {self.root / manifest['files'][site]['name']} at row {row}: "
-                f"re-harvest that shard (a float16 overflow? harvest with --dtype bfloat16)"
-            )
-        return x
 
     def activations(
         self, site: str, split: str = "heldout", max_rows: "int | None" = None, dtype: torch.dtype = torch.float32
@@ -471,6 +528,18 @@ class ActivationStore:
         if not 0 <= row < self.n_rows(split):
             raise CircuitSAEError(f"row {row} is out of range for the {split} split ({self.n_rows(split)} rows)")
         return row // per, int(self.meta["first_position"]) + row % per
+
+
+def _unpack_single(stream: Iterator[list[torch.Tensor]]) -> Iterator[torch.Tensor]:
+    with contextlib.closing(stream):
+        for parts in stream:
+            yield parts[0]
+
+
+def _as_tuples(stream: Iterator[list[torch.Tensor]]) -> Iterator[tuple[torch.Tensor, ...]]:
+    with contextlib.closing(stream):
+        for parts in stream:
+            yield tuple(parts)
 
 
 class SiteView:
