@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from circuitsae import distributed
 from circuitsae.config import add_arguments, from_arguments
 from circuitsae.errors import CircuitSAEError
 from circuitsae.harvest import HarvestConfig
@@ -49,7 +50,8 @@ def _cmd_harvest(args: argparse.Namespace) -> None:
     from circuitsae.harvest import harvest
 
     store = harvest(from_arguments(HarvestConfig, args))
-    print(store)
+    if distributed.current().main:
+        print(store)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -57,6 +59,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     cfg = from_arguments(TrainConfig, args)
     saved = train(cfg)
+    world = distributed.current()
+    if world.active and not saved and not world.main and cfg.parallel == "data":
+        return  # rank 0 saves and reports
     if not saved:
         print(f"stopped after {cfg.stop_after} steps; re-run the same command to continue")
         return
@@ -252,7 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "command", None):
             parser.print_help()
             return 2
-        args.func(args)
+        try:
+            args.func(args)
+        finally:
+            distributed.shutdown()
     except CircuitSAEError as e:
         print(f"circuitsae: error: {e}", file=sys.stderr)
         return 2

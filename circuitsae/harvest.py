@@ -19,11 +19,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from circuitsae import data
+from circuitsae import data, distributed
 from circuitsae import sites as sites_mod
 from circuitsae.config import model_dtype_option, option
 from circuitsae.errors import CircuitSAEError
-from circuitsae.models import DEFAULT_MODEL, dtype_name, input_device, load_model, model_name, start_token_id
+from circuitsae.models import (
+    DEFAULT_MODEL,
+    dtype_name,
+    input_device,
+    load_model,
+    model_name,
+    resolve_device,
+    start_token_id,
+)
 from circuitsae.store import STORE_DTYPES, ActivationStore, StoreWriter, to_numpy
 
 
@@ -142,6 +150,9 @@ def harvest(
     refused.
     """
     cfg = HarvestConfig(**{**(asdict(config) if config else {}), **overrides})
+    world = distributed.init(resolve_device(cfg.device).type if model is None else input_device(model).type)
+    if world.active and model is None and resolve_device(cfg.device) == torch.device("cuda"):
+        cfg.device = f"cuda:{world.local_rank}"  # one GPU per rank
     if model is None:
         model = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     cfg.model = model_name(model)
@@ -171,25 +182,37 @@ def harvest(
         split: data.contexts(tok, n, cfg.ctx_len, cfg.corpus, split, cfg.seed, cfg.heldout_fraction)
         for split, n in n_ctx.items()
     }
-    writer = StoreWriter(cfg.out, meta)
+    # rank 0 creates the store (meta.json) first; the other ranks then open it as a resumed one
+    writer = StoreWriter(cfg.out, meta) if world.main else None
+    if world.active:
+        distributed.barrier("creating the store")
+        writer = distributed.on_every_rank(
+            lambda: writer or StoreWriter(cfg.out, meta, create=False), "opening the store"
+        )
+    assert writer is not None
     first = meta["first_position"]
     device = input_device(model)
-    total = sum(n_ctx.values()) * cfg.rows_per_context
+    # rank r writes the shards i ≡ r (mod world size) of each split: the same contexts, batches and bytes as one process
+    mine = {
+        split: [i for i in range(info["shards"]) if i % world.size == world.rank]
+        for split, info in meta["splits"].items()
+    }
+
+    def shard_rows(split: str, i: int) -> int:
+        return min(cfg.shard_contexts, n_ctx[split] - i * cfg.shard_contexts) * cfg.rows_per_context
+
     bar = tqdm(
-        total=total,
+        total=sum(shard_rows(s, i) for s, ids_ in mine.items() for i in ids_),
         unit="tok",
         unit_scale=True,
-        disable=not progress,
-        desc=f"harvest {' '.join(cfg.sites)}",
+        disable=not progress or not world.main,
+        desc=f"harvest {' '.join(cfg.sites)}" + (f" (rank 0 of {world.size})" if world.active else ""),
         dynamic_ncols=True,
     )
     with bar:
-        for split, n in n_ctx.items():
-            n_shards = meta["splits"][split]["shards"]
-            todo = [i for i in range(n_shards) if not writer.has_shard(split, i)]
-            bar.update(
-                (n - sum(min(cfg.shard_contexts, n - i * cfg.shard_contexts) for i in todo)) * cfg.rows_per_context
-            )
+        for split in n_ctx:
+            todo = [i for i in mine[split] if not writer.has_shard(split, i)]
+            bar.update(sum(shard_rows(split, i) for i in mine[split] if i not in todo))
             for i in todo:
                 shard_ids = ids[split][i * cfg.shard_contexts : (i + 1) * cfg.shard_contexts]
                 rows = shard_ids.shape[0] * cfg.rows_per_context
@@ -207,5 +230,10 @@ def harvest(
                 writer.write_shard(split, i, i * cfg.shard_contexts, shard_ids, buf)
                 del buf
                 _return_freed_memory()
-    writer.finish(tokens_stored={s: v["rows"] for s, v in meta["splits"].items()})
+    if world.active:
+        distributed.barrier("waiting for every rank's shards")
+    if world.main:
+        writer.finish(tokens_stored={s: v["rows"] for s, v in meta["splits"].items()})
+    if world.active:
+        distributed.barrier("marking the store complete")
     return ActivationStore(cfg.out)

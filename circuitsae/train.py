@@ -56,11 +56,15 @@ of :mod:`circuitsae.dictionaries.fused` are float32 only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
 import json
 import math
+import os
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +73,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from circuitsae import distributed
 from circuitsae.config import option
 from circuitsae.dictionaries import Dictionary, GatedSAE, ReluSAE
 from circuitsae.errors import CircuitSAEError
@@ -81,6 +86,7 @@ DEFAULT_LR = {"relu": 1e-3, "gated": 3e-4}
 DEFAULT_BETAS = {"relu": (0.9, 0.999), "gated": (0.0, 0.999)}
 DEFAULT_COEFFICIENT = {"relu": 1.0, "gated": 2.0}  # L0 ≈ 70 and ≈ 47 at SmolLM2 resid.6 (pareto.json)
 SCALE_ROWS = 1 << 17
+PARALLEL_MODES = ("data", "runs")
 MIN_RESAMPLE_WINDOW = 50  # steps; the default schedule does not resample over shorter windows
 
 
@@ -127,6 +133,11 @@ class TrainConfig:
     )
     seed: int = option(0, "seed for initialisation, batch order and resampling")
     stop_after: "int | None" = option(None, "stop (with a checkpoint) after this many steps; re-run to continue")
+    parallel: str = option(
+        "data",
+        "with several processes (torchrun): data (each rank trains every run on its share of every batch) "
+        "or runs (the runs are split across ranks, no communication)",
+    )
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.arch if a not in TRAINABLE]
@@ -139,6 +150,8 @@ class TrainConfig:
                 raise CircuitSAEError(f"{name} must be >= 1")
         if self.expansion <= 0 or (self.gated_expansion is not None and self.gated_expansion <= 0):
             raise CircuitSAEError("expansion must be > 0")
+        if self.parallel not in PARALLEL_MODES:
+            raise CircuitSAEError(f"unknown --parallel {self.parallel!r}: use {' or '.join(PARALLEL_MODES)}")
         if self.lr is not None and self.lr <= 0:
             raise CircuitSAEError("lr must be > 0")
         if not (0 <= self.lr_warmup <= 1 and 0 <= self.coef_warmup <= 1):
@@ -156,7 +169,7 @@ class TrainConfig:
 
     def fingerprint(self) -> str:
         """What must match for a checkpoint to be resumed (not out/device/precision/stop_after/logging)."""
-        skip = ("out", "device", "autocast", "stop_after", "log_every")
+        skip = ("out", "device", "autocast", "stop_after", "log_every", "parallel")
         keep = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -173,6 +186,8 @@ class Run:
     sae: Dictionary
     optimizer: torch.optim.Optimizer
     last_fired: torch.Tensor  # [d_sae] step at which each feature last fired
+    generator: torch.Generator  # draws this run's resampling inputs (CPU), one per run: runs split across ranks
+    # draw what they would draw in one process
 
 
 def plan_runs(cfg: TrainConfig, store: ActivationStore) -> list[tuple[str, str, float]]:
@@ -200,7 +215,9 @@ def input_scale(store: ActivationStore, site: str) -> float:
     return math.sqrt(store.d / float(x.pow(2).sum(-1).mean()))
 
 
-def _make_run(cfg: TrainConfig, store: ActivationStore, site: str, arch: str, coef: float, device: torch.device) -> Run:
+def _make_run(
+    cfg: TrainConfig, store: ActivationStore, site: str, arch: str, coef: float, device: torch.device, index: int
+) -> Run:
     d = store.d
     if arch == "relu":
         sae: Dictionary = ReluSAE(d, max(1, round(cfg.expansion * d)), tied=cfg.tied, decoder_bias=cfg.decoder_bias)
@@ -213,18 +230,29 @@ def _make_run(cfg: TrainConfig, store: ActivationStore, site: str, arch: str, co
         kwargs["fused"] = True
     optimizer = torch.optim.Adam(sae.parameters(), **kwargs)
     last_fired = torch.zeros(sae.d_dict, dtype=torch.long, device=device)
-    return Run(run_name(site, arch, coef), site, arch, coef, lr, sae, optimizer, last_fired)
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1 + index)
+    return Run(run_name(site, arch, coef), site, arch, coef, lr, sae, optimizer, last_fired, generator)
 
 
 class Trainer:
     """Owns the runs, the schedule and the checkpoint; :meth:`fit` is a short loop over :meth:`step`."""
 
     def __init__(self, cfg: TrainConfig, progress: bool = True) -> None:
-        self.cfg, self.progress = cfg, progress
-        self.store = ActivationStore(cfg.store)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.world = distributed.init(self.device.type)
+        if self.world.active and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.world.local_rank)
+        self.data_parallel = self.world.active and cfg.parallel == "data"
+        self.progress = progress and self.world.main
+        self.store = distributed.on_every_rank(lambda: ActivationStore(cfg.store), "opening the store")
         if self.store.n_rows("train") == 0:
             raise CircuitSAEError(f"store {self.store.root} has no training activations")
-        self.device = resolve_device(cfg.device)
+        if self.data_parallel and cfg.batch_size % self.world.size:
+            raise CircuitSAEError(
+                f"--batch-size {cfg.batch_size} is not divisible by the {self.world.size} ranks: each rank takes an "
+                f"equal share of every batch (use a multiple of {self.world.size})"
+            )
         self.out = Path(cfg.out)
         self.plan = plan_runs(cfg, self.store)
         self.sites = sorted({s for s, _, _ in self.plan}, key=self.store.sites.index)
@@ -249,8 +277,17 @@ class Trainer:
         self.autocast = self.device.type == "cuda" if cfg.autocast is None else bool(cfg.autocast)
         torch.manual_seed(cfg.seed)
         self.scales = {s: input_scale(self.store, s) for s in self.sites}
-        self.runs = [_make_run(cfg, self.store, s, a, c, self.device) for s, a, c in self.plan]
-        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.runs = [_make_run(cfg, self.store, s, a, c, self.device, i) for i, (s, a, c) in enumerate(self.plan)]
+        if self.world.active and cfg.parallel == "runs":  # every rank made every run (same RNG), keeps its own
+            if len(self.runs) < self.world.size:
+                raise CircuitSAEError(
+                    f"--parallel runs splits {len(self.runs)} runs across {self.world.size} ranks: "
+                    f"use at most {len(self.runs)} processes"
+                )
+            self.runs = self.runs[self.world.rank :: self.world.size]
+        self.part = (self.world.rank, self.world.size) if self.data_parallel else (0, 1)
+        self.allreduce_bytes = 0  # per step, data-parallel
+        self.resampled: dict[str, int] = {}  # features resampled per run (this session)
         self.step_count = 0
         self.last_good = 0
 
@@ -263,9 +300,13 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------
     def step(self, batch: dict[str, torch.Tensor]) -> list[Any]:
-        """One optimiser step of every run on the same rows; returns each run's Loss (detached)."""
+        """One optimiser step of every run on the same rows; returns each run's Loss (detached).
+
+        Data-parallel, ``batch`` is this rank's share; one all-reduce then averages every run's
+        gradients (and combines which features fired, and the losses) before any optimiser step.
+        """
         k = self.step_count
-        losses = []
+        losses, fired = [], []
         for run in self.runs:
             x = batch[run.site].to(self.device)  # a no-op for the trainer's own batches
             for g in run.optimizer.param_groups:
@@ -274,28 +315,63 @@ class Trainer:
                 loss = run.sae.loss(x, run.coefficient * self.coef_factor(k))
             run.optimizer.zero_grad(set_to_none=True)
             loss.total.backward()
+            losses.append(type(loss)(*(t.detach() for t in loss)))
+            fired.append(loss.codes.amax(0) > 0)  # codes are >= 0 for both architectures
+        if self.data_parallel:
+            losses, fired = self._all_reduce(losses, fired)
+        for run, f in zip(self.runs, fired):
             _remove_parallel_grad(run.sae)
             run.optimizer.step()
             _renormalise(run.sae)
-            fired = loss.codes.amax(0) > 0  # codes are >= 0 for both architectures
-            run.last_fired.masked_fill_(fired, k + 1)
-            losses.append(type(loss)(*(t.detach() for t in loss)))
+            run.last_fired.masked_fill_(f, k + 1)
         self.step_count += 1
         if self.resample_every and self.step_count % self.resample_every == 0:
             if self.step_count < 0.8 * self.total_steps:
                 for run, loss in zip(self.runs, losses):
-                    self._resample(run, batch[run.site], loss)
+                    self.resampled[run.name] = self.resampled.get(run.name, 0) + self._resample(
+                        run, batch[run.site], loss
+                    )
         return losses
+
+    @torch.no_grad()
+    def _all_reduce(self, losses: list[Any], fired: list[torch.Tensor]) -> tuple[list[Any], list[torch.Tensor]]:
+        """One all-reduce per step: every run's gradients (averaged), fired flags (any rank) and losses (mean)."""
+        grads = [p.grad for run in self.runs for p in run.sae.parameters() if p.grad is not None]
+        totals = torch.stack([loss.total.float() for loss in losses])
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [f.float() for f in fired] + [totals])
+        self.allreduce_bytes = flat.numel() * flat.element_size()
+        distributed.all_reduce_sum_(flat, f"training step {self.step_count + 1}")
+        flat.div_(self.world.size)
+        at = 0
+        for g in grads:
+            g.copy_(flat[at : at + g.numel()].view_as(g))
+            at += g.numel()
+        combined = []
+        for f in fired:
+            combined.append(flat[at : at + f.numel()] > 0)
+            at += f.numel()
+        mean = flat[at:]
+        return [loss._replace(total=mean[i]) for i, loss in enumerate(losses)], combined
 
     @torch.no_grad()
     def _resample(self, run: Run, x: torch.Tensor, loss: Any) -> int:
         dead = (run.last_fired <= self.step_count - self.dead_window).nonzero().squeeze(1)
-        if dead.numel() == 0:
+        if dead.numel() == 0:  # the same on every rank: which features fired is combined every step
             return 0
-        err = (loss.x_hat.float() - x.float()).pow(2).sum(-1).cpu().double()
+        x = x.float()
+        err = (loss.x_hat.float() - x).pow(2).sum(-1)
+        if self.data_parallel:  # the whole batch on every rank; rank 0 draws, every rank takes its rows
+            x, err = distributed.all_gather_cat(x), distributed.all_gather_cat(err)
+        err = err.cpu().double()
         weights = err.pow(2) if float(err.sum()) > 0 else torch.ones_like(err)
-        rows = torch.multinomial(weights, dead.numel(), replacement=True, generator=self.generator)
-        touched = run.sae.resample(dead, x[rows.to(x.device)].float())
+        if self.world.main or not self.data_parallel:
+            rows = torch.multinomial(weights, dead.numel(), replacement=True, generator=run.generator)
+        else:
+            rows = torch.empty(dead.numel(), dtype=torch.long, device="cpu")
+        rows = rows.to(x.device)
+        if self.data_parallel:
+            distributed.broadcast_(rows, f"resampling at step {self.step_count}")
+        touched = run.sae.resample(dead, x[rows])
         for p, idx in touched:
             state = run.optimizer.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq"):
@@ -306,8 +382,20 @@ class Trainer:
 
     # -- checkpoint ---------------------------------------------------------------------
     @property
+    def _rank_suffix(self) -> str:
+        """Run-parallel ranks keep files of their own; data-parallel ranks share rank 0's."""
+        if self.world.active and not self.data_parallel:
+            return f"-rank{self.world.rank}of{self.world.size}"
+        return ""
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes checkpoints, logs and saved dictionaries (data-parallel: rank 0 only)."""
+        return self.world.main or not self.data_parallel
+
+    @property
     def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
+        return self.out / f"checkpoint{self._rank_suffix}.pt"
 
     def save_checkpoint(self) -> None:
         """Write every run's state atomically; refuses (TrainingDiverged) if a weight is not finite."""
@@ -318,17 +406,22 @@ class Trainer:
                     f"(step {self.last_good}) is kept in {self.checkpoint_path}: lower the learning rate "
                     f"(--lr, now {run.lr:g}) or the coefficient (now {run.coefficient:g})"
                 )
+        self.last_good = self.step_count
+        if not self.writes:
+            return
         state = {
             "fingerprint": self.cfg.fingerprint(),
             "step": self.step_count,
             "scales": self.scales,
-            "generator": self.generator.get_state(),
+            "world_size": self.world.size,
+            "parallel": self.cfg.parallel if self.world.active else None,
             "runs": [
                 {
                     "name": r.name,
                     "sae": r.sae.state_dict(),
                     "optimizer": r.optimizer.state_dict(),
                     "last_fired": r.last_fired,
+                    "generator": r.generator.get_state(),
                 }
                 for r in self.runs
             ],
@@ -336,9 +429,18 @@ class Trainer:
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write(self.checkpoint_path, buf.getvalue())
-        self.last_good = self.step_count
 
     def load_checkpoint(self) -> bool:
+        if self.out.is_dir():  # run-parallel checkpoints of another world size: their runs would start over
+            mine = f"of{self.world.size}.pt" if self._rank_suffix else None
+            others = sorted(
+                p.name for p in self.out.glob("checkpoint-rank*of*.pt") if not (mine and p.name.endswith(mine))
+            )
+            if others:
+                raise CircuitSAEError(
+                    f"{self.out} holds run-parallel checkpoints of another number of ranks ({others[0]}): the runs "
+                    "are split by rank, so resume with that many processes, or use another --out"
+                )
         if not self.checkpoint_path.is_file():
             return False
         # on the CPU first: the generator's state must stay there, and each tensor is then copied where it lives
@@ -348,23 +450,35 @@ class Trainer:
                 f"{self.checkpoint_path} belongs to a different training command; use another --out "
                 f"or delete the checkpoint to start over"
             )
+        if any("generator" not in saved for saved in state["runs"]):
+            raise CircuitSAEError(
+                f"{self.checkpoint_path} was written by an older circuitsae (one resampling generator for all "
+                "runs): delete it to start over, or finish that training with the version that wrote it"
+            )
+        written_by = int(state.get("world_size", 1))
+        if written_by != self.world.size and self.world.main:
+            print(
+                f"note: resuming a checkpoint written by {written_by} process(es) with {self.world.size}: the same "
+                "global batches, so the same training up to floating-point rounding",
+                file=sys.stderr,
+            )
         self.step_count = self.last_good = int(state["step"])
         self.scales = state["scales"]
-        self.generator.set_state(state["generator"])
         for run, saved in zip(self.runs, state["runs"]):
             run.sae.load_state_dict(saved["sae"])
             run.optimizer.load_state_dict(saved["optimizer"])
             run.last_fired.copy_(saved["last_fired"])
+            run.generator.set_state(saved["generator"])
         return True
 
     # -- logging ------------------------------------------------------------------------
     @property
     def log_path(self) -> Path:
-        return self.out / "log.jsonl"
+        return self.out / f"log{self._rank_suffix}.jsonl"
 
     def _cut_log(self) -> None:
         """Drop log lines written after the checkpoint we resume from."""
-        if not self.log_path.is_file():
+        if not self.writes or not self.log_path.is_file():
             return
         keep = [ln for ln in self.log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step_count]
         atomic_write(self.log_path, ("\n".join(keep) + "\n" if keep else "").encode())
@@ -401,14 +515,19 @@ class Trainer:
             }
             lines.append(json.dumps(rec))
             first = first or rec
-        with open(self.log_path, "a") as f:
-            f.write("\n".join(lines) + "\n")
+        if self.writes:
+            with open(self.log_path, "a") as f:
+                f.write("\n".join(lines) + "\n")
         return first
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> dict[str, Dictionary]:
-        """Train (or resume) every run to the end, save each SAE and return them by name."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Train (or resume) every run to the end, save each SAE and return them by name.
+
+        Data-parallel, only rank 0 saves and returns the dictionaries; the other ranks return ``{}``.
+        """
+        if self.writes:
+            self.out.mkdir(parents=True, exist_ok=True)
         resumed = self.load_checkpoint()
         self._cut_log()
         stop = self.total_steps if self.cfg.stop_after is None else min(self.total_steps, self.cfg.stop_after)
@@ -420,6 +539,7 @@ class Trainer:
             device=self.device,
             drop_last=True,
             skip=self.step_count,
+            part=self.part,
         )
         desc = f"train {len(self.runs)} SAE{'s' * (len(self.runs) > 1)}" + (" (resumed)" if resumed else "")
         bar = tqdm(
@@ -432,12 +552,13 @@ class Trainer:
             dynamic_ncols=True,
         )
         t0, start_step = time.perf_counter(), self.step_count
-        with bar:
+        with bar, contextlib.closing(batches):  # closing ends the read-ahead thread when training stops early
             for parts in batches:
                 if self.step_count >= stop:
                     break
                 batch = {s: p * self.scales[s] for s, p in zip(self.sites, parts)}
                 losses = self.step(batch)
+                _injected_fault(self.world.rank, self.step_count)
                 bar.update(self.cfg.batch_size)
                 if self.step_count % self.cfg.log_every == 0 or self.step_count == self.total_steps:
                     rec = self.log(losses, batch)
@@ -448,6 +569,12 @@ class Trainer:
         seconds = time.perf_counter() - t0
         if self.step_count < self.total_steps:
             return {}
+        if self.data_parallel:
+            params = [p for run in self.runs for p in run.sae.parameters()]
+            if not distributed.same_on_every_rank(params, "the final check"):
+                raise CircuitSAEError("the ranks' parameters differ after training: a bug; please report it")
+            if not self.world.main:
+                return {}
         return self.finish(seconds, self.step_count - start_step)
 
     def finish(self, seconds: float, steps_this_session: int) -> dict[str, Dictionary]:
@@ -486,11 +613,28 @@ class Trainer:
             )
             sae.save(self.out / run.name)
             saved[run.name] = sae
-            summary["runs"][run.name] = {"site": run.site, "arch": run.arch, "coefficient": run.coefficient, **metrics}
+            summary["runs"][run.name] = {
+                "site": run.site,
+                "arch": run.arch,
+                "coefficient": run.coefficient,
+                "resampled_features_last_session": self.resampled.get(run.name, 0),
+                **metrics,
+            }
         summary["seconds_last_session"] = seconds
         summary["activations_per_second"] = steps_this_session * self.cfg.batch_size / max(seconds, 1e-9)
-        atomic_write(self.out / "train.json", json.dumps(summary, indent=1, default=str).encode())
+        summary["world_size"] = self.world.size
+        if self.data_parallel:
+            summary["allreduce_bytes_per_step"] = self.allreduce_bytes
+        name = f"train{self._rank_suffix}.json"
+        atomic_write(self.out / name, json.dumps(summary, indent=1, default=str).encode())
         return saved
+
+
+def _injected_fault(rank: int, step: int) -> None:
+    """``CIRCUITSAE_KILL_AT=RANK:STEP`` kills this process with SIGKILL after that step (tests of crash and resume)."""
+    spec = os.environ.get("CIRCUITSAE_KILL_AT")
+    if spec and spec == f"{rank}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @torch.no_grad()
