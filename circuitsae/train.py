@@ -44,6 +44,19 @@ Checkpoints are read onto the CPU and each piece goes where it lives (weights
 and moments to the training device, the sampling generator stays on the CPU),
 so a run saved on one device resumes on another.
 
+**Several processes** (``torchrun --nproc_per_node N -m circuitsae train ...``, see
+:mod:`circuitsae.distributed`). ``parallel="data"`` (the default): every rank trains every run on its
+contiguous share of each global batch (``batch_size`` must divide by the world size); after the backward
+passes one all-reduce sums every run's gradients, which features fired and the losses; the gradients are
+averaged, so every rank takes the same optimiser step and the parameters stay identical (checked at the end).
+Resampling gathers the whole batch and its losses on every rank; rank 0 draws the rows and broadcasts them.
+Only rank 0 writes the checkpoint, the log and the saved dictionaries, and every rank resumes from that
+checkpoint (the same global batches whatever the world size, so another world size resumes the same training
+up to floating-point rounding, with a note). ``parallel="runs"``: the runs are split across ranks
+(run i on rank i mod N), with no communication; each rank keeps its own checkpoint, log and ``train.json``
+(``-rank{r}of{N}``), and resuming needs the same N. Each run draws its resampling rows from a generator of
+its own, so a run trains the same alone, among others or on another rank.
+
 **Device and precision.** Everything a run owns (weights, optimiser moments,
 dead-feature counters, the batches) lives on the training device; held-out
 metrics are computed there too. ``autocast`` (default: on for CUDA, off for
