@@ -37,6 +37,8 @@ this project, so the pinned-memory path has not run on real hardware.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -241,9 +243,11 @@ class _MappedPool:
     A slot number is ``shard * stride + row``; a shard's mapping is dropped once none of its rows is left.
     """
 
-    def __init__(self, n_sites: int, stride: int) -> None:
-        self.n_sites, self.stride = n_sites, max(1, stride)
+    def __init__(self, n_sites: int, stride: int, reuse: bool = False) -> None:
+        self.n_sites, self.stride, self.reuse = n_sites, max(1, stride), reuse
         self.scratch: dict[str, torch.Tensor] = {}
+        self.handed = 0  # batches handed out (picks the ring buffer when reusing)
+        self.workers: "concurrent.futures.ThreadPoolExecutor | None" = None
         self.reset()
 
     def reset(self) -> None:
@@ -273,10 +277,11 @@ class _MappedPool:
         rows = (slots - ids * self.stride)[by_shard]
         back = torch.empty_like(by_shard).index_copy_(0, by_shard, torch.arange(n, device="cpu"))
         groups = list(zip(*(t.tolist() for t in torch.unique_consecutive(ids_sorted, return_counts=True))))
-        out = []
-        for k in range(self.n_sites):
+        self.handed += 1
+
+        def site(k: int) -> torch.Tensor:
             first = self.shards[groups[0][0]][0][k]
-            grouped = self._buffer("grouped", n, first)  # rows in shard order
+            grouped = self._buffer(f"grouped{k}", n, first)  # rows in shard order
             a = 0
             for sid, count in groups:
                 torch.index_select(self.shards[sid][0][k], 0, rows[a : a + count], out=grouped[a : a + count])
@@ -285,12 +290,25 @@ class _MappedPool:
             if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
                 j = _first_bad_row(grouped)
                 raise _non_finite(self.shards[int(ids_sorted[j])][1](k), int(rows[j]))
+            if self.reuse:  # a ring of two batches per site: no fresh pages to fault in per batch
+                ring = self._buffer(f"out{k}-{self.handed % 2}", n, torch.empty(0, first.shape[1], dtype=dtype))
+                if dtype == grouped.dtype:
+                    return torch.index_select(grouped, 0, back, out=ring)
+                return ring.copy_(torch.index_select(grouped, 0, back, out=self._buffer(f"ordered{k}", n, grouped)))
             if dtype == grouped.dtype:
-                out.append(grouped.index_select(0, back))
-            else:
-                ordered = torch.index_select(grouped, 0, back, out=self._buffer("ordered", n, grouped))
-                out.append(ordered.to(dtype))
-        return out
+                return grouped.index_select(0, back)
+            return torch.index_select(grouped, 0, back, out=self._buffer(f"ordered{k}", n, grouped)).to(dtype)
+
+        if self.n_sites == 1:
+            return [site(0)]
+        if self.workers is None:  # sites in parallel threads: torch releases the GIL in every copy
+            self.workers = concurrent.futures.ThreadPoolExecutor(min(self.n_sites, os.cpu_count() or 1))
+        return list(self.workers.map(site, range(self.n_sites)))
+
+    def close(self) -> None:
+        if self.workers is not None:
+            self.workers.shutdown()
+            self.workers = None
 
     def mix(
         self,
@@ -333,6 +351,7 @@ def shuffled_batches(
     prefetch: int = 4,
     pool: str = "auto",
     part: tuple[int, int] = (0, 1),
+    reuse: bool = False,
 ) -> Iterator[list[torch.Tensor]]:
     """Seeded shuffled batches (one tensor per site) of shards ``load(0) .. load(len(rows) - 1)``.
 
@@ -342,6 +361,9 @@ def shuffled_batches(
     :func:`reference_batches`' with the same arguments (see the module docstring).
     ``part=(rank, world_size)`` yields only that rank's contiguous share of every batch (data-parallel
     training: the shares of all ranks, in rank order, are the whole batch).
+    ``reuse=True`` may hand out the same buffers again two batches later (on the CPU, where fresh
+    batch-sized tensors cost page faults): for a caller that is done with a batch when it asks for
+    the one after next, as the trainer is.
     ``pool``: ``"mapped"`` (rows stay in the memory maps; the CPU's default), ``"slots"`` (a buffer on
     ``device``; every other device's default) or ``"auto"``.
     """
@@ -358,7 +380,7 @@ def shuffled_batches(
         # pinned memory needs a CUDA driver; the fake CUDA device of the tests has none (and needs none)
         pin = device.type == "cuda" and torch.backends.cuda.is_built() and torch.cuda.is_available()
         slots: Any = (
-            _MappedPool(n_sites, widest)
+            _MappedPool(n_sites, widest, reuse)
             if mapped
             else _SlotPool(n_sites, width, storage_dtype, device, buffer_rows + widest)
         )
@@ -372,6 +394,7 @@ def shuffled_batches(
                     yield from slots.mix(*ev[1:], batch_size, dtype, part)
         finally:
             ahead.close()
+            getattr(slots, "close", lambda: None)()
 
     return stream()
 

@@ -435,6 +435,7 @@ class ActivationStore:
         prefetch: int = 4,
         reader: str = "fast",
         part: tuple[int, int] = (0, 1),
+        reuse: bool = False,
     ) -> Iterator[Any]:
         """Shuffled mini-batches ``[batch_size, d]`` of one site, in ``dtype`` on ``device``.
 
@@ -447,6 +448,8 @@ class ActivationStore:
         ``reader="reference"`` runs the plain implementation it is tested
         against (same batches, slower). ``part=(rank, world_size)`` yields only
         that rank's contiguous share of every batch (data-parallel training).
+        ``reuse=True`` lets the fast reader hand out the same buffers again two
+        batches later (for a caller done with each batch by then, like the trainer).
 
         ``site`` may be a list of sites: each batch is then a tuple with one
         tensor per site, all for the same rows (one read serves SAEs at
@@ -490,6 +493,7 @@ class ActivationStore:
             skip=skip,
             prefetch=prefetch,
             part=part,
+            **({"reuse": reuse} if reader == "fast" else {}),
         )
         return _unpack_single(stream) if single else _as_tuples(stream)
 

@@ -553,6 +553,7 @@ class Trainer:
             drop_last=True,
             skip=self.step_count,
             part=self.part,
+            reuse=True,  # each batch is used up (scaled into a new tensor) before the next is asked for
         )
         desc = f"train {len(self.runs)} SAE{'s' * (len(self.runs) > 1)}" + (" (resumed)" if resumed else "")
         bar = tqdm(

@@ -189,3 +189,15 @@ def test_the_shares_of_all_ranks_make_up_each_batch(tmp_path):
                 assert torch.equal(torch.cat([shares[r][k][site] for r in range(3)]), batch[site])
     with pytest.raises(CircuitSAEError, match="part must be"):
         store.batches("resid.0", 8, part=(2, 2))
+
+
+def test_reused_buffers_hold_the_same_batches_while_they_are_current(tmp_path):
+    store = _store(tmp_path, rows=800, shard_rows=100)
+    for dtype in (torch.float32, torch.float16):
+        want = list(store.batches(["resid.0", "resid.1"], 64, buffer_rows=200, seed=4, dtype=dtype))
+        got, seen = [], set()
+        for pair in store.batches(["resid.0", "resid.1"], 64, buffer_rows=200, seed=4, dtype=dtype, reuse=True):
+            seen.update(t.data_ptr() for t in pair)
+            got.append(tuple(t.clone() for t in pair))
+        _equal(got, want)
+        assert len(seen) <= 4  # two buffers per site, reused
