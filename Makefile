@@ -46,6 +46,8 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/harvest.py
+	$(PY) benchmarks/reader.py
+	$(PY) benchmarks/distributed.py
 	$(PY) benchmarks/pareto.py
 	bash benchmarks/peers/setup.sh
 	$(PY) benchmarks/train_throughput.py

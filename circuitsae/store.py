@@ -175,6 +175,11 @@ class StoreWriter:
         self.root = Path(root)
         # through JSON once, so that it compares equal to what was written before
         self.meta = json.loads(json.dumps({"format": FORMAT, **meta, "complete": False}))
+        if not create and not (self.root / "meta.json").is_file():
+            raise CircuitSAEError(
+                f"{str(self.root)!r} has no meta.json although rank 0 wrote it: is this folder on storage every "
+                "node sees? (the store's folder must be shared)"
+            )
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".tmp-{writer_tag()}-{os.getpid()}-probe"
@@ -184,11 +189,6 @@ class StoreWriter:
             raise CircuitSAEError(f"cannot write to output folder {str(self.root)!r}: {e.strerror or e}") from None
         meta_path = self.root / "meta.json"
         resuming = meta_path.is_file()
-        if not resuming and not create:
-            raise CircuitSAEError(
-                f"{str(self.root)!r} has no meta.json although rank 0 wrote it: is this folder on storage every "
-                "node sees? (the store's folder must be shared)"
-            )
         if resuming:
             self._check_compatible(meta_path)
         elif any(p for p in self.root.iterdir() if not p.name.startswith(".tmp-")):

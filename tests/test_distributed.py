@@ -65,6 +65,15 @@ def test_data_parallel_training_equals_one_process(tiny_store):
     two = _circuitsae([*TRAIN, "--out", "two"], tiny_store, n=2)
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
+    try:
+        _check_data_parallel(tiny_store)
+    except AssertionError as e:  # what the runs said, for a failure that does not show on a re-run
+        raise AssertionError(
+            f"{e}\n--- one process:\n{one.stderr[-1500:]}\n--- two ranks:\n{two.stderr[-3000:]}"
+        ) from e
+
+
+def _check_data_parallel(tiny_store):
     a, b = _weights(tiny_store / "one"), _weights(tiny_store / "two")
     assert sorted(a) == sorted(b) and len(a) == 8  # 2 sites x 2 architectures x 2 coefficients
     for name in a:
@@ -200,3 +209,18 @@ def test_parallel_harvest_is_byte_identical_to_one_process(tmp_path):
     again = _circuitsae([*HARVEST, "--out", "h2"], tmp_path, n=2)
     assert again.returncode == 0, again.stderr[-2000:]
     assert _files(tmp_path / "h2") == a
+
+
+def test_a_harvest_folder_one_rank_cannot_see_stops_both_ranks(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "circuitsae", *HARVEST, "--out", "h"],
+                              cwd=tmp_path / ("a" if r == 0 else "b"), env=_rank_env(r, port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    for e in errs:
+        line = e.strip().splitlines()[-1]
+        assert "opening the store failed on rank 1" in line and "storage every node sees" in line, line
+    assert not (tmp_path / "b" / "h").exists()  # nothing written where rank 1 looked
