@@ -172,7 +172,44 @@ class _ReadAhead:
         self.thread.join(timeout=10)
 
 
-class _SlotPool:
+class _Pool:
+    """What both pools share: the slots' logical order, and handing out a permuted round of it."""
+
+    order: torch.Tensor
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def _gather(self, slots: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _keep(self, mixed: torch.Tensor, stop: int) -> None:
+        """After a round: the rows past ``stop`` stay, in their new order; the rest are gone."""
+        raise NotImplementedError
+
+    def mix(
+        self,
+        perm: torch.Tensor,
+        starts: list[int],
+        stop: int,
+        last: bool,
+        batch_size: int,
+        dtype: torch.dtype,
+        part: tuple[int, int],
+    ) -> Iterator[list[torch.Tensor]]:
+        mixed = self.order[perm]
+        for j in starts:
+            yield self._gather(mixed[_share(j, min(j + batch_size, stop), part)], dtype)
+        if last:
+            self.reset()
+        else:
+            self._keep(mixed, stop)
+
+    def close(self) -> None:
+        pass
+
+
+class _SlotPool(_Pool):
     """The shuffle pool: one buffer of slots per site on the device, and the slots' logical order."""
 
     def __init__(self, n_sites: int, width: int, dtype: torch.dtype, device: torch.device, capacity: int) -> None:
@@ -215,28 +252,16 @@ class _SlotPool:
             buf.index_copy_(0, index, x)
         self.order = torch.cat([self.order, slots])
 
-    def mix(
-        self,
-        perm: torch.Tensor,
-        starts: list[int],
-        stop: int,
-        last: bool,
-        batch_size: int,
-        dtype: torch.dtype,
-        part: tuple[int, int],
-    ) -> Iterator[list[torch.Tensor]]:
-        mixed = self.order[perm]
-        for j in starts:
-            index = mixed[_share(j, min(j + batch_size, stop), part)].to(self.device, non_blocking=True)
-            yield [buf.index_select(0, index).to(dtype) for buf in self.bufs]
-        if last:
-            self.reset()
-        else:
-            self.free = torch.cat([self.free, mixed[:stop]])
-            self.order = mixed[stop:]
+    def _gather(self, slots: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        index = slots.to(self.device, non_blocking=True)
+        return [buf.index_select(0, index).to(dtype) for buf in self.bufs]
+
+    def _keep(self, mixed: torch.Tensor, stop: int) -> None:
+        self.free = torch.cat([self.free, mixed[:stop]])
+        self.order = mixed[stop:]
 
 
-class _MappedPool:
+class _MappedPool(_Pool):
     """The shuffle pool on the CPU: rows stay in the memory-mapped shards (page-cache memory); a batch is
     gathered straight from them, so each row is copied once, into its batch.
 
@@ -310,22 +335,7 @@ class _MappedPool:
             self.workers.shutdown()
             self.workers = None
 
-    def mix(
-        self,
-        perm: torch.Tensor,
-        starts: list[int],
-        stop: int,
-        last: bool,
-        batch_size: int,
-        dtype: torch.dtype,
-        part: tuple[int, int],
-    ) -> Iterator[list[torch.Tensor]]:
-        mixed = self.order[perm]
-        for j in starts:
-            yield self._gather(mixed[_share(j, min(j + batch_size, stop), part)], dtype)
-        if last:
-            self.reset()
-            return
+    def _keep(self, mixed: torch.Tensor, stop: int) -> None:
         self.order = mixed[stop:]
         live = set(torch.unique(torch.div(self.order, self.stride, rounding_mode="floor")).tolist())
         for sid in [s for s in self.shards if s not in live]:
@@ -379,7 +389,7 @@ def shuffled_batches(
     def stream() -> Iterator[list[torch.Tensor]]:
         # pinned memory needs a CUDA driver; the fake CUDA device of the tests has none (and needs none)
         pin = device.type == "cuda" and torch.backends.cuda.is_built() and torch.cuda.is_available()
-        slots: Any = (
+        slots: _Pool = (
             _MappedPool(n_sites, widest, reuse)
             if mapped
             else _SlotPool(n_sites, width, storage_dtype, device, buffer_rows + widest)
@@ -394,7 +404,7 @@ def shuffled_batches(
                     yield from slots.mix(*ev[1:], batch_size, dtype, part)
         finally:
             ahead.close()
-            getattr(slots, "close", lambda: None)()
+            slots.close()
 
     return stream()
 
