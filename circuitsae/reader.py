@@ -427,6 +427,9 @@ def reference_batches(
 ) -> Iterator[list[torch.Tensor]]:
     """The reader as it was written first: the definition :func:`shuffled_batches` is tested against.
 
+    Takes :func:`shuffled_batches`' arguments; those about how it reads (``width``, ``pool``, ``reuse``,
+    ``prefetch``, ...) do not apply and are ignored.
+
     Every shard is loaded and checked on the CPU in the caller's thread, the pool concatenated
     and permuted as rows, and each batch converted and copied to the device as it is handed out.
     """

@@ -493,7 +493,7 @@ class ActivationStore:
             skip=skip,
             prefetch=prefetch,
             part=part,
-            **({"reuse": reuse} if reader == "fast" else {}),
+            reuse=reuse,
         )
         return _unpack_single(stream) if single else _as_tuples(stream)
 

@@ -146,15 +146,20 @@ def _rank_env(rank, port, **extra):
                 MASTER_PORT=str(port), **extra)  # fmt: skip
 
 
+def _two_ranks(args, cwds, port, **extra):
+    """Ranks 0 and 1 started by hand (no torchrun), each in its own working directory; their (returncode, stderr)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "circuitsae", *map(str, args)], cwd=cwd,
+                              env=_rank_env(r, port, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r, cwd in enumerate(cwds)]  # fmt: skip
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    return [p.returncode for p in procs], errs
+
+
 def test_without_torchrun_a_dead_peer_gives_one_line_not_a_hang(tiny_store):
-    port = _free_port()
-    args = [sys.executable, "-m", "circuitsae", *TRAIN, "--out", "bare"]
-    procs = [subprocess.Popen(args, cwd=tiny_store, env=_rank_env(r, port, CIRCUITSAE_KILL_AT="1:5"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
-    out = [p.communicate(timeout=120) for p in procs]
-    assert procs[1].returncode == -9
-    assert procs[0].returncode == 2, out[0][1][-2000:]
-    last = out[0][1].strip().splitlines()[-1]
+    codes, errs = _two_ranks([*TRAIN, "--out", "bare"], [tiny_store] * 2, _free_port(), CIRCUITSAE_KILL_AT="1:5")
+    assert codes[1] == -9
+    assert codes[0] == 2, errs[0][-2000:]
+    last = errs[0].strip().splitlines()[-1]
     assert last.startswith("circuitsae: error: rank 0 lost the other ranks during training step"), last
 
 
@@ -172,12 +177,8 @@ def test_bad_distributed_input_gives_one_line_and_exit_2(tiny_store, tmp_path):
     assert "rank 1 of 2" in lines[0] and f"could not join the rendezvous at 127.0.0.1:{port}" in lines[0]
     # a store one rank cannot see (a relative path from another working directory)
     (tmp_path / "elsewhere").mkdir()
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "circuitsae", *TRAIN, "--out", str(tmp_path / "o")],
-                              cwd=tiny_store if r == 0 else tmp_path / "elsewhere", env=_rank_env(r, port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
-    errs = [p.communicate(timeout=120)[1] for p in procs]
-    assert [p.returncode for p in procs] == [2, 2], errs
+    codes, errs = _two_ranks([*TRAIN, "--out", tmp_path / "o"], [tiny_store, tmp_path / "elsewhere"], _free_port())
+    assert codes == [2, 2], errs
     for e in errs:
         line = e.strip().splitlines()[-1]
         assert "opening the store failed on rank 1" in line and "is not an activation store" in line, line
@@ -214,12 +215,8 @@ def test_parallel_harvest_is_byte_identical_to_one_process(tmp_path):
 def test_a_harvest_folder_one_rank_cannot_see_stops_both_ranks(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "circuitsae", *HARVEST, "--out", "h"],
-                              cwd=tmp_path / ("a" if r == 0 else "b"), env=_rank_env(r, port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
-    errs = [p.communicate(timeout=120)[1] for p in procs]
-    assert [p.returncode for p in procs] == [2, 2], errs
+    codes, errs = _two_ranks([*HARVEST, "--out", "h"], [tmp_path / "a", tmp_path / "b"], _free_port())
+    assert codes == [2, 2], errs
     for e in errs:
         line = e.strip().splitlines()[-1]
         assert "opening the store failed on rank 1" in line and "storage every node sees" in line, line
