@@ -7,9 +7,10 @@ The public API::
     load_corpus / contexts      real text, tokenised into fixed-length contexts
     harvest(...)                record site activations into an on-disk store
     ActivationStore(path)       read a store: shuffled batches, held-out slice, tokens
-    ReluSAE, GatedSAE,          the dictionary interface: encode(x) -> codes,
-    PCADictionary,              decode(codes) -> x̂, directions [d_dict, d],
-    IdentityDictionary          save(path) / load_dictionary(path)
+    ReluSAE, GatedSAE, TopKSAE, the dictionary interface: encode(x) -> codes,
+    BatchTopKSAE, JumpReLUSAE,  decode(codes) -> x̂, directions [d_dict, d],
+    PCADictionary,              save(path) / load_dictionary(path)
+    IdentityDictionary
     train(...)                  train many SAEs in one pass over a store (resumable)
     evaluate(...)               L0, FVU, γ, dead/dense, loss recovered
     run_spliced(model, ids, {site: dictionary})   logits with reconstructions spliced in
@@ -28,11 +29,14 @@ from circuitsae.acdc import acdc, acdc_reference
 from circuitsae.data import contexts, load_corpus
 from circuitsae.demo import DemoConfig, run_demo
 from circuitsae.dictionaries import (
+    BatchTopKSAE,
     Dictionary,
     GatedSAE,
     IdentityDictionary,
+    JumpReLUSAE,
     PCADictionary,
     ReluSAE,
+    TopKSAE,
     load_dictionary,
 )
 from circuitsae.errors import CircuitSAEError
@@ -55,6 +59,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationStore",
+    "BatchTopKSAE",
     "CircuitSAEError",
     "Dictionary",
     "FeatureReport",
@@ -63,9 +68,11 @@ __all__ = [
     "IOIConfig",
     "PatchResult",
     "IdentityDictionary",
+    "JumpReLUSAE",
     "PCADictionary",
     "ReluSAE",
     "Site",
+    "TopKSAE",
     "TrainConfig",
     "acdc",
     "acdc_reference",

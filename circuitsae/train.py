@@ -20,11 +20,18 @@ every model. At save ``s`` is folded into the biases (see
 
 - ``relu``: Adam(lr 1e-3, β = (0.9, 0.999)) — Cunningham et al. App. B.
 - ``gated``: Adam(lr 3e-4, β = (0, 0.999)) — Rajamanoharan et al. App. D.
-- coefficients: ``DEFAULT_COEFFICIENT`` (α for relu, λ for gated), chosen for
-  scaled activations by the sweep in ``benchmarks/pareto.py`` (mid-frontier).
-- warm-up: lr over the first 1% of steps, coefficient over the first 5%.
+- ``topk``, ``batchtopk``: Adam(lr 5e-4, β = (0.9, 0.999)); the coefficient is k
+  (features per token); the auxiliary loss sees latents that have not fired for
+  10M tokens (Gao et al.) or a tenth of training, whichever is shorter.
+- ``jumprelu``: Adam(lr 3e-4, β = (0, 0.999)) — Rajamanoharan et al. 2024b; the
+  coefficient is λ of the L0 penalty; log θ learns 100× faster (see ``JumpReLUSAE``).
+- coefficients: ``DEFAULT_COEFFICIENT`` (α for relu, λ for gated and jumprelu,
+  k for topk and batchtopk), chosen for scaled activations by the sweep in
+  ``benchmarks/pareto.py`` (mid-frontier).
+- warm-up: lr over the first 1% of steps, coefficient over the first 5% (k is not warmed up).
 
-**Dead-feature resampling** (Bricken et al. 2023, "Towards Monosemanticity"):
+**Dead-feature resampling** (Bricken et al. 2023, "Towards Monosemanticity"; relu and gated runs
+only — TopK and BatchTopK revive dead latents with their auxiliary loss, JumpReLU trains without):
 every ``resample_every`` steps (default: every quarter of training, skipped
 when a quarter is under 50 steps; until 80% of training), features that have
 not fired in that window are re-initialised: the decoder row becomes a training
@@ -88,16 +95,28 @@ from tqdm.auto import tqdm
 
 from circuitsae import distributed
 from circuitsae.config import option
-from circuitsae.dictionaries import Dictionary, GatedSAE, ReluSAE
+from circuitsae.dictionaries import BatchTopKSAE, Dictionary, GatedSAE, JumpReLUSAE, ReluSAE, TopKSAE
 from circuitsae.errors import CircuitSAEError
 from circuitsae.evaluate import reconstruction
 from circuitsae.models import resolve_device
 from circuitsae.store import ActivationStore, atomic_write
 
-TRAINABLE = {"relu": ReluSAE, "gated": GatedSAE}
-DEFAULT_LR = {"relu": 1e-3, "gated": 3e-4}
-DEFAULT_BETAS = {"relu": (0.9, 0.999), "gated": (0.0, 0.999)}
-DEFAULT_COEFFICIENT = {"relu": 1.0, "gated": 2.0}  # L0 ≈ 75 and ≈ 55 at SmolLM2 resid.6 (pareto.json)
+TRAINABLE = {"relu": ReluSAE, "gated": GatedSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE}
+#: architectures whose coefficient is k, the number of features kept per token (no sparsity penalty)
+K_ARCHS = ("topk", "batchtopk")
+DEFAULT_LR = {"relu": 1e-3, "gated": 3e-4, "topk": 5e-4, "batchtopk": 5e-4, "jumprelu": 3e-4}
+DEFAULT_BETAS = {
+    "relu": (0.9, 0.999),
+    "gated": (0.0, 0.999),
+    "topk": (0.9, 0.999),  # Gao et al.
+    "batchtopk": (0.9, 0.999),
+    "jumprelu": (0.0, 0.999),  # Rajamanoharan et al. 2024b
+}
+# relu/gated: L0 ≈ 75 and ≈ 55 at SmolLM2 resid.6 (pareto.json); topk/batchtopk: k; jumprelu: λ of the L0 penalty
+DEFAULT_COEFFICIENT = {"relu": 1.0, "gated": 2.0, "topk": 64.0, "batchtopk": 64.0, "jumprelu": 0.3}
+#: TopK's auxiliary loss: a latent is dead when it has not fired for this many tokens (Gao et al.: 10M) or a
+#: tenth of training, whichever is shorter
+AUX_DEAD_TOKENS = 10_000_000
 SCALE_ROWS = 1 << 17
 PARALLEL_MODES = ("data", "runs")
 MIN_RESAMPLE_WINDOW = 50  # steps; the default schedule does not resample over shorter windows
@@ -114,11 +133,15 @@ class TrainConfig:
     store: str = option("runs/acts", "activation store folder (from `circuitsae harvest`)")
     out: str = option("runs/saes", "output folder: one sub-folder per trained SAE, plus checkpoint and log")
     sites: tuple[str, ...] = option((), "sites to train on (default: every site in the store)")
-    arch: tuple[str, ...] = option(("relu", "gated"), "architectures: relu (Cunningham et al.) and/or gated")
-    coefficients: tuple[float, ...] = option(
-        (), "sparsity coefficients (α for relu, λ for gated); one run each (default: the per-arch default)"
+    arch: tuple[str, ...] = option(
+        ("relu", "gated"), "architectures: relu (Cunningham et al.), gated, topk, batchtopk, jumprelu (any of them)"
     )
-    expansion: float = option(8.0, "dictionary size as a multiple of d for relu runs (d_sae = expansion·d)")
+    coefficients: tuple[float, ...] = option(
+        (),
+        "sparsity coefficients: α for relu, λ for gated and jumprelu, k (features per token) for topk and "
+        "batchtopk; one run each per architecture (default: the per-arch default)",
+    )
+    expansion: float = option(8.0, "dictionary size as a multiple of d for every run but gated (d_sae = expansion·d)")
     gated_expansion: "float | None" = option(
         None, "expansion for gated runs (default: same as relu; the Gated paper uses 3/4 for equal compute)"
     )
@@ -212,6 +235,9 @@ def plan_runs(cfg: TrainConfig, store: ActivationStore) -> list[tuple[str, str, 
     runs = []
     for site, arch in itertools.product(sites, cfg.arch):
         for c in cfg.coefficients or (DEFAULT_COEFFICIENT[arch],):
+            if arch in K_ARCHS and (c != int(c) or c < 1):
+                raise CircuitSAEError(f"{arch}: the coefficient is k, the features kept per token: a whole number "
+                                      f">= 1, not {c:g}")  # fmt: skip
             runs.append((site, arch, float(c)))
     return runs
 
@@ -232,16 +258,24 @@ def _make_run(
     cfg: TrainConfig, store: ActivationStore, site: str, arch: str, coef: float, device: torch.device, index: int
 ) -> Run:
     d = store.d
+    width = max(1, round(cfg.expansion * d))
     if arch == "relu":
-        sae: Dictionary = ReluSAE(d, max(1, round(cfg.expansion * d)), tied=cfg.tied, decoder_bias=cfg.decoder_bias)
-    else:
+        sae: Dictionary = ReluSAE(d, width, tied=cfg.tied, decoder_bias=cfg.decoder_bias)
+    elif arch == "gated":
         sae = GatedSAE(d, max(1, round((cfg.gated_expansion or cfg.expansion) * d)))
+    elif arch in K_ARCHS:
+        if coef > width:
+            raise CircuitSAEError(f"{arch}: k={coef:g} is more than the {width} features of the dictionary")
+        sae = TRAINABLE[arch](d, width, k=int(coef))
+    else:
+        sae = JumpReLUSAE(d, width)
     sae.to(device)
     lr = cfg.lr or DEFAULT_LR[arch]
     kwargs: dict[str, Any] = {"lr": lr, "betas": DEFAULT_BETAS[arch]}
     if device.type in ("cpu", "cuda"):
         kwargs["fused"] = True
-    optimizer = torch.optim.Adam(sae.parameters(), **kwargs)
+    groups = sae.param_groups() if hasattr(sae, "param_groups") else [{"params": list(sae.parameters())}]
+    optimizer = torch.optim.Adam(groups, **kwargs)
     last_fired = torch.zeros(sae.d_dict, dtype=torch.long, device=device)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1 + index)
     return Run(run_name(site, arch, coef), site, arch, coef, lr, sae, optimizer, last_fired, generator)
@@ -287,6 +321,8 @@ class Trainer:
             if cfg.resample_every < 0 or (cfg.resample_every == 0 and self.dead_window < MIN_RESAMPLE_WINDOW)
             else self.dead_window
         )
+        # TopK's auxiliary loss sees latents not fired for AUX_DEAD_TOKENS tokens or a tenth of training
+        self.aux_dead_steps = max(1, min(math.ceil(AUX_DEAD_TOKENS / cfg.batch_size), self.total_steps // 10))
         self.autocast = self.device.type == "cuda" if cfg.autocast is None else bool(cfg.autocast)
         torch.manual_seed(cfg.seed)
         self.scales = {s: input_scale(self.store, s) for s in self.sites}
@@ -323,15 +359,20 @@ class Trainer:
         for run in self.runs:
             x = batch[run.site].to(self.device)  # a no-op for the trainer's own batches
             for g in run.optimizer.param_groups:
-                g["lr"] = run.lr * self.lr_factor(k)
+                g["lr"] = run.lr * self.lr_factor(k) * g.get("lr_scale", 1.0)
+            if getattr(run.sae, "uses_dead_mask", False):  # the same on every rank (fired is combined)
+                run.sae.set_dead(run.last_fired <= k - self.aux_dead_steps)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = run.sae.loss(x, run.coefficient * self.coef_factor(k))
             run.optimizer.zero_grad(set_to_none=True)
             loss.total.backward()
-            losses.append(type(loss)(*(t.detach() for t in loss)))
-            fired.append(loss.codes.amax(0) > 0)  # codes are >= 0 for both architectures
+            losses.append(type(loss)(*(None if t is None else t.detach() for t in loss)))
+            fired.append(loss.codes.amax(0) > 0)  # codes are >= 0 for every architecture
         if self.data_parallel:
             losses, fired = self._all_reduce(losses, fired)
+        for run, loss in zip(self.runs, losses):
+            if isinstance(run.sae, BatchTopKSAE) and loss.stat is not None:
+                run.sae.update_threshold(loss.stat)
         for run, f in zip(self.runs, fired):
             _remove_parallel_grad(run.sae)
             run.optimizer.step()
@@ -341,6 +382,8 @@ class Trainer:
         if self.resample_every and self.step_count % self.resample_every == 0:
             if self.step_count < 0.8 * self.total_steps:
                 for run, loss in zip(self.runs, losses):
+                    if not hasattr(run.sae, "resample"):  # TopK and BatchTopK have their auxiliary loss instead
+                        continue
                     self.resampled[run.name] = self.resampled.get(run.name, 0) + self._resample(
                         run, batch[run.site], loss
                     )
@@ -351,7 +394,9 @@ class Trainer:
         """One all-reduce per step: every run's gradients (averaged), fired flags (any rank) and losses (mean)."""
         grads = [p.grad for run in self.runs for p in run.sae.parameters() if p.grad is not None]
         totals = torch.stack([loss.total.float() for loss in losses])
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [f.float() for f in fired] + [totals])
+        # BatchTopK's threshold statistic: its mean over ranks updates θ, so θ stays the same on every rank
+        stats = torch.stack([(loss.stat if loss.stat is not None else totals.new_zeros(())).float() for loss in losses])
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [f.float() for f in fired] + [totals, stats])
         self.allreduce_bytes = flat.numel() * flat.element_size()
         distributed.all_reduce_sum_(flat, f"training step {self.step_count + 1}")
         flat.div_(self.world.size)
@@ -363,8 +408,11 @@ class Trainer:
         for f in fired:
             combined.append(flat[at : at + f.numel()] > 0)
             at += f.numel()
-        mean = flat[at:]
-        return [loss._replace(total=mean[i]) for i, loss in enumerate(losses)], combined
+        n = len(losses)
+        mean, stat = flat[at : at + n], flat[at + n : at + 2 * n]
+        return [
+            loss._replace(total=mean[i], stat=None if loss.stat is None else stat[i]) for i, loss in enumerate(losses)
+        ], combined
 
     @torch.no_grad()
     def _resample(self, run: Run, x: torch.Tensor, loss: Any) -> int:

@@ -7,7 +7,16 @@ import safetensors.torch
 import torch
 
 from circuitsae import CircuitSAEError
-from circuitsae.dictionaries import GatedSAE, IdentityDictionary, PCADictionary, ReluSAE, load_dictionary
+from circuitsae.dictionaries import (
+    BatchTopKSAE,
+    GatedSAE,
+    IdentityDictionary,
+    JumpReLUSAE,
+    PCADictionary,
+    ReluSAE,
+    TopKSAE,
+    load_dictionary,
+)
 from circuitsae.splice import run_ablated, run_spliced
 
 D = 64  # the tiny models' width
@@ -22,10 +31,19 @@ def _randomise(d):
     return d
 
 
+def _with_threshold(sae, theta):
+    sae.threshold.fill_(theta)
+    return sae
+
+
 KINDS = {
     "relu-tied": lambda: ReluSAE(D, 128),
     "relu-untied-bdec": lambda: _randomise(ReluSAE(D, 96, tied=False, decoder_bias=True)),
     "gated": lambda: _randomise(GatedSAE(D, 96)),
+    "topk": lambda: _randomise(TopKSAE(D, 96, k=8)),
+    "batchtopk": lambda: _with_threshold(_randomise(BatchTopKSAE(D, 96, k=8)), 0.3),
+    "jumprelu": lambda: _randomise(JumpReLUSAE(D, 96)),
+    "gated-as-jumprelu": lambda: _randomise(GatedSAE(D, 96)).to_jumprelu(),
     "pca": lambda: PCADictionary.fit(torch.randn(500, D) @ torch.randn(D, D) + 3.0),
     "identity": lambda: IdentityDictionary(D),
 }
@@ -116,7 +134,7 @@ def test_splice_refuses_dictionary_of_another_site_or_model(tiny_llama):
         run_spliced(tiny_llama, torch.zeros(1, 4, dtype=torch.long), {"resid.1": sae})
 
 
-@pytest.mark.parametrize("kind", ["relu-tied", "relu-untied-bdec", "gated"])
+@pytest.mark.parametrize("kind", ["relu-tied", "relu-untied-bdec", "gated", "topk", "batchtopk", "jumprelu"])
 def test_folding_the_input_scale(kind):
     """A dictionary trained on s·x, folded, gives on raw x the codes/s and reconstruction/s."""
     sae = KINDS[kind]()
@@ -124,8 +142,8 @@ def test_folding_the_input_scale(kind):
     before = sae(s * x)
     sae.fold_input_scale(s)
     after = sae(x)
-    torch.testing.assert_close(after.codes, before.codes / s, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(after.x_hat, before.x_hat / s, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after.codes, before.codes / s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after.x_hat, before.x_hat / s, rtol=1e-5, atol=1e-5)
 
 
 def test_gated_encoder_is_a_jumprelu():
@@ -228,14 +246,14 @@ def test_load_errors_are_one_line(tmp_path):
     cfg = json.loads((tmp_path / "ok" / "cfg.json").read_text())
     for name, change in {
         "foreign": {"format": "something-else"},
-        "unknown": {"architecture": "topk"},
+        "unknown": {"architecture": "wavelet"},
     }.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "cfg.json").write_text(json.dumps(cfg | change))
         (tmp_path / name / "sae.safetensors").write_bytes((tmp_path / "ok" / "sae.safetensors").read_bytes())
     with pytest.raises(CircuitSAEError, match="not a circuitsae dictionary"):
         load_dictionary(tmp_path / "foreign")
-    with pytest.raises(CircuitSAEError, match="unknown architecture 'topk'"):
+    with pytest.raises(CircuitSAEError, match="unknown architecture 'wavelet'"):
         load_dictionary(tmp_path / "unknown")
     (tmp_path / "nokey").mkdir()
     (tmp_path / "nokey" / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "d"}))
@@ -274,3 +292,114 @@ def test_hand_written_backward_equals_autograd(kind, term):
         a = torch.zeros_like(p) if a is None else a
         b = torch.zeros_like(p) if b is None else b
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# -- TopK, BatchTopK, JumpReLU (REFERENCE §2b) ---------------------------------------------
+
+
+def _pre(sae, x):
+    return (x - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+
+
+def test_topk_keeps_the_k_largest_pre_activations_and_its_loss_is_the_formula():
+    sae = _randomise(TopKSAE(D, 96, k=5, k_aux=7))
+    x = torch.randn(30, D)
+    pre = _pre(sae, x)
+    kth = pre.sort(-1, descending=True).values[:, 4:5]
+    codes = torch.where(pre >= kth, pre, 0.0).relu()
+    torch.testing.assert_close(sae.encode(x), codes)
+    assert ((sae.encode(x) > 0).sum(-1) <= 5).all()
+    x_hat = codes @ sae.W_dec + sae.b_dec
+    mse = (x - x_hat).pow(2).sum(-1).mean()
+    loss = sae.loss(x)
+    torch.testing.assert_close(loss.total, mse)
+    torch.testing.assert_close(loss.aux, torch.zeros(()))
+    # with dead latents: ê = W_decᵀ ReLU(TopK_{k_aux}(pre on the dead)), no b_dec; α_aux = 1/32
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::3] = True
+    sae.set_dead(dead)
+    dead_pre = torch.where(dead, pre, float("-inf"))
+    kth_dead = dead_pre.sort(-1, descending=True).values[:, 6:7]
+    aux_codes = torch.where(dead_pre >= kth_dead, dead_pre, 0.0).relu()
+    e = (x - x_hat).detach()
+    aux = (aux_codes @ sae.W_dec - e).pow(2).sum(-1).mean()
+    loss = sae.loss(x)
+    torch.testing.assert_close(loss.aux, aux)
+    torch.testing.assert_close(loss.total, mse + aux / 32)
+    # the auxiliary term trains only the dead latents' rows
+    sae.zero_grad()
+    loss.aux.backward()
+    live_rows = ~dead
+    assert torch.count_nonzero(sae.W_enc.grad[live_rows]) == 0 and torch.count_nonzero(sae.W_dec.grad[live_rows]) == 0
+    assert torch.count_nonzero(sae.W_enc.grad[dead]) > 0
+
+
+def test_batchtopk_keeps_batch_times_k_values_in_training_and_thresholds_at_inference():
+    sae = _randomise(BatchTopKSAE(D, 96, k=4))
+    x = torch.randn(25, D)
+    pre = _pre(sae, x).relu()
+    loss = sae.loss(x)
+    kth = pre.flatten().sort(descending=True).values[25 * 4 - 1]
+    expected = torch.where(pre >= kth, pre, 0.0)
+    torch.testing.assert_close(loss.codes, expected)
+    assert (loss.codes > 0).sum() == 100 and len(set((loss.codes > 0).sum(-1).tolist())) > 1  # L0 varies
+    torch.testing.assert_close(loss.stat, kth)
+    # θ: the first value, then an exponential moving average with β = 0.99
+    sae.update_threshold(2.0)
+    sae.update_threshold(1.0)
+    torch.testing.assert_close(sae.threshold, torch.tensor(0.99 * 2.0 + 0.01 * 1.0))
+    torch.testing.assert_close(sae.encode(x), torch.where(_pre(sae, x) > sae.threshold, _pre(sae, x), 0.0))
+    feats = torch.tensor([3, 50, 7])
+    torch.testing.assert_close(sae.encode_features(x, feats), sae.encode(x)[:, feats])
+
+
+def test_jumprelu_loss_and_its_straight_through_gradients_are_the_papers():
+    """L = ||x − x̂||² + λ Σ H(pre − θ); ∂/∂θ of JumpReLU −(θ/ε)K, of H −(1/ε)K, K the rectangle (REFERENCE §2b)."""
+    sae = _randomise(JumpReLUSAE(D, 48, bandwidth=0.5))
+    x = torch.randn(40, D)
+    with torch.no_grad():  # thresholds where many pre-activations lie within ε/2 of them
+        sae.log_threshold.copy_(_pre(sae, x).mean(0).abs().clamp_min(0.05).log())
+    theta, eps, lam = sae.threshold.detach(), 0.5, 0.7
+    pre = _pre(sae, x).detach()
+    on = (pre > theta).float()
+    codes = pre * on
+    x_hat = codes @ sae.W_dec + sae.b_dec
+    mse = (x - x_hat).pow(2).sum(-1).mean()
+    loss = sae.loss(x, lam)
+    torch.testing.assert_close(loss.codes, codes)
+    torch.testing.assert_close(loss.total, mse + lam * on.sum(-1).mean())
+    torch.testing.assert_close(sae.encode(x), codes)
+    # the threshold's gradient, by the formula: through the codes (g = ∂mse/∂f) and the L0 term
+    kernel = ((pre - theta).abs() / eps <= 0.5).float()
+    g = (2 * (x_hat - x) / x.shape[0]) @ sae.W_dec.detach().T
+    d_theta = (-(theta / eps) * kernel * g).sum(0) + lam * (-(1 / eps) * kernel).sum(0) / x.shape[0]
+    (grad,) = torch.autograd.grad(loss.total, sae.log_threshold)
+    assert kernel.sum() > 10  # the case does exercise the kernel
+    torch.testing.assert_close(grad, d_theta * theta, rtol=1e-4, atol=1e-6)  # θ = exp(t): ∂/∂t = θ ∂/∂θ
+    # the L0 term sends no gradient to the encoder (∂H/∂pre = 0)
+    (g_enc,) = torch.autograd.grad(sae.loss(x, lam).sparsity, sae.W_enc, allow_unused=True)
+    assert g_enc is None or torch.count_nonzero(g_enc) == 0
+
+
+def test_a_gated_sae_exports_as_the_jumprelu_it_is(tmp_path):
+    gated = _randomise(GatedSAE(D, 200))
+    with torch.no_grad():
+        gated.b_gate.normal_()
+        gated.b_mag.normal_()
+        gated.b_gate[:5] = -10.0  # θ > 0 for some, θ < 0 (clamped to 0: log θ = −inf) for others
+        gated.b_gate[5:10] = 10.0
+    jump = gated.to_jumprelu()
+    assert torch.isinf(jump.log_threshold).any() and (jump.threshold > 0).any()
+    x = torch.randn(300, D)
+    torch.testing.assert_close(jump.encode(x), gated.encode(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(jump(x).x_hat, gated(x).x_hat, rtol=1e-5, atol=1e-5)
+    jump.save(tmp_path / "j")
+    again = load_dictionary(tmp_path / "j")
+    torch.testing.assert_close(again.encode(x), jump.encode(x))
+
+
+def test_topk_needs_a_whole_k_within_the_dictionary():
+    with pytest.raises(CircuitSAEError, match="k must be an integer"):
+        TopKSAE(D, 16, k=17)
+    with pytest.raises(CircuitSAEError, match="k must be an integer"):
+        BatchTopKSAE(D, 16, k=2.5)

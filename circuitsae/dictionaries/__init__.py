@@ -1,4 +1,4 @@
-"""Dictionaries: baseline SAE, Gated SAE, PCA and the neuron basis, one interface.
+"""Dictionaries: baseline, Gated, TopK, BatchTopK and JumpReLU SAEs, PCA and the neuron basis, one interface.
 
 ``load_dictionary(path)`` reads a folder written by ``Dictionary.save`` and
 returns the right class, named by ``cfg.json``'s ``architecture``.
@@ -14,14 +14,18 @@ import safetensors.torch
 import torch
 
 from circuitsae.dictionaries.base import FORMAT, Dictionary, Loss, Output, unit_rows
+from circuitsae.dictionaries.batchtopk import BatchTopKSAE
 from circuitsae.dictionaries.gated import GatedSAE
+from circuitsae.dictionaries.jumprelu import JumpReLUSAE
 from circuitsae.dictionaries.linear import IdentityDictionary, PCADictionary
 from circuitsae.dictionaries.relu import ReluSAE
+from circuitsae.dictionaries.topk import TopKSAE
 from circuitsae.errors import CircuitSAEError
 
 #: architecture name (as in cfg.json) -> class
 ARCHITECTURES: dict[str, type[Dictionary]] = {
-    c.architecture: c for c in (ReluSAE, GatedSAE, PCADictionary, IdentityDictionary)
+    c.architecture: c
+    for c in (ReluSAE, GatedSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, PCADictionary, IdentityDictionary)
 }
 
 
@@ -75,13 +79,16 @@ def load_dictionary(path: "str | Path", device: "str | torch.device" = "cpu") ->
 
 __all__ = [
     "ARCHITECTURES",
+    "BatchTopKSAE",
     "Dictionary",
     "GatedSAE",
     "IdentityDictionary",
+    "JumpReLUSAE",
     "Loss",
     "Output",
     "PCADictionary",
     "ReluSAE",
+    "TopKSAE",
     "load_dictionary",
     "unit_rows",
 ]

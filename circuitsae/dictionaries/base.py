@@ -1,7 +1,7 @@
 """The one dictionary interface: activations to codes and back.
 
-Every dictionary — baseline SAE, Gated SAE, PCA, the neuron basis, the
-α = 0 dictionary — is a :class:`Dictionary`:
+Every dictionary — baseline SAE, Gated SAE, TopK, BatchTopK and JumpReLU
+SAEs, PCA, the neuron basis, the α = 0 dictionary — is a :class:`Dictionary`:
 
     codes = encode(x)            x: [..., d]  ->  codes: [..., d_dict]
     x̂     = decode(codes)        x̂ = codes @ W_dec + b_dec
@@ -49,6 +49,8 @@ class Loss(NamedTuple):
     aux: torch.Tensor
     x_hat: torch.Tensor  # [B, d]
     codes: torch.Tensor  # [B, d_dict]
+    #: BatchTopK: the batch's smallest kept code, which the trainer averages over ranks into the threshold
+    stat: "torch.Tensor | None" = None
 
 
 class Dictionary(nn.Module):

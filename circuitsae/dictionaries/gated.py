@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from circuitsae.dictionaries.base import Dictionary, Loss, unit_rows
 from circuitsae.dictionaries.fused import GatedLoss
+
+if TYPE_CHECKING:
+    from circuitsae.dictionaries.jumprelu import JumpReLUSAE
 
 
 class GatedSAE(Dictionary):
@@ -94,6 +97,23 @@ class GatedSAE(Dictionary):
     def jumprelu_threshold(self) -> torch.Tensor:
         """θ = b_mag − exp(r_mag) ⊙ b_gate: the encoder is u ↦ u · 1[u > max(θ, 0)]."""
         return self.b_mag - self.r_mag.exp() * self.b_gate
+
+    @torch.no_grad()
+    def to_jumprelu(self) -> "JumpReLUSAE":
+        """The JumpReLU SAE this Gated SAE is: ``W_enc = W_mag``, ``b_enc = b_mag``, ``θ = max(θ_gated, 0)``.
+
+        Same codes up to floating-point rounding (``θ = 0`` is held exactly as ``log_threshold = −inf``).
+        """
+        from circuitsae.dictionaries.jumprelu import JumpReLUSAE
+
+        out = JumpReLUSAE(self.d, self.d_dict).to(self.W_dec.device)
+        out.W_enc.copy_(self.r_mag.exp()[:, None] * self.W_gate)
+        out.b_enc.copy_(self.b_mag)
+        out.W_dec.copy_(self.W_dec)
+        out.b_dec.copy_(self.b_dec)
+        out.log_threshold.copy_(self.jumprelu_threshold().clamp_min(0).log())
+        out.meta = {**self.meta, "exported_from": "gated"}
+        return out
 
     def constrained(self) -> list[nn.Parameter]:
         return [self.W_dec]

@@ -1,0 +1,83 @@
+"""The TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"; REFERENCE §2b)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from circuitsae.dictionaries.base import Loss
+from circuitsae.dictionaries.encoder import AffineEncoderSAE
+from circuitsae.errors import CircuitSAEError
+
+AUX_COEFFICIENT = 1 / 32  # α_aux of Gao et al.
+
+
+def keep_top(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """ReLU of the ``k`` largest entries of each row of ``pre``; every other entry 0."""
+    k = min(int(k), pre.shape[-1])
+    if k <= 0:
+        return torch.zeros_like(pre)
+    values, idx = pre.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter_(-1, idx, values.relu())
+
+
+class TopKSAE(AffineEncoderSAE):
+    r"""TopK SAE: ``f = ReLU(TopK_k(pre))``; ``k`` sets L0, there is no sparsity penalty.
+
+    ::
+
+        pre  = W_enc (x − b_dec) + b_enc
+        f    = ReLU(TopK_k(pre))                       the k largest pre-activations of each token
+        x̂    = W_decᵀ f + b_dec
+        L    = ||x − x̂||² + α_aux ||e − ê||²           e = x − x̂ (held fixed), α_aux = 1/32
+        ê    = W_decᵀ ReLU(TopK_{k_aux}(pre on dead latents))    (no b_dec: it reconstructs the error)
+
+    A latent is *dead* for the auxiliary term when the trainer says so (:meth:`set_dead`: it has not fired
+    for a window of training steps); with no dead latents the auxiliary term is 0. ``k_aux`` defaults to
+    d/2 (Gao et al.). The ``coefficient`` the trainer passes to :meth:`loss` is not used: ``k`` is fixed
+    at construction (the trainer builds a TopK run's SAE with k = its coefficient).
+    Initialisation: W_enc = W_dec (Gao et al.); b_dec = 0 (they use the geometric median of a batch).
+    """
+
+    architecture: ClassVar[str] = "topk"
+    uses_dead_mask: ClassVar[bool] = True
+
+    def __init__(self, d: int, d_dict: int, k: int = 64, k_aux: "int | None" = None) -> None:
+        super().__init__(d, d_dict)
+        if int(k) != k or not 1 <= k <= d_dict:
+            raise CircuitSAEError(f"{self.architecture}: k must be an integer in [1, d_dict={d_dict}], got {k}")
+        self.k = int(k)
+        self.k_aux = int(k_aux) if k_aux is not None else max(1, d // 2)
+        self.register_buffer("dead", torch.zeros(d_dict, dtype=torch.bool), persistent=False)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return keep_top(self.pre_activation(x), self.k)
+
+    def set_dead(self, dead: torch.Tensor) -> None:
+        """Which latents the auxiliary loss may use (bool ``[d_sae]``)."""
+        self.dead.copy_(dead)
+
+    def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, "torch.Tensor | None"]:
+        """Training codes (and the BatchTopK threshold statistic)."""
+        return keep_top(pre, self.k), None
+
+    def loss(self, x: torch.Tensor, coefficient: float = 0.0) -> Loss:
+        """L = ||x − x̂||² + α_aux ||e − ê||² (batch means of row sums); ``coefficient`` is unused."""
+        pre = self.pre_activation(x)
+        codes, stat = self._select(pre)
+        x_hat, mse = self._reconstruction_loss(x, codes)
+        aux = mse.new_zeros(())
+        n_dead = int(self.dead.sum())
+        if n_dead:
+            err = (x - x_hat).detach()
+            dead_pre = pre.masked_fill(~self.dead, float("-inf"))
+            e_hat = keep_top(dead_pre, min(self.k_aux, n_dead)) @ self.W_dec
+            aux = (e_hat - err).pow(2).sum(-1).mean()
+        l0 = (codes > 0).sum(-1).float().mean()
+        return Loss(mse + AUX_COEFFICIENT * aux, mse, l0, aux, x_hat.detach(), codes.detach(), stat)
+
+    loss_reference = loss
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "k": self.k, "k_aux": self.k_aux}
