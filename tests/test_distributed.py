@@ -23,7 +23,19 @@ TIMEOUT = 180
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                               "MASTER_PORT")}  # fmt: skip
-    return env | {"OMP_NUM_THREADS": "1", "CIRCUITSAE_DIST_TIMEOUT": "60", "HF_HUB_OFFLINE": "1"} | extra
+    # PYTHONFAULTHANDLER: a rank that dies of a signal prints every thread's Python stack
+    return env | {"OMP_NUM_THREADS": "1", "CIRCUITSAE_DIST_TIMEOUT": "60", "HF_HUB_OFFLINE": "1",
+                  "PYTHONFAULTHANDLER": "1"} | extra  # fmt: skip
+
+
+def _said(proc, n=4000):
+    """What the ranks wrote to stderr, without torchrun's own traceback (it fills the tail and says nothing)."""
+    err = proc.stderr
+    cut = err.find("torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
+    if cut >= 0:
+        start = err.rfind("Traceback (most recent call last):", 0, cut)
+        err = err[: start if start >= 0 else cut] + err[cut:]
+    return err[-n:]
 
 
 def _circuitsae(args, cwd, n=None, env=None, timeout=TIMEOUT):
@@ -63,14 +75,12 @@ def _summary(out, name="train.json"):
 def test_data_parallel_training_equals_one_process(tiny_store):
     one = _circuitsae([*TRAIN, "--out", "one"], tiny_store)
     two = _circuitsae([*TRAIN, "--out", "two"], tiny_store, n=2)
-    assert one.returncode == 0, one.stderr[-2000:]
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert one.returncode == 0, _said(one)
+    assert two.returncode == 0, _said(two)
     try:
         _check_data_parallel(tiny_store)
     except AssertionError as e:  # what the runs said, for a failure that does not show on a re-run
-        raise AssertionError(
-            f"{e}\n--- one process:\n{one.stderr[-1500:]}\n--- two ranks:\n{two.stderr[-3000:]}"
-        ) from e
+        raise AssertionError(f"{e}\n--- one process:\n{_said(one)}\n--- two ranks:\n{_said(two)}") from e
 
 
 def _check_data_parallel(tiny_store):
@@ -99,7 +109,7 @@ def test_run_parallel_equals_sequential(tiny_store):
     if not (seq / "train.json").is_file():
         assert _circuitsae([*TRAIN, "--out", "one"], tiny_store).returncode == 0
     par = _circuitsae([*TRAIN, "--out", "runs", "--parallel", "runs"], tiny_store, n=2)
-    assert par.returncode == 0, par.stderr[-2000:]
+    assert par.returncode == 0, _said(par)
     a, b = _weights(seq), _weights(tiny_store / "runs")
     assert sorted(a) == sorted(b)
     for name in a:
@@ -116,12 +126,12 @@ def test_a_killed_rank_stops_the_job_and_the_rerun_resumes_to_the_same_result(ti
     t0 = time.monotonic()
     died = _circuitsae(args, tiny_store, n=2, env=_env(CIRCUITSAE_KILL_AT="1:25"))
     assert died.returncode != 0 and time.monotonic() - t0 < 120  # stopped, did not hang
-    assert "SIGKILL" in died.stderr or "Signal 9" in died.stderr, died.stderr[-2000:]
+    assert "SIGKILL" in died.stderr or "Signal 9" in died.stderr, _said(died)
     assert _summary_missing(tiny_store / "crash")
     ck = torch.load(tiny_store / "crash" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 20 and ck["world_size"] == 2
     resumed = _circuitsae(args, tiny_store, n=2)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, _said(resumed)
     ref = tiny_store / "two"
     if not (ref / "train.json").is_file():
         assert _circuitsae([*TRAIN, "--out", "two"], tiny_store, n=2).returncode == 0
@@ -173,7 +183,7 @@ def test_bad_distributed_input_gives_one_line_and_exit_2(tiny_store, tmp_path):
                           env=_rank_env(1, port, CIRCUITSAE_DIST_TIMEOUT="3"), capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     lines = lone.stderr.strip().splitlines()
-    assert lone.returncode == 2 and len(lines) == 1, lone.stderr[-2000:]
+    assert lone.returncode == 2 and len(lines) == 1, _said(lone)
     assert "rank 1 of 2" in lines[0] and f"could not join the rendezvous at 127.0.0.1:{port}" in lines[0]
     # a store one rank cannot see (a relative path from another working directory)
     (tmp_path / "elsewhere").mkdir()
@@ -196,7 +206,7 @@ def _files(root):
 def test_parallel_harvest_is_byte_identical_to_one_process(tmp_path):
     one = _circuitsae([*HARVEST, "--out", "h1"], tmp_path)
     two = _circuitsae([*HARVEST, "--out", "h2"], tmp_path, n=2)  # both ranks start at once on no folder
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert one.returncode == 0 and two.returncode == 0, _said(two)
     a, b = _files(tmp_path / "h1"), _files(tmp_path / "h2")
     assert list(a) == list(b) and all(a[k] == b[k] for k in a)
     assert not [n for n in b if n.startswith(".tmp-")]
@@ -208,7 +218,7 @@ def test_parallel_harvest_is_byte_identical_to_one_process(tmp_path):
     for name in ("train-00001.json", "train-00002.json"):
         (tmp_path / "h2" / name).unlink()
     again = _circuitsae([*HARVEST, "--out", "h2"], tmp_path, n=2)
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.returncode == 0, _said(again)
     assert _files(tmp_path / "h2") == a
 
 
