@@ -106,6 +106,12 @@ def init(device_type: str = "cpu") -> World:
         raise CircuitSAEError("this PyTorch build has no torch.distributed: run one process")
     backend = "nccl" if device_type == "cuda" else "gloo"
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    # torch._dynamo, imported for the first time while a process group exists (torch.optim imports it when
+    # the first optimiser is made), keeps a reference to that group: destroy_process_group then leaves the
+    # gloo threads running into interpreter shutdown, where they can abort the process (SIGABRT) as the
+    # other ranks close their connections. Imported before the group, it holds none.
+    import torch._dynamo  # noqa: F401
+
     try:
         with _native_stderr_held() as held:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s()))

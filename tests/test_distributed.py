@@ -231,3 +231,28 @@ def test_a_harvest_folder_one_rank_cannot_see_stops_both_ranks(tmp_path):
         line = e.strip().splitlines()[-1]
         assert "opening the store failed on rank 1" in line and "storage every node sees" in line, line
     assert not (tmp_path / "b" / "h").exists()  # nothing written where rank 1 looked
+
+
+def test_shutdown_leaves_no_gloo_thread_running(tmp_path):
+    """After ``shutdown()`` the process group is really gone: no gloo thread left to outlive the interpreter.
+
+    (torch._dynamo, first imported by the first optimiser while a group exists, kept the group alive, and its
+    threads ran on into interpreter shutdown: the suspected cause of a rank's rare SIGABRT at exit.)
+    """
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os, torch\n"
+        "from circuitsae import distributed\n"
+        "distributed.init('cpu')\n"
+        "torch.optim.Adam([torch.nn.Parameter(torch.ones(3))], lr=1e-3)\n"
+        "distributed.all_reduce_sum_(torch.ones(8))\n"
+        "distributed.shutdown()\n"
+        "task = f'/proc/{os.getpid()}/task'\n"
+        "names = [open(f'{task}/{t}/comm').read().strip() for t in os.listdir(task)]\n"
+        "open(f\"threads{os.environ['RANK']}.txt\", 'w').write(' '.join(n for n in names if 'gloo' in n))\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    out = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, _said(out)
+    for rank in (0, 1):
+        assert (tmp_path / f"threads{rank}.txt").read_text() == "", f"rank {rank}: gloo threads left running"
