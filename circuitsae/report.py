@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import base64
 import html
-import json
+import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from circuitsae.store import atomic_write
 
@@ -25,6 +26,48 @@ th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 img, svg { max-width: 100%; height: auto; } .note { color: #555; font-size: .92em; }
 code, .ctx { font-family: ui-monospace, monospace; font-size: .88em; } .ctx b { background: #ffe08a; }
+a { color: #0b5cad; } ul.files { margin: .3em 0; padding-left: 1.4em; }
+.tree { overflow: auto; border: 1px solid #ddd; cursor: grab; background: #fff; box-sizing: border-box; }
+.tree.wide { width: calc(100vw - 3em); margin-left: calc(50% - 50vw + 1.5em); }  /* the window's width */
+.tree svg { display: block; max-width: none; height: auto; margin: 0 auto; }
+.tools { font-size: .9em; color: #555; margin: .4em 0; } .tools button { font: inherit; margin-left: .3em; }
+"""
+
+# The causal tree is drawn at its natural size (11 pt labels), too wide for the page when it has more than a
+# dozen nodes: it scrolls inside its own box, which also pans by dragging and zooms with the buttons.
+_TREE_JS = """
+(function () {
+  var box = document.getElementById('tree'), svg = box && box.querySelector('svg');
+  if (!svg) return;
+  var natural = svg.width.baseVal.value;
+  if (natural > box.clientWidth) box.classList.add('wide');
+  var target = svg.querySelector('g.node [fill="#ffe9a8"]');  // render.py's fill for the tree's target
+  function centre() {  // start with the target (the tree's root, at the bottom) in view
+    if (!target) return;
+    var t = target.getBoundingClientRect(), b = box.getBoundingClientRect();
+    box.scrollLeft += t.left + t.width / 2 - (b.left + box.clientWidth / 2);
+  }
+  document.querySelectorAll('[data-zoom]').forEach(function (b) {
+    b.addEventListener('click', function () {
+      var z = b.getAttribute('data-zoom');
+      svg.style.width = (z === 'fit' ? box.clientWidth - 2 : natural * parseFloat(z)) + 'px';
+      centre();
+    });
+  });
+  centre();
+  var drag = null;
+  box.addEventListener('mousedown', function (e) {
+    drag = {x: e.clientX, y: e.clientY, left: box.scrollLeft, top: box.scrollTop};
+    box.style.cursor = 'grabbing';
+    e.preventDefault();
+  });
+  window.addEventListener('mouseup', function () { drag = null; box.style.cursor = ''; });
+  window.addEventListener('mousemove', function (e) {
+    if (!drag) return;
+    box.scrollLeft = drag.left - (e.clientX - drag.x);
+    box.scrollTop = drag.top - (e.clientY - drag.y);
+  });
+})();
 """
 
 
@@ -144,28 +187,69 @@ def _feature(s: dict) -> str:
     )
 
 
-def _tree(s: dict) -> str:
+def _link(path: "str | Path", here: Path) -> str:
+    """An ``<a>`` to a file the run wrote, relative to the report's folder (so it works when the folder moves)."""
+    try:
+        rel = Path(os.path.relpath(Path(path).resolve(), here.resolve())).as_posix()
+    except ValueError:  # another drive
+        rel = Path(path).as_posix()
+    return f'<a href="{html.escape(quote(rel))}"><code>{html.escape(rel)}</code></a>'
+
+
+def _tree(s: dict, here: Path) -> str:
     t = s.get("tree")
     if not t:
         return '<p class="note">(not run)</p>'
+    svg = _svg(t.get("svg"), "causal tree")
+    if svg.startswith("<svg"):
+        svg = (
+            '<div class="tools">Drawn at full size: when wider than the window, scroll or drag it sideways. Zoom '
+            '<button type="button" data-zoom="fit">fit width</button><button type="button" data-zoom="1">100%'
+            '</button><button type="button" data-zoom="1.5">150%</button></div>'
+            f'<div class="tree" id="tree">{svg}</div><script>{_TREE_JS}</script>'
+        )
+    files = [(k, t[k]) for k in ("svg", "dot", "json") if t.get(k)]
+    names = {"svg": "diagram (SVG)", "dot": "graphviz DOT", "json": "networkx node-link JSON"}
     return (
         f"<p>{html.escape(t['caption'])}</p>"
-        + _svg(t.get("svg"), "causal tree")
-        + f'<p class="note">DOT: <code>{html.escape(str(t.get("dot")))}</code>, node-link JSON: '
-        f"<code>{html.escape(str(t.get('json')))}</code>.</p>"
+        + svg
+        + (
+            '<p class="note">The tree as files: '
+            + ", ".join(f"{names[k]} {_link(p, here)}" for k, p in files)
+            + ".</p>"
+            if files
+            else ""
+        )
+    )
+
+
+_FILES = {"summary": "every number on this page, as JSON", "report": "this page"}
+
+
+def _files(files: dict[str, str], here: Path) -> str:
+    if not files:
+        return ""
+    items = "".join(
+        f"<li>{_link(p, here)}: {html.escape(_FILES.get(k, k))}</li>" for k, p in files.items() if p is not None
+    )
+    return (
+        '<p class="note">Every figure above is read from the files the run wrote, beside this page:</p>'
+        f'<ul class="note files">{items}</ul>'
     )
 
 
 def write_report(summary: dict[str, Any], path: "str | Path") -> Path:
     """Write ``report.html`` (every section of :data:`SECTIONS`) from a demo summary."""
-    parts = [_run(summary), _saes(summary), _ioi(summary), _feature(summary), _tree(summary)]
+    path = Path(path)
+    here = path.parent
+    parts = [_run(summary), _saes(summary), _ioi(summary), _feature(summary), _tree(summary, here)]
     body = "".join(f"<h2>{html.escape(t)}</h2>{p}" for t, p in zip(SECTIONS, parts))
     page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>circuitsae demo</title><style>{_CSS}</style>"
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>circuitsae demo</title><style>{_CSS}</style>"
         f"</head><body><h1>circuitsae demo: {html.escape(summary['model'])}</h1>{body}"
-        f"<p class='note'>All figures above come from <code>summary.json</code> in this folder: "
-        f"<code>{html.escape(json.dumps(summary.get('files', {})))}</code></p></body></html>"
+        f"{_files(summary.get('files', {}), here)}</body></html>"
     )
-    path = Path(path)
     atomic_write(path, page.encode())
     return path

@@ -129,3 +129,17 @@ def wired(tiny_llama, tmp_path_factory):
 
     dicts = {"resid.0": sae("resid.0", 32, 5), "resid.1": sae("resid.1", 16, 3), "resid.2": sae("resid.2", 16, 7)}
     return store, dicts
+
+
+#: the end-to-end demo on the tiny model (tests/test_demo.py, tests/test_report_browser.py)
+TINY_DEMO = dict(model="tiny-llama", sites=("resid.0", "resid.1"), tokens=3000, ioi_prompts=4, ioi_thresholds=4,
+                 tree_contexts=5, branching=2, model_dtype="float32")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory, device):
+    """One run of the tiny demo for every test that reads its output: (folder, summary)."""
+    from circuitsae.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out=str(out), progress=False, device=device, **TINY_DEMO)

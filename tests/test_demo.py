@@ -9,8 +9,7 @@ from circuitsae.demo import DemoConfig, one_screen, run_demo
 from circuitsae.errors import CircuitSAEError
 from circuitsae.report import SECTIONS
 
-SMALL = dict(model="tiny-llama", sites=("resid.0", "resid.1"), tokens=3000, ioi_prompts=4, ioi_thresholds=4,
-             tree_contexts=5, branching=2, model_dtype="float32")  # fmt: skip
+from conftest import TINY_DEMO as SMALL
 
 
 class _Headings(HTMLParser):
@@ -29,9 +28,8 @@ class _Headings(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, device):
-    out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out=str(out), progress=False, device=device, **SMALL)
+def demo(tiny_demo):
+    return tiny_demo
 
 
 def test_demo_writes_a_report_with_every_section(demo):
