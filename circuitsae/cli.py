@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -33,6 +34,9 @@ EXAMPLES = {
     "tree": "examples:\n  circuitsae tree resid.5:123 --dictionaries runs/saes --arch relu --depth 3 --out runs/tree/paren\n"
     "  circuitsae tree resid.5:123 --dictionaries runs/saes/resid.3-relu-c1 runs/saes/resid.4-relu-c1 "
     "runs/saes/resid.5-relu-c1 --branching 2 --contexts 10",
+    "convert": "examples:\n  circuitsae convert runs/saes/resid.4-relu-c1 /tmp/sae-lens --to saelens\n"
+    "  circuitsae convert my_saelens_sae runs/imported --to circuitsae     # SAE Lens, dictionary_learning, sparsify\n"
+    "  circuitsae convert runs/saes/resid.4-gated-c2 /tmp/gated-as-jumprelu --to saelens --architecture jumprelu",
     "demo": "examples:\n  circuitsae demo                                # the embedded defaults, ~30 min on 2 CPU cores\n"
     "  circuitsae demo --model gemma3-270m           # the same on Gemma 3 270M (resid.12-15)\n"
     "  circuitsae demo --scale 5 --ioi-dense-acdc --device cuda --model-dtype float32   # paper-sized, on a GPU",
@@ -140,6 +144,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(one_screen(summary))
 
 
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from circuitsae.dictionaries.formats import ConvertConfig, convert
+
+    out, d = convert(from_arguments(ConvertConfig, args))
+    arch = json.loads((out / "cfg.json").read_text())["architecture"]  # as written (a Gated SAE may be a jumprelu)
+    where = f", site {d.meta['site']}" if d.meta.get("site") else ""
+    print(f"wrote {out} ({args.to} {arch}, d={d.d}, d_dict={d.d_dict}{where})")
+
+
 def _add(
     sub: Any, name: str, help_: str, description: str, func: Any, cls: "type | None" = None
 ) -> argparse.ArgumentParser:
@@ -159,6 +172,7 @@ def _add(
 def build_parser() -> argparse.ArgumentParser:
     """The ``circuitsae`` parser: one sub-command per step, flags generated from each config dataclass."""
     from circuitsae.demo import DemoConfig
+    from circuitsae.dictionaries.formats import ConvertConfig
     from circuitsae.evaluate import EvalConfig
     from circuitsae.features import FeatureConfig
     from circuitsae.ioi_curves import IOIConfig
@@ -236,6 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
         TreeConfig,
     )
     t.add_argument("target", metavar="SITE:ID", help="the target feature, e.g. resid.5:123")
+    c = _add(
+        sub,
+        "convert",
+        "read a dictionary in any format; write it as circuitsae or SAE Lens",
+        "Read a circuitsae, SAE Lens, dictionary_learning or sparsify folder and write it to a new folder in "
+        "circuitsae's or SAE Lens's (v6) format. Settings that cannot be read exactly are refused by name.",
+        _cmd_convert,
+        ConvertConfig,
+    )
+    c.add_argument("source", metavar="IN", help="the dictionary folder to read")
+    c.add_argument("out", metavar="OUT", help="the folder to write (new or empty: never overwritten)")
     _add(
         sub,
         "demo",

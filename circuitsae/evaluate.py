@@ -51,14 +51,19 @@ class EvalConfig:
         self.dictionaries = tuple(self.dictionaries)
 
 
+def _is_dictionary(p: Path) -> bool:
+    """A saved dictionary: circuitsae's, SAE Lens's or sparsify's (``cfg.json``) or dictionary_learning's (``ae.pt``)."""
+    return (p / "cfg.json").is_file() or (p / "ae.pt").is_file()
+
+
 def dictionary_folders(paths: "tuple[str, ...] | list[str]") -> list[Path]:
     """Expand each path: a dictionary folder itself, or a folder of them (a training output)."""
     found: list[Path] = []
     for p in map(Path, paths):
-        if (p / "cfg.json").is_file():
+        if _is_dictionary(p):
             found.append(p)
-        elif p.is_dir() and any(p.glob("*/cfg.json")):
-            found.extend(sorted(c.parent for c in p.glob("*/cfg.json")))
+        elif p.is_dir() and any(_is_dictionary(c) for c in p.iterdir()):
+            found.extend(sorted(c for c in p.iterdir() if _is_dictionary(c)))
         else:
             raise CircuitSAEError(f"{p} is neither a saved dictionary nor a folder of them")
     if not found:

@@ -175,7 +175,7 @@ def test_harvest_train_eval_cli(capsys, tmp_path, text_corpus, tiny_llama):
     "argv, match",
     [
         (["train", "--store", "{tmp}/none"], "not an activation store"),
-        (["train", "--arch", "topk"], "unknown architecture"),
+        (["train", "--arch", "wavelet"], "unknown architecture"),
         (["train", "--coefficients", "-1"], "coefficients must be >= 0"),
         (["eval", "{tmp}"], "neither a saved dictionary nor a folder of them"),
         (["eval"], "the following arguments are required: DICTIONARY"),

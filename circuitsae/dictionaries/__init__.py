@@ -1,7 +1,9 @@
 """Dictionaries: baseline, Gated, TopK, BatchTopK and JumpReLU SAEs, PCA and the neuron basis, one interface.
 
 ``load_dictionary(path)`` reads a folder written by ``Dictionary.save`` and
-returns the right class, named by ``cfg.json``'s ``architecture``.
+returns the right class, named by ``cfg.json``'s ``architecture``; it also reads
+SAE Lens, dictionary_learning and sparsify folders (:mod:`.formats`), and
+``dictionary.save(path, format="saelens")`` writes a SAE Lens folder.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from circuitsae.dictionaries.base import FORMAT, Dictionary, Loss, Output, unit_rows
 from circuitsae.dictionaries.batchtopk import BatchTopKSAE
+from circuitsae.dictionaries.formats import detect_format, read_foreign
 from circuitsae.dictionaries.gated import GatedSAE
 from circuitsae.dictionaries.jumprelu import JumpReLUSAE
 from circuitsae.dictionaries.linear import IdentityDictionary, PCADictionary
@@ -30,8 +33,15 @@ ARCHITECTURES: dict[str, type[Dictionary]] = {
 
 
 def load_dictionary(path: "str | Path", device: "str | torch.device" = "cpu") -> Dictionary:
-    """Load a dictionary folder (``sae.safetensors`` + ``cfg.json``); the class comes from ``cfg.json``."""
+    """Load a dictionary folder (``sae.safetensors`` + ``cfg.json``); the class comes from ``cfg.json``.
+
+    A SAE Lens, dictionary_learning or sparsify folder is recognised and read into the class that
+    computes the same codes (:mod:`circuitsae.dictionaries.formats`), or refused in one sentence.
+    """
     path = Path(path)
+    fmt = detect_format(path)
+    if fmt != "circuitsae":
+        return read_foreign(path, fmt).to(device)
     cfg_path = path / "cfg.json"
     if not cfg_path.is_file():
         what = "does not exist" if not path.exists() else "has no cfg.json"

@@ -127,10 +127,23 @@ class Dictionary(nn.Module):
         return f"d={self.d}, d_dict={self.d_dict}" + (f", {where}" if where else "")
 
     # -- save / load -------------------------------------------------------------
-    def save(self, path: "str | Path") -> Path:
-        """Write ``path/sae.safetensors`` then ``path/cfg.json`` (the commit marker), atomically."""
+    def save(self, path: "str | Path", format: str = "circuitsae", architecture: "str | None" = None) -> Path:
+        """Write ``path/sae.safetensors`` then ``path/cfg.json`` (the commit marker), atomically.
+
+        ``format="saelens"`` writes a SAE Lens v6 folder instead (``cfg.json`` + ``sae_weights.safetensors``),
+        with ``architecture`` choosing among the forms this dictionary can take there (a Gated SAE:
+        ``"gated"`` or ``"jumprelu"``); see :func:`circuitsae.dictionaries.formats.write_saelens`.
+        """
         from circuitsae.store import atomic_write
 
+        if format == "saelens":
+            from circuitsae.dictionaries.formats import write_saelens
+
+            return write_saelens(self, path, architecture=architecture)
+        if format != "circuitsae":
+            raise CircuitSAEError(f"unknown format {format!r}: a dictionary saves as 'circuitsae' or 'saelens'")
+        if architecture is not None:
+            raise CircuitSAEError("architecture= chooses a SAE Lens architecture: it needs format='saelens'")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
