@@ -7,10 +7,15 @@ the store; gated width = 3/4 of the baseline's, as the paper does for equal
 compute. Every SAE is then evaluated on held-out text: L0, FVU, γ, and loss
 recovered with it spliced into the model.
 
+The later architectures (REFERENCE §2b) on the same tokens, steps, learning
+rate and the baseline's width, in one more pass: TopK and BatchTopK over a
+grid of k, JumpReLU over a grid of λ (``--later-arch none`` leaves them out).
+
 The paper expects: gated Pareto-better (higher loss recovered at equal L0),
 γ ≈ 1 for gated and γ < 1 (shrinkage) for the baseline.
 
-    python benchmarks/pareto.py                 # 2 CPU cores: ~19 min after the harvest (wall times in the JSON)
+    python benchmarks/pareto.py                 # 2 CPU cores: ~19 min after the harvest, ~20 min more for the later
+                                                # architectures (wall times in the JSON)
     python benchmarks/pareto.py --tokens 20000000 --expansion 16 --batch-size 4096 --contexts 512   # GPU scale
 
 Harvest, training and evaluation all resume if interrupted. Writes
@@ -38,8 +43,21 @@ from circuitsae.evaluate import evaluate  # noqa: E402
 from circuitsae.train import train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-COLORS = {"relu": "tab:blue", "gated": "tab:orange"}
-LABELS = {"relu": "baseline ReLU SAE (L1)", "gated": "Gated SAE"}
+COLORS = {
+    "relu": "tab:blue",
+    "gated": "tab:orange",
+    "topk": "tab:green",
+    "batchtopk": "tab:red",
+    "jumprelu": "tab:purple",
+}
+LABELS = {
+    "relu": "baseline ReLU SAE (L1)",
+    "gated": "Gated SAE",
+    "topk": "TopK SAE",
+    "batchtopk": "BatchTopK SAE",
+    "jumprelu": "JumpReLU SAE",
+}
+LATER = ("topk", "batchtopk", "jumprelu")
 
 
 def main() -> None:
@@ -56,6 +74,9 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--gated-ratio", type=float, default=0.75, help="gated width / baseline width (paper: 3/4)")
     ap.add_argument("--tag", default="", help="suffix for the work folder and result files (e.g. equal-width)")
+    ap.add_argument("--later-arch", nargs="+", default=list(LATER), help="later architectures, or none")
+    ap.add_argument("--k", type=int, nargs="+", default=[8, 16, 32, 64, 128], help="k of the TopK/BatchTopK runs")
+    ap.add_argument("--jumprelu-coefficients", type=float, nargs="+", default=[0.1, 0.3, 1, 3, 10])
     args = ap.parse_args()
     suffix = f"-{args.tag}" if args.tag else ""
 
@@ -80,9 +101,29 @@ def main() -> None:
         device=args.device,
     )
     times["train_s"] = time.perf_counter() - t
+    later = tuple(a for a in args.later_arch if a != "none")
+    folders = [str(work)]
+    if later:
+        t = time.perf_counter()
+        per_arch = tuple(f"{a}={','.join(str(k) for k in args.k)}" for a in later if a in ("topk", "batchtopk"))
+        if "jumprelu" in later:
+            per_arch += (f"jumprelu={','.join(f'{c:g}' for c in args.jumprelu_coefficients)}",)
+        train(
+            store=str(store.root),
+            out=str(work) + "-later",
+            arch=later,
+            arch_coefficients=per_arch,
+            expansion=args.expansion,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            device=args.device,
+        )
+        times["train_later_s"] = time.perf_counter() - t
+        folders.append(str(work) + "-later")
     t = time.perf_counter()
     report = evaluate(
-        dictionaries=(str(work),), contexts=args.contexts, out=str(work / "eval.json"), device=args.device
+        dictionaries=tuple(folders), contexts=args.contexts, out=str(work) + "-eval.json", device=args.device
     )
     times["eval_s"] = time.perf_counter() - t
 
@@ -122,6 +163,7 @@ def main() -> None:
         "settings": vars(args) | {"gated_expansion": args.expansion * args.gated_ratio},
         "wall_seconds": times,
         "train_activations_per_second_all_runs": train_log.get("activations_per_second"),
+        "later_architectures": later_summary(runs) if later else None,
         "runs": runs,
         "verdict": verdict,
     }
@@ -166,10 +208,25 @@ def compare(runs: list[dict]) -> dict:
     }
 
 
+def later_summary(runs: list[dict]) -> dict:
+    """For each architecture, its loss recovered minus the baseline's (interpolated) at the same L0."""
+    pts = {a: [(r["l0"], r["loss_recovered"]) for r in runs if r["architecture"] == a and r["l0"] > 0] for a in COLORS}
+    out = {}
+    for arch in ("gated", *LATER):
+        rows = []
+        for l0, lr in sorted(pts[arch]):
+            base = _interp(l0, pts["relu"])
+            rows.append({"l0": l0, "loss_recovered": lr, "minus_relu": None if base is None else lr - base})
+        out[arch] = rows
+    return out
+
+
 def plot(runs: list[dict], args: argparse.Namespace, path: Path, model: str) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    for arch in ("relu", "gated"):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    for arch in COLORS:
         rs = sorted((r for r in runs if r["architecture"] == arch), key=lambda r: r["l0"])
+        if not rs:
+            continue
         l0 = [r["l0"] for r in rs]
         kw = {"color": COLORS[arch], "marker": "o", "label": f"{LABELS[arch]} (d_sae={rs[0]['d_dict']})"}
         axes[0].plot(l0, [r["loss_recovered"] for r in rs], **kw)
@@ -177,7 +234,7 @@ def plot(runs: list[dict], args: argparse.Namespace, path: Path, model: str) -> 
         axes[2].plot(l0, [r["gamma"] for r in rs], **kw)
         for r in rs:
             axes[0].annotate(
-                f"{r['coefficient']:g}",
+                f"{'k=' if arch in ('topk', 'batchtopk') else ''}{r['coefficient']:g}",
                 (r["l0"], r["loss_recovered"]),
                 textcoords="offset points",
                 xytext=(4, -10),
@@ -197,12 +254,13 @@ def plot(runs: list[dict], args: argparse.Namespace, path: Path, model: str) -> 
     )
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=10, frameon=False)
     fig.suptitle(
-        f"{model} {args.site}: baseline vs Gated SAE, {args.tokens:,} training tokens (labels: sparsity coefficient)",
-        fontsize=10,
+        f"{model} {args.site}: SAE architectures, {args.tokens:,} training tokens (labels: α, λ or k)",
+        fontsize=11,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
 
 

@@ -141,6 +141,11 @@ class TrainConfig:
         "sparsity coefficients: α for relu, λ for gated and jumprelu, k (features per token) for topk and "
         "batchtopk; one run each per architecture (default: the per-arch default)",
     )
+    arch_coefficients: tuple[str, ...] = option(
+        (),
+        "per-architecture coefficients, ARCH=C1,C2,... (e.g. topk=32,64 jumprelu=0.3): those architectures "
+        "take these instead of --coefficients, so a relu sweep and a TopK sweep train in one pass",
+    )
     expansion: float = option(8.0, "dictionary size as a multiple of d for every run but gated (d_sae = expansion·d)")
     gated_expansion: "float | None" = option(
         None, "expansion for gated runs (default: same as relu; the Gated paper uses 3/4 for equal compute)"
@@ -181,6 +186,15 @@ class TrainConfig:
             raise CircuitSAEError(f"unknown architecture {unknown or '(none)'}: choose from {', '.join(TRAINABLE)}")
         if any(c < 0 for c in self.coefficients):
             raise CircuitSAEError("sparsity coefficients must be >= 0")
+        self.arch_coefficients = tuple(str(a) for a in self.arch_coefficients)
+        for arch, values in self.per_arch_coefficients().items():
+            if arch not in self.arch:
+                raise CircuitSAEError(
+                    f"--arch-coefficients names {arch}, which is not among the architectures trained "
+                    f"({', '.join(self.arch)})"
+                )
+            if any(c < 0 for c in values):
+                raise CircuitSAEError("sparsity coefficients must be >= 0")
         for name in ("batch_size", "epochs", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise CircuitSAEError(f"{name} must be >= 1")
@@ -203,10 +217,29 @@ class TrainConfig:
         self.lr = None if self.lr is None else float(self.lr)
         self.coefficients = tuple(float(c) for c in self.coefficients)
 
+    def per_arch_coefficients(self) -> dict[str, tuple[float, ...]]:
+        """``arch_coefficients`` parsed: architecture -> its coefficients."""
+        out: dict[str, tuple[float, ...]] = {}
+        for spec in self.arch_coefficients:
+            arch, sep, values = spec.partition("=")
+            try:
+                parsed = tuple(float(v) for v in values.split(",")) if sep and values else None
+            except ValueError:
+                parsed = None
+            if parsed is None or arch not in TRAINABLE or arch in out:
+                raise CircuitSAEError(
+                    f"--arch-coefficients {spec!r}: write ARCH=C1,C2,... once per architecture, ARCH one of "
+                    f"{', '.join(TRAINABLE)}"
+                )
+            out[arch] = parsed
+        return out
+
     def fingerprint(self) -> str:
         """What must match for a checkpoint to be resumed (not out/device/precision/stop_after/logging)."""
         skip = ("out", "device", "autocast", "stop_after", "log_every", "parallel")
         keep = {k: v for k, v in asdict(self).items() if k not in skip}
+        if not keep["arch_coefficients"]:  # absent from older versions' checkpoints: unused, they still resume
+            del keep["arch_coefficients"]
         return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -233,8 +266,9 @@ def plan_runs(cfg: TrainConfig, store: ActivationStore) -> list[tuple[str, str, 
         if s not in store.sites:
             raise CircuitSAEError(f"site {s} is not in store {store.root} (it has {', '.join(store.sites)})")
     runs = []
+    per_arch = cfg.per_arch_coefficients()
     for site, arch in itertools.product(sites, cfg.arch):
-        for c in cfg.coefficients or (DEFAULT_COEFFICIENT[arch],):
+        for c in per_arch.get(arch) or cfg.coefficients or (DEFAULT_COEFFICIENT[arch],):
             if arch in K_ARCHS and (c != int(c) or c < 1):
                 raise CircuitSAEError(f"{arch}: the coefficient is k, the features kept per token: a whole number "
                                       f">= 1, not {c:g}")  # fmt: skip

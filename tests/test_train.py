@@ -313,3 +313,20 @@ def test_k_must_be_a_whole_number_within_the_dictionary(synthetic, tmp_path):
     with pytest.raises(CircuitSAEError, match="more than the 32 features"):
         Trainer(TrainConfig(store=str(root), out=str(tmp_path), arch=("topk",), coefficients=(33,), expansion=1),
                 progress=False)  # fmt: skip
+
+
+def test_per_architecture_coefficients_share_one_pass(synthetic, tmp_path):
+    from circuitsae.train import plan_runs
+
+    root, _ = synthetic
+    cfg = TrainConfig(store=str(root), out=str(tmp_path), arch=("relu", "topk", "jumprelu"), coefficients=(0.5, 2),
+                      arch_coefficients=("topk=4,8",))  # fmt: skip
+    assert plan_runs(cfg, ActivationStore(root)) == [
+        ("resid.0", "relu", 0.5), ("resid.0", "relu", 2.0), ("resid.0", "topk", 4.0), ("resid.0", "topk", 8.0),
+        ("resid.0", "jumprelu", 0.5), ("resid.0", "jumprelu", 2.0),
+    ]  # fmt: skip
+    assert TrainConfig(store="s").fingerprint() == TrainConfig(store="s", arch_coefficients=()).fingerprint()
+    with pytest.raises(CircuitSAEError, match="not among the architectures trained"):
+        TrainConfig(store=str(root), arch=("relu",), arch_coefficients=("topk=4",))
+    with pytest.raises(CircuitSAEError, match="write ARCH=C1,C2"):
+        TrainConfig(store=str(root), arch=("topk",), arch_coefficients=("topk:4",))
