@@ -59,7 +59,13 @@ def _dicts(model, prompts, site=SITE):
             torch.cat([x, torch.randn(128, 64, dtype=x.dtype, device=x.device)])
         ).double(),
         "identity": circuitsae.IdentityDictionary(64).double(),
+        "topk": circuitsae.TopKSAE(64, 48, k=6).double(),
+        "batchtopk": circuitsae.BatchTopKSAE(64, 48, k=6).double(),
+        "jumprelu": circuitsae.JumpReLUSAE(64, 48).double(),
     }
+    with torch.no_grad():  # thresholds that let a fraction of the codes through
+        out["batchtopk"].threshold.fill_(0.05)
+        out["jumprelu"].log_threshold.fill_(-3.0)
     for d in out.values():
         d.meta = {"first_position": 1, "site": site}
     return out
@@ -71,7 +77,7 @@ def _final(model, ids, lengths):
     return logits[torch.arange(len(ids)), lengths - 1]
 
 
-@pytest.mark.parametrize("kind", ["relu", "gated", "pca", "identity"])
+@pytest.mark.parametrize("kind", ["relu", "gated", "pca", "identity", "topk", "batchtopk", "jumprelu"])
 def test_patching_nothing_is_the_base_run(llama64, prompts, kind):
     base, target, lengths = prompts
     d = _dicts(llama64, prompts)[kind]
@@ -131,7 +137,7 @@ def test_kl_of_identical_runs_is_zero():
     assert kl_divergence(z, z + 3.0).abs().max() < 1e-12  # a constant shift is the same distribution
 
 
-@pytest.mark.parametrize("kind,batch_visits", [("relu", 64), ("relu", 3), ("pca", 64)])
+@pytest.mark.parametrize("kind,batch_visits", [("relu", 64), ("relu", 3), ("pca", 64), ("topk", 64), ("jumprelu", 64)])
 def test_acdc_equals_the_sequential_reference(llama64, prompts, kind, batch_visits):
     """Same decisions however the visits are batched (small batches: many wrong guesses, memo partly reused)."""
     base, target, lengths = prompts

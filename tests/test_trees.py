@@ -300,3 +300,28 @@ def test_last_position_block_matches_the_block_path_or_is_not_used(name):
         warnings.simplefilter("error")
         seg.check(xs["resid.0"], xs["resid.1"], ids, [40, 31, 17])
     assert (seg.at_p is not None) == (name != "tiny-gemma3")
+
+
+def test_a_topk_sae_that_keeps_every_feature_gives_the_relu_tree(tiny_llama, wired):
+    """TopK with k = d_sae, W_enc = W_dec and b_dec = 0 computes ReLU(W x + b): the tied ReLU SAE. Its tree (through
+    the TopK class's own encode, ablation and splice) must be the ReLU SAE's, edge for edge."""
+    _, dicts = wired
+
+    def as_topk(d):
+        t = circuitsae.TopKSAE(d.d, d.d_dict, k=d.d_dict)
+        with torch.no_grad():
+            t.W_enc.copy_(d.W_dec)
+            t.W_dec.copy_(d.W_dec)
+            t.b_enc.copy_(d.b_enc)
+            t.b_dec.zero_()
+        t.meta = dict(d.meta)
+        return t
+
+    topk = {site: as_topk(d) for site, d in dicts.items()}
+    kw = dict(depth=1, branching=2, contexts=5, progress=False)
+    a = causal_tree(tiny_llama, dicts, ("resid.1", 3), **kw)
+    b = causal_tree(tiny_llama, topk, ("resid.1", 3), **kw)
+    assert a.number_of_edges() >= 2
+    assert sorted(a.nodes) == sorted(b.nodes) and sorted(a.edges) == sorted(b.edges)
+    for u, v in a.edges:
+        assert b.edges[u, v]["effect"] == pytest.approx(a.edges[u, v]["effect"], rel=1e-4, abs=1e-6)
