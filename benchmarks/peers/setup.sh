@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Create the peer-library virtual environments used by benchmarks/train_throughput.py.
+# Create the peer-library virtual environments used by benchmarks/train_throughput.py
+# and benchmarks/interop.py.
 #
 #   benchmarks/.venv-saelens    torch==2.13.0 (CPU wheel) + sae-lens==6.54.12
 #   benchmarks/.venv-dictlearn  torch==2.13.0 (CPU wheel) + dictionary-learning==0.1.0
+#   benchmarks/.venv-sparsify   torch==2.13.0 (CPU wheel) + eai-sparsify==1.3.3 (interop only)
 #
 # torch is installed first and then held at 2.13.0 with a constraints file, so
 # neither peer can drag in a newer CUDA build. Idempotent: a venv holding the
 # stamp file .setup-complete is left alone (delete the venv, or pass --force,
-# to rebuild). A failed dictionary-learning install is reported, the venv gets
-# a .setup-failed marker (and no .setup-complete), and the script still exits 0.
+# to rebuild). A failed dictionary-learning or sparsify install is reported, the
+# venv gets a .setup-failed marker (and no .setup-complete), and the script still
+# exits 0.
 #
 # Environment: PYTHON (interpreter for the venvs, default python3).
 set -u -o pipefail
@@ -19,6 +22,7 @@ PYTHON="${PYTHON:-python3}"
 TORCH_PIN="torch==2.13.0"
 SAELENS_PIN="sae-lens==6.54.12"
 DICTLEARN_PIN="dictionary-learning==0.1.0"
+SPARSIFY_PIN="eai-sparsify==1.3.3"
 FORCE=0
 [[ "${1:-}" == "--force" ]] && FORCE=1
 
@@ -82,6 +86,14 @@ if ! build_venv dictlearn "$DICTLEARN_PIN" \
     mkdir -p "$BENCH/.venv-dictlearn"
     rm -f "$BENCH/.venv-dictlearn/.setup-complete"
     echo "failed $(date -u +%FT%TZ)" > "$BENCH/.venv-dictlearn/.setup-failed"
+fi
+
+if ! build_venv sparsify "$SPARSIFY_PIN" \
+    "from sparsify import SparseCoder, SaeConfig"; then
+    log "sparsify: FAILED to install cleanly; the sparsify peer will be skipped"
+    mkdir -p "$BENCH/.venv-sparsify"
+    rm -f "$BENCH/.venv-sparsify/.setup-complete"
+    echo "failed $(date -u +%FT%TZ)" > "$BENCH/.venv-sparsify/.setup-failed"
 fi
 
 if [[ "${status_saelens:-0}" -ne 0 ]]; then
