@@ -229,13 +229,13 @@ def plot(runs: list[dict], args: argparse.Namespace, path: Path, model: str) -> 
             continue
         l0 = [r["l0"] for r in rs]
         kw = {"color": COLORS[arch], "marker": "o", "label": f"{LABELS[arch]} (d_sae={rs[0]['d_dict']})"}
-        axes[0].plot(l0, [r["loss_recovered"] for r in rs], **kw)
+        axes[0].plot(l0, [1 - r["loss_recovered"] for r in rs], **kw)
         axes[1].plot(l0, [r["fvu"] for r in rs], **kw)
         axes[2].plot(l0, [r["gamma"] for r in rs], **kw)
         for r in rs:
             axes[0].annotate(
                 f"{'k=' if arch in ('topk', 'batchtopk') else ''}{r['coefficient']:g}",
-                (r["l0"], r["loss_recovered"]),
+                (r["l0"], 1 - r["loss_recovered"]),
                 textcoords="offset points",
                 xytext=(4, -10),
                 fontsize=7,
@@ -244,8 +244,9 @@ def plot(runs: list[dict], args: argparse.Namespace, path: Path, model: str) -> 
     axes[0].set(
         xscale="log",
         xlabel="L0 (features active per token)",
-        ylabel="loss recovered",
-        title="Pareto frontier (higher-left is better)",
+        yscale="log",
+        ylabel="1 − loss recovered",
+        title="Pareto frontier (lower-left is better)",
     )
     axes[1].set(xscale="log", yscale="log", xlabel="L0", ylabel="FVU", title="fraction of variance unexplained")
     axes[2].axhline(1.0, color="gray", lw=1, ls="--")
