@@ -148,7 +148,7 @@ def test_bad_training_input(tmp_path, synthetic):
     with pytest.raises(CircuitSAEError, match="site resid.7 is not in store"):
         train(store=str(root), out=str(tmp_path / "o"), sites=("resid.7",), progress=False)
     with pytest.raises(CircuitSAEError, match="unknown architecture"):
-        TrainConfig(arch=("topk",))
+        TrainConfig(arch=("wavelet",))
     with pytest.raises(CircuitSAEError, match="coefficients must be >= 0"):
         TrainConfig(coefficients=(-1.0,))
 
