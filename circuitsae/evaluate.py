@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from circuitsae import metrics
 from circuitsae.config import model_dtype_option, option
 from circuitsae.dictionaries import Dictionary, load_dictionary
+from circuitsae.dictionaries.formats import looks_like_dictionary
 from circuitsae.errors import CircuitSAEError
 from circuitsae.models import input_device
 from circuitsae.splice import check_dictionary, default_start, run_ablated, run_spliced
@@ -51,19 +52,14 @@ class EvalConfig:
         self.dictionaries = tuple(self.dictionaries)
 
 
-def _is_dictionary(p: Path) -> bool:
-    """A saved dictionary: circuitsae's, SAE Lens's or sparsify's (``cfg.json``) or dictionary_learning's (``ae.pt``)."""
-    return (p / "cfg.json").is_file() or (p / "ae.pt").is_file()
-
-
 def dictionary_folders(paths: "tuple[str, ...] | list[str]") -> list[Path]:
     """Expand each path: a dictionary folder itself, or a folder of them (a training output)."""
     found: list[Path] = []
     for p in map(Path, paths):
-        if _is_dictionary(p):
+        if looks_like_dictionary(p):
             found.append(p)
-        elif p.is_dir() and any(_is_dictionary(c) for c in p.iterdir()):
-            found.extend(sorted(c for c in p.iterdir() if _is_dictionary(c)))
+        elif p.is_dir() and any(looks_like_dictionary(c) for c in p.iterdir()):
+            found.extend(sorted(c for c in p.iterdir() if looks_like_dictionary(c)))
         else:
             raise CircuitSAEError(f"{p} is neither a saved dictionary nor a folder of them")
     if not found:

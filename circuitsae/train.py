@@ -308,8 +308,7 @@ def _make_run(
     kwargs: dict[str, Any] = {"lr": lr, "betas": DEFAULT_BETAS[arch]}
     if device.type in ("cpu", "cuda"):
         kwargs["fused"] = True
-    groups = sae.param_groups() if hasattr(sae, "param_groups") else [{"params": list(sae.parameters())}]
-    optimizer = torch.optim.Adam(groups, **kwargs)
+    optimizer = torch.optim.Adam(sae.param_groups(), **kwargs)
     last_fired = torch.zeros(sae.d_dict, dtype=torch.long, device=device)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1 + index)
     return Run(run_name(site, arch, coef), site, arch, coef, lr, sae, optimizer, last_fired, generator)
@@ -394,8 +393,7 @@ class Trainer:
             x = batch[run.site].to(self.device)  # a no-op for the trainer's own batches
             for g in run.optimizer.param_groups:
                 g["lr"] = run.lr * self.lr_factor(k) * g.get("lr_scale", 1.0)
-            if getattr(run.sae, "uses_dead_mask", False):  # the same on every rank (fired is combined)
-                run.sae.set_dead(run.last_fired <= k - self.aux_dead_steps)
+            run.sae.set_dead(run.last_fired <= k - self.aux_dead_steps)  # the same on every rank
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = run.sae.loss(x, run.coefficient * self.coef_factor(k))
             run.optimizer.zero_grad(set_to_none=True)
@@ -404,19 +402,18 @@ class Trainer:
             fired.append(loss.codes.amax(0) > 0)  # codes are >= 0 for every architecture
         if self.data_parallel:
             losses, fired = self._all_reduce(losses, fired)
-        for run, loss in zip(self.runs, losses):
-            if isinstance(run.sae, BatchTopKSAE) and loss.stat is not None:
-                run.sae.update_threshold(loss.stat)
         for run, f in zip(self.runs, fired):
             _remove_parallel_grad(run.sae)
             run.optimizer.step()
             _renormalise(run.sae)
             run.last_fired.masked_fill_(f, k + 1)
+        for run, loss in zip(self.runs, losses):
+            run.sae.after_step(loss.stat)  # BatchTopK: its threshold's running mean
         self.step_count += 1
         if self.resample_every and self.step_count % self.resample_every == 0:
             if self.step_count < 0.8 * self.total_steps:
                 for run, loss in zip(self.runs, losses):
-                    if not hasattr(run.sae, "resample"):  # TopK and BatchTopK have their auxiliary loss instead
+                    if not run.sae.resamples_dead:  # TopK and BatchTopK have their auxiliary loss instead
                         continue
                     self.resampled[run.name] = self.resampled.get(run.name, 0) + self._resample(
                         run, batch[run.site], loss

@@ -122,6 +122,20 @@ class Dictionary(nn.Module):
                 t.div_(scale)
         self.meta["input_scale_folded"] = float(scale)
 
+    # -- training hooks: the trainer calls them on every dictionary; these defaults do nothing ------------
+    #: whether the trainer resamples this architecture's dead features (``resample(dead, inputs)``)
+    resamples_dead: ClassVar[bool] = False
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups; a group's ``lr_scale`` multiplies the run's learning rate for it."""
+        return [{"params": list(self.parameters())}]
+
+    def set_dead(self, dead: torch.Tensor) -> None:
+        """Which features have not fired for a while (bool ``[d_dict]``), before each training step."""
+
+    def after_step(self, stat: "torch.Tensor | None") -> None:
+        """After each optimiser step, with the step's ``Loss.stat`` (averaged over ranks)."""
+
     def extra_repr(self) -> str:
         where = " ".join(f"{k}={self.meta[k]}" for k in ("model", "site") if k in self.meta)
         return f"d={self.d}, d_dict={self.d_dict}" + (f", {where}" if where else "")

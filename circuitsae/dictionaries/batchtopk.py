@@ -55,6 +55,10 @@ class BatchTopKSAE(TopKSAE):
         stat = kept.min().detach() if kept.numel() else self.threshold.clone()  # nothing kept: θ stays
         return codes, stat
 
+    def after_step(self, stat: "torch.Tensor | None") -> None:
+        if stat is not None:
+            self.update_threshold(stat)
+
     @torch.no_grad()
     def update_threshold(self, smallest_kept: "float | torch.Tensor") -> None:
         """One step of θ's running mean with this batch's smallest kept value."""

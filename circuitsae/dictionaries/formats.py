@@ -155,7 +155,7 @@ def detect_format(path: "str | Path") -> str:
         return "dictionary_learning"
     if not cfg_path.is_file():
         if path.is_dir():
-            subs = sorted(p.name for p in path.iterdir() if p.is_dir() and _looks_like_dictionary(p))
+            subs = sorted(p.name for p in path.iterdir() if p.is_dir() and _holds_dictionaries(p))
             if subs:
                 shown = ", ".join(subs[:6]) + (", ..." if len(subs) > 6 else "")
                 raise CircuitSAEError(
@@ -176,12 +176,15 @@ def detect_format(path: "str | Path") -> str:
     return "circuitsae"
 
 
-def _looks_like_dictionary(p: Path) -> bool:
-    if (p / "ae.pt").is_file():
-        return True
-    if not (p / "cfg.json").is_file():
-        return any(q.is_dir() and (q / "cfg.json").is_file() for q in p.iterdir())  # sparsify's layers.6/seed0
-    return any((p / f).is_file() for f in ("sae.safetensors", "sae_weights.safetensors"))
+def looks_like_dictionary(p: Path) -> bool:
+    """Whether folder ``p`` is a saved dictionary of any format (what ``circuitsae eval DIR`` lists): a
+    ``cfg.json`` (circuitsae, SAE Lens, sparsify) or an ``ae.pt`` (dictionary_learning); the loader checks the rest."""
+    return (p / "cfg.json").is_file() or (p / "ae.pt").is_file()
+
+
+def _holds_dictionaries(p: Path) -> bool:
+    """A dictionary, or a folder of them one level down (sparsify's ``layers.6/seed0``)."""
+    return looks_like_dictionary(p) or any(q.is_dir() and looks_like_dictionary(q) for q in p.iterdir())
 
 
 def _read_json(p: Path) -> Any:

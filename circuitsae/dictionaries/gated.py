@@ -41,6 +41,7 @@ class GatedSAE(Dictionary):
     """
 
     architecture: ClassVar[str] = "gated"
+    resamples_dead: ClassVar[bool] = True
     _bias_names = ("b_gate", "b_mag", "b_dec")
 
     def __init__(self, d: int, d_dict: int) -> None:

@@ -33,6 +33,7 @@ class ReluSAE(Dictionary):
     """
 
     architecture: ClassVar[str] = "relu"
+    resamples_dead: ClassVar[bool] = True
     _bias_names = ("b_enc", "b_dec")
 
     def __init__(self, d: int, d_dict: int, tied: bool = True, decoder_bias: bool = False) -> None:

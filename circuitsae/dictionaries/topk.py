@@ -41,7 +41,6 @@ class TopKSAE(AffineEncoderSAE):
     """
 
     architecture: ClassVar[str] = "topk"
-    uses_dead_mask: ClassVar[bool] = True
 
     def __init__(self, d: int, d_dict: int, k: int = 64, k_aux: "int | None" = None) -> None:
         super().__init__(d, d_dict)
