@@ -59,6 +59,7 @@ bench: setup
 	$(PY) benchmarks/pareto.py
 	bash benchmarks/peers/setup.sh
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/interop.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

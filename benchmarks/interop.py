@@ -63,6 +63,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from machine import ROOT, describe, repo_path  # noqa: E402
 
+sys.path.insert(0, str(HERE / "peers"))
+from _interop_common import encode_decode, quantile_per_feature  # noqa: E402
+
 import circuitsae  # noqa: E402
 from circuitsae.dictionaries import (  # noqa: E402
     BatchTopKSAE,
@@ -148,16 +151,6 @@ def errors(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
         "max_abs": float(diff.abs().max()),
         "zero_rows_not_zero": int(((~nz) & (dn > 0)).sum()),
     }
-
-
-@torch.no_grad()
-def encode_decode(dictionary, x: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    codes, recon = [], []
-    for s in range(0, x.shape[0], chunk):
-        c = dictionary.encode(x[s : s + chunk])
-        codes.append(c)
-        recon.append(dictionary.decode(c))
-    return torch.cat(codes), torch.cat(recon)
 
 
 def vs_reference(codes: torch.Tensor, recon: torch.Tensor, ref: tuple) -> dict:
@@ -257,14 +250,6 @@ def compare_into_circuitsae(peer: str, case: dict, case_dir: Path, x: torch.Tens
 
 
 # -- circuitsae's own dictionaries, random but realistic ----------------------------------------------------
-def quantile_per_feature(pre: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Feature i's q_i-quantile of ``pre[:, i]``: the midpoint of two neighbouring sorted values (never a value)."""
-    s = pre.sort(dim=0).values
-    i = (q * (s.shape[0] - 2)).long().clamp(0, s.shape[0] - 2)
-    cols = torch.arange(s.shape[1])
-    return 0.5 * (s[i, cols] + s[i + 1, cols])
-
-
 @torch.no_grad()
 def circuitsae_dictionaries(fit: torch.Tensor, d_sae: int, k: int, seed: int, meta: dict) -> list[tuple]:
     """(name, dictionary, SAE Lens architecture, how it was made) for every kind circuitsae writes to SAE Lens.

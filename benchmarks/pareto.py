@@ -86,19 +86,17 @@ def main() -> None:
     store = circuitsae.harvest(sites=[args.site], tokens=args.tokens, out=str(Path(args.work).parent / "pareto-acts"))
     times["harvest_s"] = time.perf_counter() - t
     t = time.perf_counter()
+    # the same tokens, steps, learning rate and (baseline) width for every architecture
+    common = dict(store=str(store.root), expansion=args.expansion, lr=args.lr, batch_size=args.batch_size,
+                  epochs=args.epochs, device=args.device)  # fmt: skip
     train(
-        store=str(store.root),
         out=str(work),
         arch=("relu", "gated"),
         coefficients=tuple(args.coefficients),
-        expansion=args.expansion,
         gated_expansion=args.expansion * args.gated_ratio,
         tied=False,
         decoder_bias=True,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        device=args.device,
+        **common,
     )
     times["train_s"] = time.perf_counter() - t
     later = tuple(a for a in args.later_arch if a != "none")
@@ -108,17 +106,7 @@ def main() -> None:
         per_arch = tuple(f"{a}={','.join(str(k) for k in args.k)}" for a in later if a in ("topk", "batchtopk"))
         if "jumprelu" in later:
             per_arch += (f"jumprelu={','.join(f'{c:g}' for c in args.jumprelu_coefficients)}",)
-        train(
-            store=str(store.root),
-            out=str(work) + "-later",
-            arch=later,
-            arch_coefficients=per_arch,
-            expansion=args.expansion,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            device=args.device,
-        )
+        train(out=str(work) + "-later", arch=later, arch_coefficients=per_arch, **common)
         times["train_later_s"] = time.perf_counter() - t
         folders.append(str(work) + "-later")
     t = time.perf_counter()

@@ -42,7 +42,6 @@ There is no ``load`` direction: dictionary_learning 0.1.0 has no reader of SAE L
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import sys
@@ -51,22 +50,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def emit(record: dict) -> None:
-    sys.__stdout__.write(json.dumps(record) + "\n")
-    sys.__stdout__.flush()
-
-
-def rows(path: str) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.load(path), dtype=np.float32))
-
-
-def quantile_per_feature(pre: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Feature i's q_i-quantile of ``pre[:, i]``: the midpoint of two neighbouring sorted values (never a value)."""
-    s = pre.sort(dim=0).values
-    i = (q * (s.shape[0] - 2)).long().clamp(0, s.shape[0] - 2)
-    cols = torch.arange(s.shape[1])
-    return 0.5 * (s[i, cols] + s[i + 1, cols])
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _interop_common import encode_decode_numpy as encode_decode  # noqa: E402
+from _interop_common import quantile_per_feature, rows, run  # noqa: E402
 
 
 def trainer_configs(args: argparse.Namespace, d: int, m: int) -> list[tuple[str, int, list[dict]]]:
@@ -154,16 +140,6 @@ def instance(cls_name: str, config: dict, sd: dict):
 def decoder_rows(ae) -> torch.Tensor:
     """Feature directions as rows, [dict_size, activation_dim] (nn.Linear decoders store their transpose)."""
     return ae.decoder.weight.T if hasattr(ae, "decoder") else ae.W_dec
-
-
-@torch.no_grad()
-def encode_decode(ae, x: torch.Tensor, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    codes, recon = [], []
-    for s in range(0, x.shape[0], chunk):
-        c = ae.encode(x[s : s + chunk])  # each class's default: the BatchTopK classes use their threshold
-        codes.append(c)
-        recon.append(ae.decode(c))
-    return torch.cat(codes).numpy(), torch.cat(recon).numpy()
 
 
 @torch.no_grad()
@@ -326,11 +302,7 @@ def main() -> None:
     e.add_argument("--submodule", default="resid_post_layer_6")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    with contextlib.redirect_stdout(sys.stderr):
-        record = export(args)
-    emit(record)
+    run(p, export)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ and ``DIR/peer_recon.npy``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -41,38 +40,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _interop_common import encode_decode_numpy as encode_decode  # noqa: E402
+from _interop_common import quantile_per_feature, rows, run  # noqa: E402
+
 ARCHS = ("standard", "gated", "jumprelu", "jumprelu_no_b_dec_in", "topk", "batchtopk")
-
-
-def emit(record: dict) -> None:
-    sys.__stdout__.write(json.dumps(record) + "\n")
-    sys.__stdout__.flush()
-
-
-def rows(path: str) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.load(path), dtype=np.float32))
-
-
-def quantile_per_feature(pre: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Feature i's q_i-quantile of ``pre[:, i]``: the midpoint of two neighbouring sorted values (never a value)."""
-    s = pre.sort(dim=0).values
-    i = (q * (s.shape[0] - 2)).long().clamp(0, s.shape[0] - 2)
-    cols = torch.arange(s.shape[1])
-    return 0.5 * (s[i, cols] + s[i + 1, cols])
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
-@torch.no_grad()
-def encode_decode(sae, x: torch.Tensor, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    codes, recon = [], []
-    for s in range(0, x.shape[0], chunk):
-        c = sae.encode(x[s : s + chunk])
-        codes.append(c)
-        recon.append(sae.decode(c))
-    return torch.cat(codes).numpy(), torch.cat(recon).numpy()
 
 
 def build(arch: str, d: int, d_sae: int, k: int):
@@ -268,11 +244,7 @@ def main() -> None:
     lo.add_argument("--acts", required=True)
     lo.add_argument("--dirs", nargs="+", required=True, help="folders holding sae/ (cfg.json + sae_weights)")
     lo.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    with contextlib.redirect_stdout(sys.stderr):
-        record = export(args) if args.cmd == "export" else load(args)
-    emit(record)
+    run(p, lambda args: export(args) if args.cmd == "export" else load(args))
 
 
 if __name__ == "__main__":

@@ -24,23 +24,15 @@ own format or SAE Lens's), and sparsify reads only its own.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.metadata
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def emit(record: dict) -> None:
-    sys.__stdout__.write(json.dumps(record) + "\n")
-    sys.__stdout__.flush()
-
-
-def rows(path: str) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.load(path), dtype=np.float32))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _interop_common import rows, run  # noqa: E402
 
 
 @torch.no_grad()
@@ -137,11 +129,7 @@ def main() -> None:
     e.add_argument("--context-size", type=int, default=128)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    with contextlib.redirect_stdout(sys.stderr):
-        record = export(args)
-    emit(record)
+    run(p, export)
 
 
 if __name__ == "__main__":
