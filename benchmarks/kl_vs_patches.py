@@ -43,13 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import ROOT, describe, repo_path  # noqa: E402
 
 import circuitsae  # noqa: E402
-from circuitsae.ioi_curves import halving, plot_curves, plot_transfer, run_ioi  # noqa: E402
+from circuitsae.ioi_curves import halving, label, plot_curves, plot_transfer, run_ioi  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def prepare(args: argparse.Namespace) -> dict[str, list[str]]:
-    """Harvest and train unless done (both resume); return the dictionary folders per site."""
+def prepare(args: argparse.Namespace, need: set[str]) -> dict[str, list[str]]:
+    """Harvest and train unless done (both resume) what the sites in ``need`` use; return the dictionary folders
+    per site."""
     work = Path(args.work)
     acts = work / "acts"
     t0 = time.perf_counter()
@@ -68,7 +69,7 @@ def prepare(args: argparse.Namespace) -> dict[str, list[str]]:
          {"gated_expansion": args.gated_expansion}),
     ]  # fmt: skip
     for out, sites, arch, coefs, width in runs:
-        if not sites:
+        if not sites or not need & set(sites):
             continue
         want = [work / out / f"{s}-{arch[0]}-c{c:g}" for s in sites for c in coefs]
         if not all(p.exists() for p in want):
@@ -137,10 +138,18 @@ def main() -> None:
     args.acdc_coefficients = args.acdc_coefficients or args.coefficients
     if args.main_site not in args.sites or args.middle_site not in args.sites:
         ap.error("--main-site and --middle-site must be among --sites")
-    folders = prepare(args)
+    every = {s: [] for s in args.sites}
+    folders = prepare(args, {site for _, site, _, _ in stages(args, every)})
     model = circuitsae.load_model("smollm2-135m", device="cpu")
     reports, seconds, commands = earlier(args)
-    for name, site, dicts, opts in stages(args, folders):
+    for name, site, dicts, opts in stages(args, {**every, **folders}):
+        if not opts["attribution"]:  # exact ACDC is the costly stage: curves an earlier run finished are kept
+            done = {lab for s, lab, m in reports if s == site and m == "acdc"}
+            if not opts["pca"]:  # (the PCA stage's dictionaries are only where PCA is fitted)
+                dicts = [p for p in dicts if label(circuitsae.load_dictionary(p)) not in done]
+            if not dicts or (opts["pca"] and "PCA" in done):
+                print(f"== {name}: done in an earlier run")
+                continue
         t0 = time.perf_counter()
         print(f"== {name}: {len(dicts)} dictionaries")
         try:
