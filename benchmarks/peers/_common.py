@@ -36,6 +36,8 @@ def parse_args(description: str) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, help=".npz of a trained SAE to start from (circuitsae's parameter names, "
+                   "W_* as [d_sae, d]); sets --d-sae")  # fmt: skip
     args = p.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         p.error("--steps must be >= 1, --warmup >= 0, --batch >= 1")
@@ -43,7 +45,36 @@ def parse_args(description: str) -> argparse.Namespace:
         p.error("--device cuda requested but torch.cuda.is_available() is False")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    args.init_arrays = None
+    if args.init:
+        with np.load(args.init) as z:
+            args.init_arrays = {k: torch.from_numpy(z[k].astype(np.float32)) for k in z.files}
+        args.d_sae = int(args.init_arrays["W_dec"].shape[0])
     return args
+
+
+@torch.no_grad()
+def load_into(params: dict, arrays: "dict | None", names: dict, transpose: tuple = ()) -> None:
+    """Copy a trained SAE's ``arrays`` into a library's parameters: ``names`` maps the library's names to
+    circuitsae's; those in ``transpose`` are stored the other way round there. Every parameter must be covered."""
+    if arrays is None:
+        return
+    missing = sorted(set(params) - set(names))
+    if missing:
+        raise SystemExit(f"--init: no value for the parameters {missing}")
+    for lib_name, ours in names.items():
+        src = arrays[ours].T if lib_name in transpose else arrays[ours]
+        if tuple(params[lib_name].shape) != tuple(src.shape):
+            raise SystemExit(
+                f"--init: {lib_name} has shape {tuple(params[lib_name].shape)}, the file {tuple(src.shape)}"
+            )
+        params[lib_name].copy_(src)
+
+
+@torch.no_grad()
+def l0(codes: torch.Tensor) -> float:
+    """Mean number of open units per row."""
+    return float((codes > 0).sum(-1).float().mean())
 
 
 def load_acts(path: str) -> np.ndarray:

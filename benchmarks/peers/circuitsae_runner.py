@@ -6,6 +6,7 @@ Gated SAE. ``--runs N`` trains N SAEs of that architecture on each batch in
 one step (the multi-SAE pass); throughput is then counted per SAE-activation.
 ``--autograd`` trains through the plain-autograd losses (``loss_reference``)
 instead of the hand-written backward passes, to measure what those gain.
+``--dense`` keeps every step on the dense path (``fused.SPARSE_BELOW = 0``), to measure what the sparse one gains.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import circuitsae  # noqa: E402
-from circuitsae.dictionaries import GatedSAE, ReluSAE  # noqa: E402
+from circuitsae.dictionaries import GatedSAE, ReluSAE, fused  # noqa: E402
 from circuitsae.store import store_from_tensors  # noqa: E402
 from circuitsae.train import TrainConfig, Trainer  # noqa: E402
 
@@ -36,6 +37,9 @@ def main() -> None:
     if autograd:
         sys.argv.remove("--autograd")
         ReluSAE.loss, GatedSAE.loss = ReluSAE.loss_reference, GatedSAE.loss_reference
+    if "--dense" in sys.argv:
+        sys.argv.remove("--dense")
+        fused.SPARSE_BELOW = 0.0
     args = _common.parse_args(__doc__.splitlines()[0])
     acts = _common.load_acts(args.acts)
     d = acts.shape[1]
@@ -57,17 +61,21 @@ def main() -> None:
             device=args.device,
         )
         trainer = Trainer(cfg, progress=False)
+        sae = trainer.runs[0].sae
+        names = {n: "W_enc" if n == "W_enc_untied" else n for n, _ in sae.named_parameters()}
+        _common.load_into(dict(sae.named_parameters()), args.init_arrays, names)
         trainer.total_steps = 10**9  # schedules as in a long run (warm-up fractions of it)
         trainer.lr_warmup_steps = trainer.coef_warmup_steps = 1
-        times = _common.time_steps(
-            args, _common.Batches(acts, args.batch, args.device), lambda step, x: trainer.step({"resid.0": x})
-        )
+        batches = _common.Batches(acts, args.batch, args.device)
+        times = _common.time_steps(args, batches, lambda step, x: trainer.step({"resid.0": x}))
+        l0_after = _common.l0(trainer.step({"resid.0": batches.next()})[0].codes)  # one more, untimed
     times = [t / runs for t in times]  # seconds per SAE-step
     _common.emit(
         args,
         peer="circuitsae"
         + (f" ({runs} SAEs per pass)" if runs > 1 else "")
-        + (" (plain autograd)" if autograd else ""),
+        + (" (plain autograd)" if autograd else "")
+        + (" (dense path)" if fused.SPARSE_BELOW == 0.0 else ""),
         version=circuitsae.__version__ if hasattr(circuitsae, "__version__") else "dev",
         d=d,
         d_sae=d_sae,
@@ -75,6 +83,8 @@ def main() -> None:
         notes="timed: circuitsae Trainer.step (forward, loss, backward, parallel-gradient removal, fused Adam, "
         "renormalisation, firing counters); " + _common.BATCH_NOTE,
         runs_per_pass=runs,
+        l0_after=l0_after,
+        sparse_below=fused.SPARSE_BELOW,
     )
 
 

@@ -61,6 +61,12 @@ def run(args):
         device=args.device,
     )
 
+    names = {"standard": {"encoder.weight": "W_enc", "encoder.bias": "b_enc", "decoder.weight": "W_dec",
+                          "bias": "b_dec"},
+             "gated": {"encoder.weight": "W_gate", "gate_bias": "b_gate", "r_mag": "r_mag", "mag_bias": "b_mag",
+                       "decoder.weight": "W_dec", "decoder_bias": "b_dec"}}[args.arch]  # fmt: skip
+    _common.load_into(dict(trainer.ae.named_parameters()), args.init_arrays, names, transpose=("decoder.weight",))
+
     autocast_dtype = torch.float32  # trainSAE's default
     autocast_context = (
         contextlib.nullcontext() if args.device == "cpu" else torch.autocast(device_type="cuda", dtype=autocast_dtype)
@@ -72,7 +78,10 @@ def run(args):
         with autocast_context:
             trainer.update(step, act)
 
-    times = _common.time_steps(args, _common.Batches(acts, args.batch, args.device), one_step)
+    batches = _common.Batches(acts, args.batch, args.device)
+    times = _common.time_steps(args, batches, one_step)
+    with torch.no_grad():
+        l0_after = _common.l0(trainer.ae.encode(batches.next()))  # outside the timed steps
 
     opt = trainer.optimizer
     notes = (
@@ -91,6 +100,7 @@ def run(args):
         notes=notes,
         sae_class=_common.qualname(dict_cls),
         trainer_class=_common.qualname(trainer_cls),
+        l0_after=l0_after,
     )
 
 

@@ -65,6 +65,10 @@ def run(args):
     )
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(()), evaluator=None)
     trainer.sae.to(args.device)  # as SAETrainer.fit() does first
+    names = {"standard": {"W_enc": "W_enc", "b_enc": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec"},
+             "gated": {"W_enc": "W_gate", "b_gate": "b_gate", "r_mag": "r_mag", "b_mag": "b_mag", "W_dec": "W_dec",
+                       "b_dec": "b_dec"}}[args.arch]  # fmt: skip
+    _common.load_into(dict(sae.named_parameters()), args.init_arrays, names, transpose=("W_enc",))
 
     def one_step(step, x):
         # SAETrainer.fit() loop body without wandb logging / evals / pbar.
@@ -73,7 +77,9 @@ def run(args):
         trainer._checkpoint_if_needed()
         trainer.n_training_steps += 1
 
-    times = _common.time_steps(args, _common.Batches(acts, args.batch, args.device), one_step)
+    batches = _common.Batches(acts, args.batch, args.device)
+    times = _common.time_steps(args, batches, one_step)
+    l0_after = _common.l0(sae.encode(batches.next()))  # outside the timed steps
 
     notes = (
         f"timed: sae_lens SAETrainer.fit() loop body per step "
@@ -91,6 +97,7 @@ def run(args):
         notes=notes,
         sae_class=_common.qualname(sae_cls),
         trainer_class=_common.qualname(SAETrainer),
+        l0_after=l0_after,
     )
 
 

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import torch
 
+from circuitsae.dictionaries.fused import OpenUnits
 from circuitsae.dictionaries.topk import TopKSAE
 
 #: θ's running mean: an exponential moving average with a horizon of ~100 steps, so that θ reflects the trained
@@ -54,6 +55,14 @@ class BatchTopKSAE(TopKSAE):
         kept = values[values > 0]
         stat = kept.min().detach() if kept.numel() else self.threshold.clone()  # nothing kept: θ stays
         return codes, stat
+
+    def _select_units(self, pre: torch.Tensor) -> tuple[OpenUnits, "torch.Tensor | None"]:
+        acts = pre.relu()
+        flat = acts.reshape(-1)
+        values, idx = flat.topk(min(self.k * acts.shape[0], flat.numel()), sorted=False)
+        kept = values[values > 0]
+        stat = kept.min().detach() if kept.numel() else self.threshold.clone()  # nothing kept: θ stays
+        return OpenUnits.from_flat(idx.sort().values, tuple(acts.shape)), stat
 
     def after_step(self, stat: "torch.Tensor | None") -> None:
         if stat is not None:

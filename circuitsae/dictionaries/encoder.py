@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from circuitsae.dictionaries import fused
 from circuitsae.dictionaries.base import Dictionary, unit_rows
 
 
@@ -43,6 +44,25 @@ class AffineEncoderSAE(Dictionary):
     def _reconstruction_loss(self, x: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_hat = self.decode(codes)
         return x_hat, (x_hat - x).pow(2).sum(-1).mean()
+
+    # -- the sparse training path (fused.py): only the chosen units are encoded, decoded and differentiated --
+
+    def _sparse_step(self, x: torch.Tensor, mode: str, density: "float | None" = None) -> bool:
+        """Whether this training step takes the sparse path: forced by ``mode``, else by ``density`` (the open
+        fraction when the architecture fixes it) against ``fused.SPARSE_BELOW``; float32/float64 only."""
+        if mode != "auto":
+            return mode == "sparse"
+        if x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
+            return False
+        return density is not None and density < fused.SPARSE_BELOW
+
+    def _pre_at(self, x: torch.Tensor, pre: torch.Tensor, units: "fused.OpenUnits") -> torch.Tensor:
+        """The pre-activations at ``units`` (``pre`` from a no-grad pass), differentiable through them only."""
+        return fused.Encode.apply(x - self.b_dec, self.W_enc, self.b_enc, pre, units)
+
+    def _decode_at(self, values: torch.Tensor, units: "fused.OpenUnits") -> torch.Tensor:
+        """``W_decᵀ f`` (no ``b_dec``) for the codes ``values`` at ``units``."""
+        return fused.Decode.apply(values, self.W_dec, units)
 
     def constrained(self) -> list[nn.Parameter]:
         """Parameters whose rows are feature directions held at unit norm."""

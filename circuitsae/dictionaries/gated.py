@@ -75,11 +75,16 @@ class GatedSAE(Dictionary):
         pre_mag = proj * self.r_mag[features].exp() + self.b_mag[features]
         return torch.where(pi_gate > 0, torch.relu(pre_mag), 0.0)
 
-    def loss(self, x: torch.Tensor, coefficient: float) -> Loss:
-        """The loss above (batch means); hand-written backward unless under autocast."""
+    def loss(self, x: torch.Tensor, coefficient: float, mode: str = "auto") -> Loss:
+        """The loss above (batch means); hand-written backward unless under autocast.
+
+        ``mode``: "auto" takes the sparse path (fused.py) below ``fused.SPARSE_BELOW`` open gates; "dense" /
+        "sparse" force one (the same loss and gradients).
+        """
         if torch.is_autocast_enabled(x.device.type):
             return self.loss_reference(x, coefficient)
-        out = GatedLoss.apply(x, self.W_gate, self.b_gate, self.r_mag, self.b_mag, self.W_dec, self.b_dec, coefficient)
+        params = (self.W_gate, self.b_gate, self.r_mag, self.b_mag, self.W_dec, self.b_dec)
+        out = GatedLoss.apply(x, *params, coefficient, mode)
         return Loss(*out)
 
     def loss_reference(self, x: torch.Tensor, coefficient: float) -> Loss:

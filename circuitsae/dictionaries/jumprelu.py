@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from circuitsae.dictionaries import fused
 from circuitsae.dictionaries.base import Loss
 from circuitsae.dictionaries.encoder import AffineEncoderSAE
 
@@ -40,7 +41,7 @@ class _JumpReLU(torch.autograd.Function):
         eps = ctx.eps
         d_pre = g * (pre > theta).to(g.dtype)
         d_theta = -(theta / eps) * _rectangle((pre - theta) / eps) * g
-        return d_pre, d_theta.reshape(-1, theta.shape[-1]).sum(0), None
+        return d_pre, d_theta.sum_to_size(theta.shape), None
 
 
 class _Step(torch.autograd.Function):
@@ -57,7 +58,7 @@ class _Step(torch.autograd.Function):
         pre, theta = ctx.saved_tensors
         eps = ctx.eps
         d_theta = -(1.0 / eps) * _rectangle((pre - theta) / eps) * g
-        return None, d_theta.reshape(-1, theta.shape[-1]).sum(0), None
+        return None, d_theta.sum_to_size(theta.shape), None
 
 
 class JumpReLUSAE(AffineEncoderSAE):
@@ -103,17 +104,42 @@ class JumpReLUSAE(AffineEncoderSAE):
         pre = self.pre_activation_features(x, features)
         return torch.where(pre > self.threshold[features], pre, 0.0)
 
-    def loss(self, x: torch.Tensor, coefficient: float) -> Loss:
-        """L = ||x − x̂||² + λ·L0 (batch means of row sums), straight-through gradients for θ."""
+    def loss(self, x: torch.Tensor, coefficient: float, mode: str = "auto") -> Loss:
+        """L = ||x − x̂||² + λ·L0 (batch means of row sums), straight-through gradients for θ.
+
+        The sparse path (fused.py; ``mode`` "auto" below ``fused.SPARSE_BELOW`` open, or "sparse") works on
+        the units that are open or inside the kernel's band (pre > θ − ε/2): every other unit has zero codes
+        and zero pseudo-derivatives, so it gives the same loss and gradients as the dense one.
+        """
         pre = self.pre_activation(x)
         theta = self.threshold
+        with torch.no_grad():
+            probe = pre[: fused.PROBE_ROWS] > theta
+            density = float(probe.float().mean()) if probe.numel() else 1.0
+        if not self._sparse_step(x, mode, density):
+            return self._loss_dense(x, pre, theta, coefficient)
+        pre = pre.detach()  # its dense graph is left unused: the units' own Encode carries the gradients
+        with torch.no_grad():
+            units = fused.OpenUnits.where(pre > theta - self.bandwidth / 2)
+        values = self._pre_at(x, pre, units)
+        theta_at = theta[units.cols]
+        codes = _JumpReLU.apply(values, theta_at, self.bandwidth)
+        x_hat = self._decode_at(codes, units) + self.b_dec
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        l0 = _Step.apply(values, theta_at, self.bandwidth).sum() / x.shape[0]
+        zero = mse.new_zeros(())
+        return Loss(mse + coefficient * l0, mse, l0, zero, x_hat.detach(), units.dense(codes.detach()))
+
+    def loss_reference(self, x: torch.Tensor, coefficient: float) -> Loss:
+        """The same loss through plain autograd on dense codes (the dense path, and the tests' oracle)."""
+        return self._loss_dense(x, self.pre_activation(x), self.threshold, coefficient)
+
+    def _loss_dense(self, x: torch.Tensor, pre: torch.Tensor, theta: torch.Tensor, coefficient: float) -> Loss:
         codes = _JumpReLU.apply(pre, theta, self.bandwidth)
         x_hat, mse = self._reconstruction_loss(x, codes)
         l0 = _Step.apply(pre, theta, self.bandwidth).sum(-1).mean()
         zero = mse.new_zeros(())
         return Loss(mse + coefficient * l0, mse, l0, zero, x_hat.detach(), codes.detach())
-
-    loss_reference = loss
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

@@ -67,11 +67,16 @@ class ReluSAE(Dictionary):
             x = x - self.b_dec
         return torch.relu(x @ self.W_enc[features].T + self.b_enc[features])
 
-    def loss(self, x: torch.Tensor, coefficient: float) -> Loss:
-        """L = ||x − x̂||² + α ||c||₁ (batch means); hand-written backward unless under autocast."""
+    def loss(self, x: torch.Tensor, coefficient: float, mode: str = "auto") -> Loss:
+        """L = ||x − x̂||² + α ||c||₁ (batch means); hand-written backward unless under autocast.
+
+        ``mode``: "auto" takes the sparse path (fused.py) below ``fused.SPARSE_BELOW`` open units; "dense" /
+        "sparse" force one (the same loss and gradients).
+        """
         if torch.is_autocast_enabled(x.device.type):
             return self.loss_reference(x, coefficient)
-        total, mse, l1, x_hat, codes = ReluLoss.apply(x, self.W_enc, self.W_dec, self.b_enc, self.b_dec, coefficient)
+        args = (x, self.W_enc, self.W_dec, self.b_enc, self.b_dec, coefficient, mode)
+        total, mse, l1, x_hat, codes = ReluLoss.apply(*args)
         return Loss(total, mse, l1, mse.new_zeros(()), x_hat, codes)
 
     def loss_reference(self, x: torch.Tensor, coefficient: float) -> Loss:

@@ -8,6 +8,7 @@ import torch
 
 from circuitsae.dictionaries.base import Loss
 from circuitsae.dictionaries.encoder import AffineEncoderSAE
+from circuitsae.dictionaries.fused import OpenUnits
 from circuitsae.errors import CircuitSAEError
 
 AUX_COEFFICIENT = 1 / 32  # α_aux of Gao et al.
@@ -61,8 +62,42 @@ class TopKSAE(AffineEncoderSAE):
         """Training codes (and the BatchTopK threshold statistic)."""
         return keep_top(pre, self.k), None
 
-    def loss(self, x: torch.Tensor, coefficient: float = 0.0) -> Loss:
-        """L = ||x − x̂||² + α_aux ||e − ê||² (batch means of row sums); ``coefficient`` is unused."""
+    def _select_units(self, pre: torch.Tensor) -> tuple[OpenUnits, "torch.Tensor | None"]:
+        """The sparse path's selection: the units :meth:`_select` keeps (some may hold 0 after the ReLU)."""
+        return OpenUnits.from_rows(
+            pre.topk(min(self.k, pre.shape[-1]), dim=-1, sorted=False).indices, self.d_dict
+        ), None
+
+    def loss(self, x: torch.Tensor, coefficient: float = 0.0, mode: str = "auto") -> Loss:
+        """L = ||x − x̂||² + α_aux ||e − ê||² (batch means of row sums); ``coefficient`` is unused.
+
+        ``mode`` "auto" takes the sparse path (fused.py) when k / d_sae is under ``fused.SPARSE_BELOW``;
+        "dense" / "sparse" force one: the same loss and gradients.
+        """
+        if not self._sparse_step(x, mode, self.k / self.d_dict):
+            return self.loss_reference(x, coefficient)
+        with torch.no_grad():
+            pre = self.pre_activation(x)
+            units, stat = self._select_units(pre)
+        values = self._pre_at(x, pre, units).relu()
+        x_hat = self._decode_at(values, units) + self.b_dec
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        aux = mse.new_zeros(())
+        n_dead = int(self.dead.sum())
+        if n_dead:
+            err = (x - x_hat).detach()
+            with torch.no_grad():
+                dead_pre = pre.masked_fill(~self.dead, float("-inf"))
+                top = dead_pre.topk(min(self.k_aux, n_dead), dim=-1, sorted=False).indices
+                aux_units = OpenUnits.from_rows(top, self.d_dict)
+            e_hat = self._decode_at(self._pre_at(x, pre, aux_units).relu(), aux_units)
+            aux = (e_hat - err).pow(2).sum(-1).mean()
+        values = values.detach()
+        l0 = (values > 0).sum() / x.shape[0]
+        return Loss(mse + AUX_COEFFICIENT * aux, mse, l0, aux, x_hat.detach(), units.dense(values), stat)
+
+    def loss_reference(self, x: torch.Tensor, coefficient: float = 0.0) -> Loss:
+        """The same loss through plain autograd on dense codes (the dense path, and the tests' oracle)."""
         pre = self.pre_activation(x)
         codes, stat = self._select(pre)
         x_hat, mse = self._reconstruction_loss(x, codes)
@@ -75,8 +110,6 @@ class TopKSAE(AffineEncoderSAE):
             aux = (e_hat - err).pow(2).sum(-1).mean()
         l0 = (codes > 0).sum(-1).float().mean()
         return Loss(mse + AUX_COEFFICIENT * aux, mse, l0, aux, x_hat.detach(), codes.detach(), stat)
-
-    loss_reference = loss
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "k": self.k, "k_aux": self.k_aux}
