@@ -172,3 +172,26 @@ def test_training_ends_at_the_same_parameters_on_either_path(arch, tmp_path, mon
     assert finals[0].keys() == finals[1].keys()
     for k in finals[0]:
         torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["relu-untied-bdec", "gated", "topk", "jumprelu"])
+def test_sparse_path_on_cuda_equals_the_cpu(kind):
+    """On the (fake) CUDA device the units are found with torch.nonzero/argsort, not NumPy; nothing mixes devices."""
+    from fake_cuda import FakeCuda, fake_cuda
+
+    sae = _sae(kind, 0.05) if kind in KINDS else _affine(kind, 0.05)
+    x = torch.randn(B, D)
+    want = sae.loss(x, 0.3, mode="sparse")
+    want_grads = torch.autograd.grad(want.total, list(sae.parameters()), allow_unused=True)
+    with fake_cuda():
+        sae_cuda, x_cuda = sae.to("cuda"), x.to("cuda")
+        got = sae_cuda.loss(x_cuda, 0.3, mode="sparse")
+        assert isinstance(got.codes, FakeCuda) and got.codes.device.type == "cuda"
+        got_grads = torch.autograd.grad(got.total, list(sae_cuda.parameters()), allow_unused=True)
+        got_cpu = [None if g is None else g.cpu() for g in got_grads]
+        total = got.total.cpu()
+    torch.testing.assert_close(total, want.total)
+    for a, b in zip(got_cpu, want_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

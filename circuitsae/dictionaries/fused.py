@@ -47,10 +47,10 @@ import torch
 # said once per process by torch on the first CSR tensor; the kernels used here are tested against dense ones
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
-#: density of open units (L0 / d_sae) below which a step takes the sparse path: the crossover that
-#: ``benchmarks/train_throughput.py --crossover`` measures on 2 CPU cores is near 0.1; below it the
-#: sparse step is faster, above it the dense one.
-SPARSE_BELOW = 0.1
+#: density of open units (L0 / d_sae) below which a step takes the sparse path. On 2 CPU cores the sparse
+#: step stops paying at 5–6% open (``benchmarks/train_throughput.py``'s crossover, in its results JSON);
+#: this stays under that, so a step is never slower than the dense path would have been.
+SPARSE_BELOW = 0.04
 #: rows the density estimate reads (the trainer's batches are shuffled rows)
 PROBE_ROWS = 256
 
@@ -111,7 +111,11 @@ class OpenUnits(NamedTuple):
         torch.cumsum(torch.bincount(rows, minlength=n), 0, out=crow[1:])
         ccol = torch.zeros(f + 1, dtype=torch.long, device=idx.device)
         torch.cumsum(torch.bincount(cols, minlength=f), 0, out=ccol[1:])
-        return OpenUnits(idx, rows, cols, crow, torch.argsort(cols, stable=True), ccol, (n, f))
+        if cols.device.type == "cpu":  # NumPy's stable argsort: 10× torch's here, and steady when cores are busy
+            order = torch.from_numpy(np.argsort(cols.numpy(), kind="stable"))
+        else:
+            order = torch.argsort(cols, stable=True)
+        return OpenUnits(idx, rows, cols, crow, order, ccol, (n, f))
 
     def dense(self, values: torch.Tensor) -> torch.Tensor:
         """The ``[B, F]`` matrix holding ``values`` at the units, 0 elsewhere."""
