@@ -328,7 +328,9 @@ def main() -> None:
     if "trained" in out:
         plot_trained(out["trained"], peak, Path(f"{stem}_trained.png"), out["machine"])
     if "crossover" in out:
-        plot_crossover(out["crossover"], out.get("crossover_density", {}), Path(f"{stem}_crossover.png"))
+        plot_crossover(
+            out["crossover"], out.get("crossover_density", {}), Path(f"{stem}_crossover.png"), out["machine"]
+        )
     print(json.dumps({k: out.get(k) for k in ("ratios", "crossover_density")} | {
         "trained": out.get("trained", {}).get("ratios")}, indent=1))  # fmt: skip
 
@@ -441,7 +443,7 @@ def plot_trained(trained: dict, peak: dict, path: Path, machine: dict) -> None:
     fig.savefig(path, dpi=120)
 
 
-def plot_crossover(rows: list[dict], crossings: dict, path: Path) -> None:
+def plot_crossover(rows: list[dict], crossings: dict, path: Path, machine: dict) -> None:
     """Sparse-path speed over dense-path speed against the density of open units."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, key in enumerate(sorted({(r["arch"], r["d_sae"]) for r in rows})):
@@ -456,7 +458,8 @@ def plot_crossover(rows: list[dict], crossings: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("density of open units (L0 / d_sae)")
     ax.set_ylabel("sparse path speed / dense path speed")
-    ax.set_title("circuitsae loss forward + backward, batch 4096, d = 576", fontsize=9)
+    ax.set_title(f"circuitsae loss forward + backward, batch 4096, d = 576 — {machine['cpu']}, "
+                 f"{machine['torch_threads']} threads", fontsize=9)  # fmt: skip
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
