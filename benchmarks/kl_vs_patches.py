@@ -44,6 +44,7 @@ from machine import ROOT, describe, repo_path  # noqa: E402
 
 import circuitsae  # noqa: E402
 from circuitsae.ioi_curves import halving, label, plot_curves, plot_transfer, run_ioi  # noqa: E402
+from circuitsae.store import digest  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -86,6 +87,18 @@ def prepare(args: argparse.Namespace, need: set[str]) -> dict[str, list[str]]:
                 folders.setdefault(p.name.split("-")[0], []).append(str(p))
     print(f"prepared in {time.perf_counter() - t0:.0f} s")
     return folders
+
+
+def store_identity(args: argparse.Namespace) -> str:
+    """What the results were computed from: the store's config and its first training shard at the main site
+    (a harvest elsewhere, or of other text, differs there)."""
+    acts = Path(args.work) / "acts"
+    return digest([acts / "meta.json", acts / f"train-00000.{args.main_site}.npy"])
+
+
+def dictionary_identity(path: str) -> "str | None":
+    """A saved dictionary's files (PCA is fitted on the store: the store's identity covers it)."""
+    return digest([path]) if path != "pca" and Path(path).is_dir() else None
 
 
 def stages(args: argparse.Namespace, folders: dict[str, list[str]]) -> list[tuple[str, str, list[str], dict]]:
@@ -160,6 +173,7 @@ def main() -> None:
                     **r,
                     "ioi": rep["ioi"],
                     "ioi_heldout": rep["ioi_heldout"],
+                    "dictionary_identity": dictionary_identity(r["path"]),
                 }
             # the run that computed it, not a re-read: curves read back from their parts count their own times
             took = max(time.perf_counter() - t0, sum(r["seconds"] for r in rep["results"]))
@@ -169,16 +183,26 @@ def main() -> None:
 
 
 def earlier(args: argparse.Namespace) -> tuple[dict, dict, list[str]]:
-    """Curves, stage times and commands of an earlier run with the same settings (other stages): this run adds to
-    them, and ends the list of commands."""
+    """Curves, stage times and commands of an earlier run with the same settings on the same store (other
+    stages): this run adds to them, and ends the list of commands. A curve whose dictionary's files have
+    changed since (retrained) is dropped, so one results file never mixes two trainings of a dictionary; a
+    results file of another store (another harvest) is not added to at all."""
     this = shlex.join(["python", "benchmarks/kl_vs_patches.py", *sys.argv[1:]])
     path = RESULTS / f"{args.results_name}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     same = ("tokens", "prompts", "heldout_prompts", "thresholds", "main_site", "middle_site")
     if not old or any(old.get(k) != getattr(args, k) for k in same):
         return {}, {}, [this]
+    if old.get("store_identity") != store_identity(args):
+        print(f"{path.name} was computed on another store (or before stores were recorded): starting afresh")
+        return {}, {}, [this]
     extra = {"ioi": old["ioi"], "ioi_heldout": old["ioi_heldout"]}
-    reports = {(r["site"], r["label"], r["method"]): {**r, **extra} for r in old["results"]}
+    reports = {}
+    for r in old["results"]:
+        if r["path"] != "pca" and r.get("dictionary_identity") != dictionary_identity(str(ROOT / r["path"])):
+            print(f"dropped the earlier {r['method']} curve of {r['label']} at {r['site']}: its files changed")
+            continue
+        reports[(r["site"], r["label"], r["method"])] = {**r, **extra}
     commands = [c for c in old.get("commands", [old.get("command")]) if c and c != this] + [this]
     return reports, dict(old.get("seconds_by_stage", {})), commands
 
@@ -211,6 +235,7 @@ def write(args: argparse.Namespace, reports: dict, seconds: dict, commands: list
     main = [r for r in results if r["site"] == args.main_site] or results
     out = {
         "machine": describe(),
+        "store_identity": store_identity(args),
         "commands": commands,
         "model": "smollm2-135m",
         "main_site": args.main_site,
