@@ -17,7 +17,8 @@ a *sampled* product), the decoder gradient ``cᵀ ∂L/∂x̂`` and the encoder 
 2·B·L0·d FLOPs each instead of 2·B·d·F. :class:`OpenUnits` finds the open units
 once per step (flat indices of the mask, row-major: a CSR pattern) and its
 transpose order once, and every sparse product of the step reuses them:
-``torch.sparse`` CSR × dense for the decode and the two weight gradients,
+``torch.sparse`` CSR × dense for the decode and the two weight gradients
+(NumPy's ``flatnonzero`` and stable ``argsort`` build the pattern on a CPU: 3× and 10× torch's here),
 ``torch.sparse.sampled_addmm`` for the sampled product, ``index_add_`` for the
 bias gradients. Each step chooses by the density of open units, estimated from
 its first rows: below :data:`SPARSE_BELOW` the sparse path, else the dense one
@@ -25,13 +26,17 @@ its first rows: below :data:`SPARSE_BELOW` the sparse path, else the dense one
 the same quantities; the tests hold them equal to each other and to autograd at
 densities from 0 to 1.
 
+The ReLU and Gated losses below have the sparse path as a second branch of their hand-written backward;
+TopK, BatchTopK and JumpReLU (``encoder.py``) train through :class:`Encode` and :class:`Decode`, two small
+autograd functions over the same :class:`OpenUnits`.
+
 On a GPU the same selection is what a kernel needs: the CSR pattern feeds
 cuSPARSE through the same ``torch.sparse`` calls (``torch.nonzero`` instead of
 NumPy's finds the units there), or a fused gather/scatter kernel as in sparsify's
 TopK decoder. This is written but not measured: no GPU was at hand (README,
 "Training throughput").
 
-Used in float32/float64; under CUDA autocast the classes fall back to the
+Used in float32/float64; under autocast the classes fall back to the
 reference autograd path (``ReluSAE.loss_reference`` / ``GatedSAE.loss_reference``),
 and other dtypes take the dense path.
 """
@@ -48,8 +53,9 @@ import torch
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 #: density of open units (L0 / d_sae) below which a step takes the sparse path. On 2 CPU cores the sparse
-#: step stops paying at 5–6% open (``benchmarks/train_throughput.py``'s crossover, in its results JSON);
-#: this stays under that, so a step is never slower than the dense path would have been.
+#: step stops paying at 5.2–8.3% open (``benchmarks/train_throughput.py``'s crossover for both architectures
+#: at d_sae 4608 and 18432, in its results JSON); this stays under all of them, so a step is never slower
+#: than the dense path would have been.
 SPARSE_BELOW = 0.04
 #: rows the density estimate reads (the trainer's batches are shuffled rows)
 PROBE_ROWS = 256
