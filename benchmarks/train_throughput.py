@@ -203,6 +203,30 @@ def crossover(x: torch.Tensor, widths: list[int], densities: list[float], thread
     return rows
 
 
+def whole_training(store: Path, expansion: int) -> dict:
+    """One real training from random initialisation to the end (relu α = 1 and gated λ = 2 in one pass, the
+    store's 1M tokens, batch 1024), with the sparse path as chosen per step and then with it off: the time
+    the whole job takes, and whether the SAEs come out the same."""
+    out = {}
+    for name, below in (("auto", fused.SPARSE_BELOW), ("dense path", 0.0)):
+        kept, fused.SPARSE_BELOW = fused.SPARSE_BELOW, below
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                saes = circuitsae.train(store=str(store), out=tmp, sites=("resid.6",), arch=("relu", "gated"),
+                                        arch_coefficients=("relu=1", "gated=2"), expansion=expansion,
+                                        gated_expansion=expansion, tied=False, decoder_bias=True, lr=1e-3,
+                                        batch_size=1024, epochs=1, device="cpu", progress=False)  # fmt: skip
+                seconds = time.perf_counter() - t0
+        finally:
+            fused.SPARSE_BELOW = kept
+        out[name] = {"seconds": seconds, "metrics": {k: {m: s.meta["metrics"][m] for m in ("l0", "fvu", "gamma",
+                     "dead_fraction")} for k, s in saes.items()}}  # fmt: skip
+        print(f"whole training, {name}: {seconds:.0f} s", flush=True)
+    out["speedup"] = out["dense path"]["seconds"] / out["auto"]["seconds"]
+    return out
+
+
 def crossing(rows: list[dict]) -> dict:
     """Per (arch, d_sae): the density where the sparse path stops being faster (log-linear between the two
     measured densities around it; None if it is faster everywhere measured)."""
@@ -246,7 +270,7 @@ def main() -> None:
     ap.add_argument("--multi", type=int, default=4, help="also time circuitsae training this many SAEs per pass")
     ap.add_argument("--widths", type=int, nargs="+", default=[4608, 18432], help="d_sae of the trained rows")
     ap.add_argument("--densities", type=float, nargs="+", default=[0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2])
-    ap.add_argument("--only", choices=("all", "random", "trained", "crossover"), default="all")
+    ap.add_argument("--only", choices=("all", "random", "trained", "crossover", "whole"), default="all")
     args = ap.parse_args()
 
     available = [n for n in PEERS if n == "circuitsae" or (PEERS[n][0].parent.parent / ".setup-complete").is_file()]
@@ -294,6 +318,8 @@ def main() -> None:
                 print(f"round {r + 1}: {kind:7s} {rec['peer']:36s} {arch:8s} d_sae={rec['d_sae']:5d} "
                       f"{rec['acts_per_s']:8.0f} act/s" + (f", L0 after {rec['l0_after']:.0f}" if kind == "trained"
                                                           else ""), flush=True)  # fmt: skip
+        if args.only in ("all", "whole"):
+            out["whole_training"] = whole_training(Path(source["store"]), 8)
         if args.only in ("all", "crossover"):
             x = torch.from_numpy(np.load(scaled_path)[:4096].copy())
             out["crossover"] = crossover(x, args.widths, args.densities, args.threads, args.device)
@@ -303,8 +329,11 @@ def main() -> None:
                 c is None or fused.SPARSE_BELOW <= c for c in out["crossover_density"].values()
             )
 
-    out.update(machine=describe(), device=args.device, matmul=peak, peers_missing=missing)
-    out["settings"] = vars(args) | {"d": 576, "d_sae_random": 4608, "batch": 4096}
+    settings = vars(args) | {"d": 576, "d_sae_random": 4608, "batch": 4096}
+    if args.only == "all":
+        out.update(machine=describe(), device=args.device, matmul=peak, peers_missing=missing, settings=settings)
+    else:  # one stage added to an earlier run's file: its settings and peak stay, this run is listed
+        out.setdefault("added_stages", []).append({"settings": settings, "machine": describe(), "matmul": peak})
     out["activations"] = {k: (repo_path(v) if k == "store" else v) for k, v in source.items()}
     if results["random"]:
         table = summarise(results["random"])
