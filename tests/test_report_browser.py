@@ -6,17 +6,14 @@ Needs Debian's ``chromium`` (``make setup`` installs it); without it these tests
 """
 
 import json
-import sys
 from pathlib import Path
 
 import networkx as nx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from report_screenshot import MIN_LABEL_PX, find_chromium, inspect_page, problems  # noqa: E402
-
-from circuitsae.render import render  # noqa: E402
-from circuitsae.report import SECTIONS, write_report  # noqa: E402
+from circuitsae.browser import MIN_LABEL_PX, find_chromium, inspect_page, problems
+from circuitsae.render import render
+from circuitsae.report import SECTIONS, write_report
 
 
 @pytest.fixture(scope="module")

@@ -133,9 +133,9 @@ def test_affine_sparse_path_gives_the_dense_loss_and_gradients(kind, density):
     sparse, dense = sae.loss(x, 0.3, mode="sparse"), sae.loss_reference(x, 0.3)
     for name in ("total", "mse", "sparsity", "aux", "x_hat", "codes"):
         torch.testing.assert_close(getattr(sparse, name), getattr(dense, name), rtol=1e-5, atol=1e-5)
-    if kind == "jumprelu" and 0 < density < 1:  # the fixture puts units inside the band (θ's gradient is not 0)
+    if kind == "jumprelu" and 0 < density < 1:  # closed units inside the band: θ's gradient reaches them
         pre = (x - sae.b_dec) @ sae.W_enc.T + sae.b_enc
-        assert ((pre - sae.threshold).abs() <= sae.bandwidth / 2).any()
+        assert ((pre <= sae.threshold) & (sae.threshold - pre <= sae.bandwidth / 2)).any()
     if kind != "jumprelu":
         assert float(dense.aux.detach()) > 0  # the auxiliary term is exercised
     params = [p for p in sae.parameters()]
@@ -149,6 +149,37 @@ def test_affine_sparse_path_gives_the_dense_loss_and_gradients(kind, density):
             a = torch.zeros_like(p) if a is None else a
             b = torch.zeros_like(p) if b is None else b
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_topk_auxiliary_term_with_fewer_dead_latents_than_k_aux():
+    sae = _affine("topk", 0.05)
+    sae.set_dead(torch.arange(F) < 3)  # 3 dead, k_aux = 5
+    x = torch.randn(B, D)
+    sparse, dense = sae.loss(x, mode="sparse"), sae.loss_reference(x)
+    torch.testing.assert_close(sparse.aux, dense.aux)
+    params = list(sae.parameters())
+    for a, b in zip(torch.autograd.grad(sparse.total, params), torch.autograd.grad(dense.total, params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_path_is_not_taken_for_half_precision_autocast_or_other_shapes():
+    sae = _affine("topk", 0.05)
+    x = torch.randn(B, D)
+    assert sae._sparse_step(x, "auto", 0.01) and sae._sparse_step(x, "sparse")
+    assert not sae._sparse_step(x.bfloat16(), "sparse") and not sae._sparse_step(x[None], "sparse")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not sae._sparse_step(x, "sparse")
+        sae.loss(x)  # runs (dense) under autocast
+    jump = _affine("jumprelu", 0.05)
+    torch.testing.assert_close(jump.loss(x[None], 0.3).total, jump.loss_reference(x[None], 0.3).total)
+
+
+def test_a_nan_pre_activation_reaches_the_jumprelu_loss_on_the_sparse_path():
+    sae = _affine("jumprelu", 0.05)
+    x = torch.randn(B, D)
+    with torch.no_grad():
+        sae.b_enc[7] = float("nan")
+    assert sae.loss(x, 0.3, mode="sparse").total.isnan() and sae.loss_reference(x, 0.3).total.isnan()
 
 
 @pytest.mark.parametrize("arch", ["relu", "gated", "topk", "batchtopk", "jumprelu"])

@@ -108,7 +108,7 @@ class JumpReLUSAE(AffineEncoderSAE):
         """L = ||x − x̂||² + λ·L0 (batch means of row sums), straight-through gradients for θ.
 
         The sparse path (fused.py; ``mode`` "auto" below ``fused.SPARSE_BELOW`` open, or "sparse") works on
-        the units that are open or inside the kernel's band (pre > θ − ε/2): every other unit has zero codes
+        the units that are open or inside the kernel's band ((pre − θ)/ε ≥ −1/2): every other unit has zero codes
         and zero pseudo-derivatives, so it gives the same loss and gradients as the dense one.
         """
         pre = self.pre_activation(x)
@@ -119,8 +119,8 @@ class JumpReLUSAE(AffineEncoderSAE):
         if not self._sparse_step(x, mode, density):
             return self._loss_dense(x, pre, theta, coefficient)
         pre = pre.detach()  # its dense graph is left unused: the units' own Encode carries the gradients
-        with torch.no_grad():
-            units = fused.OpenUnits.where(pre > theta - self.bandwidth / 2)
+        with torch.no_grad():  # the kernel's own test, inclusive; a NaN is kept (it must reach the loss)
+            units = fused.OpenUnits.where(~((pre - theta) / self.bandwidth < -0.5))
         values = self._pre_at(x, pre, units)
         theta_at = theta[units.cols]
         codes = _JumpReLU.apply(values, theta_at, self.bandwidth)
