@@ -26,10 +26,12 @@ encoder's 2·B·d·F plus the products that only need the open units
 (standard 8·B·L0·d: decode, sampled code gradient, two weight gradients;
 gated 12·B·L0·d: two decodes, two sampled gradients, two weight gradients).
 
-**Crossover**: circuitsae's loss forward + backward alone, dense and sparse path,
-at densities of open units from 0.2% to 20% (the encoder bias set per feature
-to the quantile that opens that fraction), at both widths: where the sparse path
-stops paying, which ``fused.SPARSE_BELOW`` must not exceed.
+**Crossover**: circuitsae's training loss forward + backward alone, dense and
+sparse path, for the standard, Gated, TopK and JumpReLU SAEs, at densities of
+open units from 0.2% to 20% (the encoder bias, or JumpReLU's θ, set per feature
+to the quantile that opens that fraction; TopK's k = density·d_sae), at both
+widths: where the sparse path stops paying, which ``fused.SPARSE_BELOW`` must
+not exceed (``--only crossover`` re-runs just this, ~20 min).
 
     bash benchmarks/peers/setup.sh          # once: peer venvs (~5 min)
     python benchmarks/train_throughput.py   # ~45 min on 2 CPU cores (+ ~25 min the first time: the checkpoints)
@@ -62,8 +64,7 @@ sys.path.insert(0, str(HERE))
 from machine import ROOT, describe, repo_path  # noqa: E402
 
 import circuitsae  # noqa: E402
-from circuitsae.dictionaries import GatedSAE, ReluSAE, fused  # noqa: E402
-from circuitsae.dictionaries.fused import GatedLoss, ReluLoss  # noqa: E402
+from circuitsae.dictionaries import GatedSAE, JumpReLUSAE, ReluSAE, TopKSAE, fused  # noqa: E402
 
 PEERS = {
     "circuitsae": (Path(sys.executable), HERE / "peers" / "circuitsae_runner.py"),
@@ -155,37 +156,46 @@ def export_checkpoint(folder: Path, path: Path, x: torch.Tensor) -> dict:
             "trained": {k: sae.meta.get("metrics", {}).get(k) for k in ("l0", "fvu", "dead_fraction")}}  # fmt: skip
 
 
-def crossover(x: torch.Tensor, widths: list[int], densities: list[float], threads: int, device: str) -> list[dict]:
-    """Loss forward + backward of circuitsae's fused classes on the dense and the sparse path, per density."""
+def _crossover_sae(arch: str, x: torch.Tensor, d_sae: int, rho: float) -> torch.nn.Module:
+    """A random SAE of ``arch`` that opens a fraction ``rho`` of the units on ``x``: the encoder bias (Gated:
+    gate bias) at minus the per-feature quantile, JumpReLU's θ at the quantile, TopK's k = rho·d_sae."""
+    torch.manual_seed(0)
+    d = x.shape[1]
+    if arch == "topk":
+        return TopKSAE(d, d_sae, k=max(1, round(rho * d_sae))).to(x.device)
+    make = {"standard": lambda: ReluSAE(d, d_sae, tied=False, decoder_bias=True), "gated": lambda: GatedSAE(d, d_sae),
+            "jumprelu": lambda: JumpReLUSAE(d, d_sae)}  # fmt: skip
+    sae = make[arch]().to(x.device)
+    enc = sae.W_gate if arch == "gated" else sae.W_enc
+    with torch.no_grad():
+        kth = (x @ enc.T).kthvalue(max(1, int(round((1 - rho) * x.shape[0]))), dim=0).values
+        if arch == "jumprelu":
+            sae.log_threshold.copy_(kth.clamp_min(1e-6).log())
+        else:
+            (sae.b_gate if arch == "gated" else sae.b_enc).copy_(-kth)
+    return sae
+
+
+def crossover(x: torch.Tensor, widths: list[int], densities: list[float], threads: int, device: str,
+              archs: list[str]) -> list[dict]:  # fmt: skip
+    """Training loss forward + backward (``Dictionary.loss``) on the dense and the sparse path, per density."""
     torch.set_num_threads(threads)
     x = x.to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows = []
     for d_sae in widths:
-        for arch in ("standard", "gated"):
-            torch.manual_seed(0)
-            sae = ReluSAE(x.shape[1], d_sae, tied=False, decoder_bias=True) if arch == "standard" else GatedSAE(
-                x.shape[1], d_sae)  # fmt: skip
-            sae.to(device)
-            enc, bias = (sae.W_enc, sae.b_enc) if arch == "standard" else (sae.W_gate, sae.b_gate)
-            with torch.no_grad():
-                pre = x @ enc.T
+        for arch in archs:
             for rho in densities:
-                with torch.no_grad():  # the per-feature quantile that opens a fraction rho of the rows
-                    bias.copy_(-pre.kthvalue(max(1, int(round((1 - rho) * x.shape[0]))), dim=0).values)
+                sae = _crossover_sae(arch, x, d_sae, rho)
                 rec = {"arch": arch, "d_sae": d_sae, "density_target": rho}
                 for mode in ("dense", "sparse"):
 
                     def step():  # noqa: E306
-                        if arch == "standard":
-                            out = ReluLoss.apply(x, sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, 1.0, mode)
-                        else:
-                            out = GatedLoss.apply(x, sae.W_gate, sae.b_gate, sae.r_mag, sae.b_mag, sae.W_dec,
-                                                  sae.b_dec, 1.0, mode)  # fmt: skip
-                        out[0].backward()
-                        return out
+                        loss = sae.loss(x, 1.0, mode=mode)
+                        loss.total.backward()
+                        return loss
 
-                    out = step()
+                    loss = step()
                     times = []
                     for _ in range(3):
                         sync()
@@ -194,8 +204,7 @@ def crossover(x: torch.Tensor, widths: list[int], densities: list[float], thread
                         sync()
                         times.append(time.perf_counter() - t0)
                     rec[f"{mode}_ms"] = 1e3 * min(times)
-                    rec["density"] = float((out[-1] > 0).float().mean())  # the codes' (gated: ≤ the gates')
-                sae.zero_grad(set_to_none=True)
+                    rec["density"] = float((loss.codes > 0).float().mean())  # the codes' (gated: ≤ the gates')
                 rec["sparse_over_dense_speed"] = rec["dense_ms"] / rec["sparse_ms"]
                 rows.append(rec)
                 print(f"crossover {arch:8s} d_sae={d_sae:5d} density {rec['density']:.4f}: dense {rec['dense_ms']:6.0f} ms,"
@@ -270,6 +279,8 @@ def main() -> None:
     ap.add_argument("--multi", type=int, default=4, help="also time circuitsae training this many SAEs per pass")
     ap.add_argument("--widths", type=int, nargs="+", default=[4608, 18432], help="d_sae of the trained rows")
     ap.add_argument("--densities", type=float, nargs="+", default=[0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2])
+    ap.add_argument("--crossover-archs", nargs="+", default=["standard", "gated", "topk", "jumprelu"],
+                    choices=["standard", "gated", "topk", "jumprelu"])  # fmt: skip
     ap.add_argument("--only", choices=("all", "random", "trained", "crossover", "whole"), default="all")
     args = ap.parse_args()
 
@@ -322,7 +333,9 @@ def main() -> None:
             out["whole_training"] = whole_training(Path(source["store"]), 8)
         if args.only in ("all", "crossover"):
             x = torch.from_numpy(np.load(scaled_path)[:4096].copy())
-            out["crossover"] = crossover(x, args.widths, args.densities, args.threads, args.device)
+            out["crossover"] = crossover(
+                x, args.widths, args.densities, args.threads, args.device, args.crossover_archs
+            )
             out["crossover_density"] = crossing(out["crossover"])
             out["sparse_below"] = fused.SPARSE_BELOW
             out["sparse_below_at_or_under_every_crossover"] = all(

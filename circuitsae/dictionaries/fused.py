@@ -53,9 +53,9 @@ import torch
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 #: density of open units (L0 / d_sae) below which a step takes the sparse path. On 2 CPU cores the sparse
-#: step stops paying at 5.2–8.3% open (``benchmarks/train_throughput.py``'s crossover for both architectures
-#: at d_sae 4608 and 18432, in its results JSON); this stays under all of them, so a step is never slower
-#: than the dense path would have been.
+#: step stops paying at 5.8–9.3% open (``benchmarks/train_throughput.py``'s crossover for the standard, Gated,
+#: TopK and JumpReLU SAEs at d_sae 4608 and 18432, in its results JSON); this stays under all of them, so a
+#: step is never slower than the dense path would have been.
 SPARSE_BELOW = 0.04
 #: rows the density estimate reads (the trainer's batches are shuffled rows)
 PROBE_ROWS = 256
