@@ -51,6 +51,27 @@ def encode_decode_numpy(sae, x: torch.Tensor, chunk: int = 512) -> tuple[np.ndar
     return codes.numpy(), recon.numpy()
 
 
+def export_parser(description: str, help: str, *, steps: int, lr: "float | None" = None):
+    """The runner's parser with its ``export`` subcommand holding the options every runner shares; returns
+    (parser, subparsers, export parser) for the runner's own options."""
+    p = argparse.ArgumentParser(description=description)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help=help)
+    e.add_argument("--acts", required=True, help=".npy float32 [N, d]: the rows compared")
+    e.add_argument("--fit", required=True, help=".npy float32 [M, d]: rows for training and the random settings")
+    e.add_argument("--out", required=True)
+    e.add_argument("--d-sae", type=int, default=None, help="default 4*d")
+    e.add_argument("--k", type=int, default=32)
+    e.add_argument("--steps", type=int, default=steps)
+    e.add_argument("--batch", type=int, default=512)
+    if lr is not None:
+        e.add_argument("--lr", type=float, default=lr)
+    e.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=2)
+    return p, sub, e
+
+
 def run(parser: argparse.ArgumentParser, export: Callable[[argparse.Namespace], dict]) -> None:
     """Parse, set the threads, run ``export`` with the peer's prints on stderr, emit its record."""
     args = parser.parse_args()

@@ -52,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _interop_common import encode_decode_numpy as encode_decode  # noqa: E402
-from _interop_common import quantile_per_feature, rows, run  # noqa: E402
+from _interop_common import export_parser, quantile_per_feature, rows, run  # noqa: E402
 
 
 def trainer_configs(args: argparse.Namespace, d: int, m: int) -> list[tuple[str, int, list[dict]]]:
@@ -280,15 +280,8 @@ def export(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="dictionary_learning trains and saves, dictionary_learning encodes")
-    e.add_argument("--acts", required=True, help=".npy float32 [N, d]: the rows compared")
-    e.add_argument("--fit", required=True, help=".npy float32 [M, d]: rows for training and the random settings")
-    e.add_argument("--out", required=True)
-    e.add_argument("--d-sae", type=int, default=None, help="default 4*d")
-    e.add_argument("--k", type=int, default=32)
-    e.add_argument("--steps", type=int, default=20)
+    p, _, e = export_parser(__doc__.splitlines()[0], "dictionary_learning trains and saves, dictionary_learning encodes",
+                            steps=20)  # fmt: skip
     e.add_argument(
         "--topk-steps",
         type=int,
@@ -296,12 +289,8 @@ def main() -> None:
         help="steps for TopKTrainer and BatchTopKTrainer: ~45 s each on 2 CPU threads (torch 2.13), in "
         "remove_gradient_parallel_to_decoder_directions's einsum",
     )
-    e.add_argument("--batch", type=int, default=512)
-    e.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M")
     e.add_argument("--layer", type=int, default=6)
     e.add_argument("--submodule", default="resid_post_layer_6")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--threads", type=int, default=2)
     run(p, export)
 
 

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _interop_common import encode_decode_numpy as encode_decode  # noqa: E402
-from _interop_common import quantile_per_feature, rows, run  # noqa: E402
+from _interop_common import export_parser, quantile_per_feature, rows, run  # noqa: E402
 
 ARCHS = ("standard", "gated", "jumprelu", "jumprelu_no_b_dec_in", "topk", "batchtopk")
 
@@ -223,23 +223,10 @@ def load(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="SAE Lens saves, SAE Lens encodes")
-    e.add_argument("--acts", required=True, help=".npy float32 [N, d]: the rows compared")
-    e.add_argument("--fit", required=True, help=".npy float32 [M, d]: rows for training and the random settings")
-    e.add_argument("--out", required=True)
+    p, sub, e = export_parser(__doc__.splitlines()[0], "SAE Lens saves, SAE Lens encodes", steps=40, lr=3e-4)
     e.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
-    e.add_argument("--d-sae", type=int, default=None, help="default 4*d")
-    e.add_argument("--k", type=int, default=32)
-    e.add_argument("--steps", type=int, default=40)
-    e.add_argument("--batch", type=int, default=512)
-    e.add_argument("--lr", type=float, default=3e-4)
-    e.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M")
     e.add_argument("--hook", default="blocks.6.hook_resid_post")
     e.add_argument("--context-size", type=int, default=128)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--threads", type=int, default=2)
     lo = sub.add_parser("load", help="SAE Lens loads circuitsae's SAE Lens folders and encodes")
     lo.add_argument("--acts", required=True)
     lo.add_argument("--dirs", nargs="+", required=True, help="folders holding sae/ (cfg.json + sae_weights)")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _interop_common import rows, run  # noqa: E402
+from _interop_common import export_parser, rows, run  # noqa: E402
 
 
 @torch.no_grad()
@@ -113,22 +113,9 @@ def export(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="sparsify saves, sparsify encodes")
-    e.add_argument("--acts", required=True, help=".npy float32 [N, d]: the rows compared")
-    e.add_argument("--fit", required=True, help=".npy float32 [M, d]: rows for training and the random settings")
-    e.add_argument("--out", required=True)
-    e.add_argument("--d-sae", type=int, default=None, help="default 4*d")
-    e.add_argument("--k", type=int, default=32)
-    e.add_argument("--steps", type=int, default=40)
-    e.add_argument("--batch", type=int, default=512)
-    e.add_argument("--lr", type=float, default=1e-3)
-    e.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M")
+    p, _, e = export_parser(__doc__.splitlines()[0], "sparsify saves, sparsify encodes", steps=40, lr=1e-3)
     e.add_argument("--hookpoint", default="layers.6")
     e.add_argument("--context-size", type=int, default=128)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--threads", type=int, default=2)
     run(p, export)
 
 
