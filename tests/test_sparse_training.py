@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from circuitsae.dictionaries import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReluSAE, TopKSAE, fused
-from circuitsae.dictionaries.fused import GatedLoss, OpenUnits, ReluLoss, use_sparse
+from circuitsae.dictionaries.fused import GatedLoss, OpenUnits, ReluLoss, open_fraction, use_sparse
 from circuitsae.store import store_from_tensors
 from circuitsae.train import TrainConfig, Trainer
 
@@ -98,10 +98,11 @@ def test_open_units_products_equal_the_dense_products():
 def test_auto_mode_chooses_by_the_density_of_open_units():
     few = torch.zeros(300, 1000)
     few[:, :5] = 1.0  # 0.5% open
-    assert use_sparse(few, "auto")
-    assert not use_sparse(torch.ones(300, 1000), "auto")
-    assert not use_sparse(few.bfloat16(), "auto")  # the CSR kernels are float32/float64 only here
-    assert use_sparse(torch.ones(3, 3), "sparse") and not use_sparse(few, "dense")
+    x = torch.randn(300, 8)
+    assert use_sparse(x, "auto", open_fraction(few))
+    assert not use_sparse(x, "auto", open_fraction(torch.ones(300, 1000)))
+    assert not use_sparse(x.bfloat16(), "auto", open_fraction(few))  # the CSR kernels are float32/float64 only here
+    assert use_sparse(x, "sparse", 1.0) and not use_sparse(x, "dense", open_fraction(few))
 
 
 def _affine(kind: str, open_fraction: float) -> torch.nn.Module:
@@ -165,10 +166,10 @@ def test_topk_auxiliary_term_with_fewer_dead_latents_than_k_aux():
 def test_sparse_path_is_not_taken_for_half_precision_autocast_or_other_shapes():
     sae = _affine("topk", 0.05)
     x = torch.randn(B, D)
-    assert sae._sparse_step(x, "auto", 0.01) and sae._sparse_step(x, "sparse")
-    assert not sae._sparse_step(x.bfloat16(), "sparse") and not sae._sparse_step(x[None], "sparse")
+    assert use_sparse(x, "auto", 0.01) and use_sparse(x, "sparse", 1.0)
+    assert not use_sparse(x.bfloat16(), "sparse", 0.0) and not use_sparse(x[None], "sparse", 0.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not sae._sparse_step(x, "sparse")
+        assert not use_sparse(x, "sparse", 0.0)
         sae.loss(x)  # runs (dense) under autocast
     jump = _affine("jumprelu", 0.05)
     torch.testing.assert_close(jump.loss(x[None], 0.3).total, jump.loss_reference(x[None], 0.3).total)

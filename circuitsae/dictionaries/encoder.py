@@ -47,15 +47,6 @@ class AffineEncoderSAE(Dictionary):
 
     # -- the sparse training path (fused.py): only the chosen units are encoded, decoded and differentiated --
 
-    def _sparse_step(self, x: torch.Tensor, mode: str, density: "float | None" = None) -> bool:
-        """Whether this training step takes the sparse path: forced by ``mode``, else by ``density`` (the open
-        fraction) against ``fused.SPARSE_BELOW``; only for ``[B, d]`` float32/float64 batches, not under autocast."""
-        if x.dim() != 2 or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
-            return False  # the sparse path is for training batches [B, d] in full precision, even when forced
-        if mode != "auto":
-            return mode == "sparse"
-        return density is not None and density < fused.SPARSE_BELOW
-
     def _pre_at(self, x: torch.Tensor, pre: torch.Tensor, units: "fused.OpenUnits") -> torch.Tensor:
         """The pre-activations at ``units`` (``pre`` from a no-grad pass), differentiable through them only."""
         return fused.Encode.apply(x - self.b_dec, self.W_enc, self.b_enc, pre, units)

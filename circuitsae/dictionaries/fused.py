@@ -61,15 +61,21 @@ SPARSE_BELOW = 0.04
 PROBE_ROWS = 256
 
 
-def use_sparse(open_: torch.Tensor, mode: str) -> bool:
-    """Whether this step takes the sparse path: ``mode`` "sparse"/"dense" forces it; "auto" decides by the density
-    of the nonzero entries in the first rows of ``open_`` (``[B, F]``)."""
+def open_fraction(codes: torch.Tensor) -> float:
+    """The fraction of nonzero entries in the first :data:`PROBE_ROWS` rows of ``codes`` (``[B, F]``)."""
+    probe = codes[:PROBE_ROWS]
+    return int(probe.count_nonzero()) / probe.numel() if probe.numel() else 1.0
+
+
+def use_sparse(x: torch.Tensor, mode: str, density: float) -> bool:
+    """Whether this training step takes the sparse path, for every architecture: only for ``[B, d]`` batches in
+    float32/float64 and not under autocast (even when forced); then ``mode`` "sparse"/"dense" forces it, and
+    "auto" decides by ``density`` (the fraction of units open) against :data:`SPARSE_BELOW`."""
+    if x.dim() != 2 or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
+        return False
     if mode != "auto":
         return mode == "sparse"
-    if open_.dtype not in (torch.float32, torch.float64):
-        return False
-    probe = open_[:PROBE_ROWS]
-    return int(probe.count_nonzero()) < SPARSE_BELOW * probe.numel()
+    return density < SPARSE_BELOW
 
 
 class OpenUnits(NamedTuple):
@@ -97,7 +103,7 @@ class OpenUnits(NamedTuple):
     def where(mask: torch.Tensor) -> "OpenUnits":
         """The True entries of a bool ``[B, F]`` mask."""
         if mask.device.type == "cpu":  # NumPy's flatnonzero is about 3× torch.nonzero on a CPU (measured)
-            idx = torch.from_numpy(np.flatnonzero(mask.numpy())).to(mask.device)
+            idx = torch.from_numpy(np.flatnonzero(mask.numpy()))
         else:
             idx = mask.view(-1).nonzero().squeeze(1)
         return OpenUnits.from_flat(idx, tuple(mask.shape))
@@ -168,7 +174,7 @@ class ReluLoss(torch.autograd.Function):
         n = x.shape[0]
         xc = x if b_dec is None else x - b_dec
         codes = torch.addmm(b_enc, xc, W_enc.T).clamp_min_(0)
-        ctx.sparse = use_sparse(codes, mode)
+        ctx.sparse = use_sparse(x, mode, open_fraction(codes))
         if ctx.sparse:
             units = OpenUnits.of(codes)
             vals = units.gather(codes)
@@ -224,7 +230,7 @@ class GatedLoss(torch.autograd.Function):
         scale = r_mag.exp()
         gate = (proj + b_gate).clamp_min_(0)  # ReLU(π_gate); π_gate > 0 ⇔ gate > 0
         codes = torch.addcmul(b_mag, proj, scale).clamp_min_(0).mul_(gate > 0)
-        ctx.sparse = use_sparse(gate, mode)
+        ctx.sparse = use_sparse(x, mode, open_fraction(gate))
         if ctx.sparse:  # every product below only at the open gates
             units = OpenUnits.of(gate)
             gates, mags, projs = units.gather(gate), units.gather(codes), units.gather(proj)

@@ -114,9 +114,8 @@ class JumpReLUSAE(AffineEncoderSAE):
         pre = self.pre_activation(x)
         theta = self.threshold
         with torch.no_grad():
-            probe = pre[: fused.PROBE_ROWS] > theta
-            density = float(probe.float().mean()) if probe.numel() else 1.0
-        if not self._sparse_step(x, mode, density):
+            density = fused.open_fraction(pre[: fused.PROBE_ROWS] > theta)
+        if not fused.use_sparse(x, mode, density):
             return self._loss_dense(x, pre, theta, coefficient)
         pre = pre.detach()  # its dense graph is left unused: the units' own Encode carries the gradients
         with torch.no_grad():  # the kernel's own test, inclusive; a NaN is kept (it must reach the loss)

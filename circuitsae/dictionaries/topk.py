@@ -6,9 +6,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from circuitsae.dictionaries import fused
 from circuitsae.dictionaries.base import Loss
 from circuitsae.dictionaries.encoder import AffineEncoderSAE
-from circuitsae.dictionaries.fused import OpenUnits
 from circuitsae.errors import CircuitSAEError
 
 AUX_COEFFICIENT = 1 / 32  # α_aux of Gao et al.
@@ -62,9 +62,9 @@ class TopKSAE(AffineEncoderSAE):
         """Training codes (and the BatchTopK threshold statistic)."""
         return keep_top(pre, self.k), None
 
-    def _select_units(self, pre: torch.Tensor) -> tuple[OpenUnits, "torch.Tensor | None"]:
+    def _select_units(self, pre: torch.Tensor) -> tuple[fused.OpenUnits, "torch.Tensor | None"]:
         """The sparse path's selection: the units :meth:`_select` keeps (some may hold 0 after the ReLU)."""
-        return OpenUnits.from_rows(
+        return fused.OpenUnits.from_rows(
             pre.topk(min(self.k, pre.shape[-1]), dim=-1, sorted=False).indices, self.d_dict
         ), None
 
@@ -74,7 +74,7 @@ class TopKSAE(AffineEncoderSAE):
         ``mode`` "auto" takes the sparse path (fused.py) when k / d_sae is under ``fused.SPARSE_BELOW``;
         "dense" / "sparse" force one: the same loss and gradients.
         """
-        if not self._sparse_step(x, mode, self.k / self.d_dict):
+        if not fused.use_sparse(x, mode, self.k / self.d_dict):
             return self.loss_reference(x, coefficient)
         with torch.no_grad():
             pre = self.pre_activation(x)
@@ -89,7 +89,7 @@ class TopKSAE(AffineEncoderSAE):
             with torch.no_grad():
                 dead_pre = pre.masked_fill(~self.dead, float("-inf"))
                 top = dead_pre.topk(min(self.k_aux, n_dead), dim=-1, sorted=False).indices
-                aux_units = OpenUnits.from_rows(top, self.d_dict)
+                aux_units = fused.OpenUnits.from_rows(top, self.d_dict)
             e_hat = self._decode_at(self._pre_at(x, pre, aux_units).relu(), aux_units)
             aux = (e_hat - err).pow(2).sum(-1).mean()
         values = values.detach()
