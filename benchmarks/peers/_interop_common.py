@@ -26,6 +26,15 @@ def rows(path: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.load(path), dtype=np.float32))
 
 
+def cycle(fit: torch.Tensor, batch: int):
+    """Endless consecutive ``batch``-row slices of ``fit``, wrapping around: the training batches every runner feeds
+    its library."""
+    pos = 0
+    while True:
+        yield fit[torch.arange(pos, pos + batch) % fit.shape[0]]
+        pos += batch
+
+
 def quantile_per_feature(pre: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Feature i's q_i-quantile of ``pre[:, i]``: the midpoint of two neighbouring sorted values (never a value)."""
     s = pre.sort(dim=0).values

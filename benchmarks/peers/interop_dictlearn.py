@@ -51,8 +51,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _interop_common import cycle, export_parser, quantile_per_feature, rows, run  # noqa: E402
 from _interop_common import encode_decode_numpy as encode_decode  # noqa: E402
-from _interop_common import export_parser, quantile_per_feature, rows, run  # noqa: E402
 
 
 def trainer_configs(args: argparse.Namespace, d: int, m: int) -> list[tuple[str, int, list[dict]]]:
@@ -210,17 +210,12 @@ def export(args: argparse.Namespace) -> dict:
     m = args.d_sae or 4 * d
     out = Path(args.out)
 
-    def batches():
-        pos = 0
-        while True:
-            idx = torch.arange(pos, pos + args.batch) % fit.shape[0]
-            pos += args.batch
-            yield fit[idx]
-
     sources = []
     for name, steps, configs in trainer_configs(args, d, m):
         print(f"[interop_dictlearn] trainSAE: {len(configs)} trainers, {steps} steps", file=sys.stderr, flush=True)
-        trainSAE(data=batches(), trainer_configs=configs, steps=steps, save_dir=str(out / name), device="cpu")
+        trainSAE(
+            data=cycle(fit, args.batch), trainer_configs=configs, steps=steps, save_dir=str(out / name), device="cpu"
+        )
         sources += [out / name / f"trainer_{i}" for i in range(len(configs))]
     cases = []
     for i, src in enumerate(sources):

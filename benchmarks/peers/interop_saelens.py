@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _interop_common import cycle, export_parser, quantile_per_feature, rows, run  # noqa: E402
 from _interop_common import encode_decode_numpy as encode_decode  # noqa: E402
-from _interop_common import export_parser, quantile_per_feature, rows, run  # noqa: E402
 
 ARCHS = ("standard", "gated", "jumprelu", "jumprelu_no_b_dec_in", "topk", "batchtopk")
 
@@ -79,13 +79,6 @@ def train(sae, fit: torch.Tensor, args: argparse.Namespace) -> None:
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    def batches():
-        pos = 0
-        while True:
-            idx = torch.arange(pos, pos + args.batch) % fit.shape[0]
-            pos += args.batch
-            yield fit[idx]
-
     cfg = SAETrainerConfig(
         total_training_samples=args.steps * args.batch,
         train_batch_size_samples=args.batch,
@@ -96,7 +89,7 @@ def train(sae, fit: torch.Tensor, args: argparse.Namespace) -> None:
         autocast=False,
         logger=LoggingConfig(log_to_wandb=False),
     )
-    SAETrainer(cfg=cfg, sae=sae, data_provider=batches(), evaluator=None).fit()
+    SAETrainer(cfg=cfg, sae=sae, data_provider=cycle(fit, args.batch), evaluator=None).fit()
 
 
 @torch.no_grad()
