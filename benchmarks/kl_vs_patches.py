@@ -23,6 +23,7 @@ library's own (printed); nothing it builds is kept in git.
 
     python benchmarks/kl_vs_patches.py                       # everything (hours on 2 CPU cores)
     python benchmarks/kl_vs_patches.py --stage attribution   # only the attribution curves (and what they need)
+    python benchmarks/kl_vs_patches.py --table               # the README's table, from the results JSON
 
 Writes ``benchmarks/results/kl_vs_patches.json`` + ``.png`` (the late site),
 ``kl_vs_patches_layers.png`` (every site) and ``kl_vs_patches_heldout.png``
@@ -118,7 +119,7 @@ def stages(args: argparse.Namespace, folders: dict[str, list[str]]) -> list[tupl
         (f"acdc {args.main_site} PCA", args.main_site, gated(args.main_site),
          dict(acdc=True, acdc_dense=True, attribution=False, pca=True)),
         (f"acdc {args.middle_site} gated", args.middle_site, gated(args.middle_site),
-         dict(acdc=True, acdc_dense=False, attribution=False, pca=False)),
+         dict(acdc=True, acdc_dense=False, attribution=False, pca=False, thresholds=args.middle_thresholds)),
     ]  # fmt: skip
     if args.dense_acdc:
         out.append((f"acdc {args.main_site} dense", args.main_site, folders[args.main_site],
@@ -141,14 +142,25 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=50, help="selection prompts")
     ap.add_argument("--heldout-prompts", type=int, default=50, help="evaluation prompts: other names and templates")
     ap.add_argument("--thresholds", type=int, default=20, help="ACDC thresholds, log-spaced over [1e-5, 1]")
+    ap.add_argument(
+        "--middle-thresholds",
+        type=int,
+        default=None,
+        help="ACDC thresholds at the middle site (default: --thresholds; dearer there, more layers follow)",
+    )
     ap.add_argument("--acdc-coefficients", type=float, nargs="+", default=None,
                     help="baseline α with exact ACDC at the late site (default: every α > 0)")  # fmt: skip
     ap.add_argument("--dense-acdc", action="store_true", help="exact ACDC also for α = 0 (hours on a CPU)")
     ap.add_argument("--stage", default="all", help="run only the stages whose name starts with this")
     ap.add_argument("--work", default="runs/ioi-paper")
     ap.add_argument("--results-name", default="kl_vs_patches", help="stem of the files in benchmarks/results")
+    ap.add_argument("--table", action="store_true", help="print the README's table from the results JSON and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads((RESULTS / f"{args.results_name}.json").read_text())))
+        return
     args.acdc_coefficients = args.acdc_coefficients or args.coefficients
+    args.middle_thresholds = args.middle_thresholds or args.thresholds
     if args.main_site not in args.sites or args.middle_site not in args.sites:
         ap.error("--main-site and --middle-site must be among --sites")
     every = {s: [] for s in args.sites}
@@ -167,7 +179,7 @@ def main() -> None:
         print(f"== {name}: {len(dicts)} dictionaries")
         try:
             rep = run_ioi(dictionaries=dicts, model=model, prompts=args.prompts, heldout_prompts=args.heldout_prompts,
-                          thresholds=args.thresholds, out=str(Path(args.work) / f"curves-{site}"), **opts)  # fmt: skip
+                          out=str(Path(args.work) / f"curves-{site}"), **{"thresholds": args.thresholds, **opts})  # fmt: skip
             for r in rep["results"]:
                 reports[(r["site"], r["label"], r["method"])] = {
                     **r,
@@ -190,7 +202,8 @@ def earlier(args: argparse.Namespace) -> tuple[dict, dict, list[str]]:
     this = shlex.join(["python", "benchmarks/kl_vs_patches.py", *sys.argv[1:]])
     path = RESULTS / f"{args.results_name}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    same = ("tokens", "prompts", "heldout_prompts", "thresholds", "main_site", "middle_site")
+    same = ("tokens", "prompts", "heldout_prompts", "thresholds", "middle_thresholds", "main_site", "middle_site")
+    old = old and {"middle_thresholds": old.get("thresholds"), **old}  # (results from before the option)
     if not old or any(old.get(k) != getattr(args, k) for k in same):
         return {}, {}, [this]
     if old.get("store_identity") != store_identity(args):
@@ -245,6 +258,7 @@ def write(args: argparse.Namespace, reports: dict, seconds: dict, commands: list
         "prompts": args.prompts,
         "heldout_prompts": args.heldout_prompts,
         "thresholds": args.thresholds,
+        "middle_thresholds": args.middle_thresholds,
         "ioi": main[0]["ioi"],
         "ioi_heldout": main[0]["ioi_heldout"],
         "seconds_by_stage": seconds,
@@ -267,6 +281,38 @@ def write(args: argparse.Namespace, reports: dict, seconds: dict, commands: list
     if any("records" in r.get("heldout", {}) for r in results):
         plot_transfer({**report, "results": results}, RESULTS / f"{name}_heldout.png")
     print(f"wrote {RESULTS / name}.json: {len(results)} curves at {out['sites']}")
+
+
+def short(lab: str) -> str:
+    """'baseline α=1 (R=4)' -> 'α = 1', 'gated λ=2 (R=3)' -> 'Gated'."""
+    if lab.startswith("baseline α="):
+        return "α = " + lab.split("=")[1].split()[0]
+    return "Gated" if lab.startswith("gated") else lab
+
+
+def table(out: dict) -> str:
+    """The README's table: per curve, what halves the KL on the selection prompts and how that set carries over."""
+
+    def num(v, fmt):
+        return "never" if v is None else format(v, fmt)
+
+    moved = {(t["site"], t["label"], t["method"]): t for t in out["transfer"]}
+    rows = [
+        "| site | order | dictionary | features | edit | floor | held-out: KL removed by the same set "
+        "| held-out: features to halve |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for h in out["halving"]:
+        t = moved.get((h["site"], h["label"], h["method"]), {})
+        removed = t.get("removed_heldout")
+        order = "**ACDC**" if h["method"] == "acdc" else h["method"]
+        rows.append(
+            f"| {h['site']} | {order} | {short(h['label'])} | {num(h['features'], 'd')} "
+            f"| {'–' if h['edit_magnitude'] is None else format(h['edit_magnitude'], '.1f')} "
+            f"| {max(h['floor'], 0.0):.2f} | {'–' if removed is None else f'{removed:.0%}'} "
+            f"| {num(t.get('heldout_halving'), 'd') if 'heldout_halving' in t else '–'} |"
+        )
+    return "\n".join(rows)
 
 
 def training_costs(work: Path) -> dict:
