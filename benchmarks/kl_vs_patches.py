@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import ROOT, describe, repo_path  # noqa: E402
 
 import circuitsae  # noqa: E402
-from circuitsae.ioi_curves import halving, label, plot_curves, plot_transfer, run_ioi  # noqa: E402
+from circuitsae.ioi_curves import halving, halving_table, label, plot_curves, plot_transfer, run_ioi, transfer  # noqa: E402
 from circuitsae.store import digest  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -157,7 +157,7 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the README's table from the results JSON and exit")
     args = ap.parse_args()
     if args.table:
-        print(table(json.loads((RESULTS / f"{args.results_name}.json").read_text())))
+        print(halving_table(json.loads((RESULTS / f"{args.results_name}.json").read_text())))
         return
     args.acdc_coefficients = args.acdc_coefficients or args.coefficients
     args.middle_thresholds = args.middle_thresholds or args.thresholds
@@ -220,27 +220,6 @@ def earlier(args: argparse.Namespace) -> tuple[dict, dict, list[str]]:
     return reports, dict(old.get("seconds_by_stage", {})), commands
 
 
-def transfer(r: dict) -> dict:
-    """How much of the KL the set that (first) halves it on the selection prompts removes on the held-out ones."""
-    h = halving(r)
-    out = {"label": r["label"], "site": r["site"], "method": r["method"], "features": h["features"]}
-    held = r.get("heldout", {})
-    if "records" not in held:
-        return out
-    none_sel, none_held = r["start"]["none"]["kl"], held["start"]["none"]["kl"]
-    out.update(
-        kl_none_selection=none_sel,
-        kl_none_heldout=none_held,
-        kl_all_candidates_heldout=held["start"]["all"]["kl"],
-        heldout_halving=halving({**r, "start": held["start"], "records": held["records"]})["features"],
-    )
-    if h["features"] is not None:
-        i = next(i for i, x in enumerate(r["records"]) if x["n_features"] == h["features"] and x["kl"] <= none_sel / 2)
-        out["removed_selection"] = 1 - r["records"][i]["kl"] / none_sel
-        out["removed_heldout"] = 1 - held["records"][i]["kl"] / none_held
-    return out
-
-
 def write(args: argparse.Namespace, reports: dict, seconds: dict, commands: list[str]) -> None:
     if not reports:
         return
@@ -281,38 +260,6 @@ def write(args: argparse.Namespace, reports: dict, seconds: dict, commands: list
     if any("records" in r.get("heldout", {}) for r in results):
         plot_transfer({**report, "results": results}, RESULTS / f"{name}_heldout.png")
     print(f"wrote {RESULTS / name}.json: {len(results)} curves at {out['sites']}")
-
-
-def short(lab: str) -> str:
-    """'baseline α=1 (R=4)' -> 'α = 1', 'gated λ=2 (R=3)' -> 'Gated'."""
-    if lab.startswith("baseline α="):
-        return "α = " + lab.split("=")[1].split()[0]
-    return "Gated" if lab.startswith("gated") else lab
-
-
-def table(out: dict) -> str:
-    """The README's table: per curve, what halves the KL on the selection prompts and how that set carries over."""
-
-    def num(v, fmt):
-        return "never" if v is None else format(v, fmt)
-
-    moved = {(t["site"], t["label"], t["method"]): t for t in out["transfer"]}
-    rows = [
-        "| site | order | dictionary | features | edit | floor | held-out: KL removed by the same set "
-        "| held-out: features to halve |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for h in out["halving"]:
-        t = moved.get((h["site"], h["label"], h["method"]), {})
-        removed = t.get("removed_heldout")
-        order = "**ACDC**" if h["method"] == "acdc" else h["method"]
-        rows.append(
-            f"| {h['site']} | {order} | {short(h['label'])} | {num(h['features'], 'd')} "
-            f"| {'–' if h['edit_magnitude'] is None else format(h['edit_magnitude'], '.1f')} "
-            f"| {max(h['floor'], 0.0):.2f} | {'–' if removed is None else f'{removed:.0%}'} "
-            f"| {num(t.get('heldout_halving'), 'd') if 'heldout_halving' in t else '–'} |"
-        )
-    return "\n".join(rows)
 
 
 def training_costs(work: Path) -> dict:

@@ -133,6 +133,65 @@ def halving(result: dict, fraction: float = 0.5) -> dict:
     }
 
 
+def transfer(r: dict) -> dict:
+    """How much of the KL the set that (first) halves it on the selection prompts removes on the held-out ones.
+
+    ``removed_selection`` / ``removed_heldout``: 1 − KL(set patched) / KL(nothing patched) on each prompt set,
+    for the record :func:`halving` picks; ``heldout_halving``: the fewest features of the same curve's records
+    that halve the held-out KL (None: none does). Only ``features`` when the curve has no held-out scores.
+    """
+    h = halving(r)
+    out = {"label": r["label"], "site": r["site"], "method": r["method"], "features": h["features"]}
+    held = r.get("heldout", {})
+    if "records" not in held:
+        return out
+    none_sel, none_held = r["start"]["none"]["kl"], held["start"]["none"]["kl"]
+    out.update(
+        kl_none_selection=none_sel,
+        kl_none_heldout=none_held,
+        kl_all_candidates_heldout=held["start"]["all"]["kl"],
+        heldout_halving=halving({**r, "start": held["start"], "records": held["records"]})["features"],
+    )
+    if h["features"] is not None:
+        i = next(i for i, x in enumerate(r["records"]) if x["n_features"] == h["features"] and x["kl"] <= none_sel / 2)
+        out["removed_selection"] = 1 - r["records"][i]["kl"] / none_sel
+        out["removed_heldout"] = 1 - held["records"][i]["kl"] / none_held
+    return out
+
+
+def _short(lab: str) -> str:
+    """'baseline α=1 (R=4)' -> 'α = 1', 'gated λ=2 (R=3)' -> 'Gated'."""
+    if lab.startswith("baseline α="):
+        return "α = " + lab.split("=")[1].split()[0]
+    return "Gated" if lab.startswith("gated") else lab
+
+
+def halving_table(out: dict) -> str:
+    """A Markdown table of a results file's ``halving`` and ``transfer`` lists, one row per curve: what halves
+    the KL on the selection prompts and how that set carries over to the held-out ones."""
+
+    def num(v, fmt):
+        return "never" if v is None else format(v, fmt)
+
+    moved = {(t["site"], t["label"], t["method"]): t for t in out["transfer"]}
+    rows = [
+        "| site | order | dictionary | features | edit | floor | held-out: KL removed by the same set "
+        "| held-out: features to halve |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for h in out["halving"]:
+        t = moved.get((h["site"], h["label"], h["method"]), {})
+        removed = t.get("removed_heldout")
+        order = "**ACDC**" if h["method"] == "acdc" else h["method"]
+        rows.append(
+            f"| {h['site']} | {order} | {_short(h['label'])} | {num(h['features'], 'd')} "
+            f"| {'–' if h['edit_magnitude'] is None else format(h['edit_magnitude'], '.1f')} "
+            f"| {max(h['floor'], 0.0):.2f} | {'–' if removed is None else f'{removed:.0%}'} "
+            f"| {num(t.get('heldout_halving'), 'd') if 'heldout_halving' in t else '–'} |"
+        )
+    return "\n".join(rows)
+
+
 def split_prompts(model: Any, n_select: int, n_heldout: int, seed: int = 0) -> tuple[Any, Any]:
     """Two IOI datasets with no template and no name in common: even-numbered templates and names for
     selection, odd-numbered ones for evaluation (another seed too)."""

@@ -172,6 +172,40 @@ def test_halving_reads_features_and_edit_off_one_record():
     assert none["features"] is None and none["edit_magnitude"] is None and none["min_edit"] is None
 
 
+def test_transfer_scores_the_halving_set_on_the_heldout_prompts_and_the_table_shows_it():
+    from circuitsae.ioi_curves import halving_table, transfer
+
+    curve = {
+        "label": "gated λ=2 (R=3)",
+        "site": "resid.1",
+        "method": "acdc",
+        "start": {"none": {"kl": 2.0}, "all": {"kl": 0.1}},
+        "records": [
+            {"n_features": 10, "kl": 1.5, "edit_magnitude": 5.0},
+            {"n_features": 30, "kl": 0.8, "edit_magnitude": 9.0},  # halves on the selection prompts
+            {"n_features": 50, "kl": 0.4, "edit_magnitude": 12.0},
+        ],
+        "heldout": {
+            "start": {"none": {"kl": 4.0}, "all": {"kl": 0.2}},
+            # the same sets, scored on the other prompts
+            "records": [
+                {"n_features": n, "kl": kl, "edit_magnitude": 1.0} for n, kl in ((10, 3.9), (30, 3.0), (50, 1.0))
+            ],
+        },
+    }
+    t = transfer(curve)
+    assert t["features"] == 30
+    assert t["removed_selection"] == pytest.approx(0.6) and t["removed_heldout"] == pytest.approx(0.25)
+    assert t["heldout_halving"] == 50 and t["kl_all_candidates_heldout"] == 0.2
+    assert transfer({**curve, "heldout": {}}) == {"label": curve["label"], "site": "resid.1", "method": "acdc",
+                                                  "features": 30}  # fmt: skip
+    never = {**curve, "label": "baseline α=2 (R=4)", "method": "attribution",
+             "records": [{**r, "kl": 1.9} for r in curve["records"]]}  # fmt: skip
+    rows = halving_table({"halving": [halving(curve), halving(never)], "transfer": [t, transfer(never)]}).splitlines()
+    assert rows[2] == "| resid.1 | **ACDC** | Gated | 30 | 9.0 | 0.40 | 25% | 50 |"
+    assert rows[3] == "| resid.1 | attribution | α = 2 | never | – | 1.90 | – | 50 |"
+
+
 def test_selection_and_heldout_prompts_share_no_name_or_template(tiny_llama):
     from circuitsae.ioi_curves import split_prompts
 
