@@ -202,8 +202,7 @@ def earlier(args: argparse.Namespace) -> tuple[dict, dict, list[str]]:
     this = shlex.join(["python", "benchmarks/kl_vs_patches.py", *sys.argv[1:]])
     path = RESULTS / f"{args.results_name}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    same = ("tokens", "prompts", "heldout_prompts", "thresholds", "middle_thresholds", "main_site", "middle_site")
-    old = old and {"middle_thresholds": old.get("thresholds"), **old}  # (results from before the option)
+    same = ("tokens", "prompts", "heldout_prompts", "thresholds", "main_site", "middle_site")
     if not old or any(old.get(k) != getattr(args, k) for k in same):
         return {}, {}, [this]
     if old.get("store_identity") != store_identity(args):
@@ -211,9 +210,14 @@ def earlier(args: argparse.Namespace) -> tuple[dict, dict, list[str]]:
         return {}, {}, [this]
     extra = {"ioi": old["ioi"], "ioi_heldout": old["ioi_heldout"]}
     reports = {}
+    middle = old.get("middle_thresholds", old["thresholds"])  # (results from before the option: the same)
     for r in old["results"]:
         if r["path"] != "pca" and r.get("dictionary_identity") != dictionary_identity(str(ROOT / r["path"])):
             print(f"dropped the earlier {r['method']} curve of {r['label']} at {r['site']}: its files changed")
+            continue
+        if r["method"] == "acdc" and r["site"] == args.middle_site and middle != args.middle_thresholds:
+            print(f"dropped the earlier ACDC curve of {r['label']} at {r['site']}: {middle} thresholds, not "
+                  f"{args.middle_thresholds}")  # fmt: skip
             continue
         reports[(r["site"], r["label"], r["method"])] = {**r, **extra}
     commands = [c for c in old.get("commands", [old.get("command")]) if c and c != this] + [this]
