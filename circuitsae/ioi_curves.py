@@ -393,6 +393,9 @@ def _figure_legend(fig: Any, axes: Any) -> None:
                    ncol=min(4, len(entries)), frameon=False)  # fmt: skip
 
 
+CUT = 1e-3  # the curve plots' y axis starts at CUT × KL(nothing patched)
+
+
 def plot_curves(report: dict, path: "str | Path", sites: "list[str] | None" = None) -> Path:
     """KL vs features patched (left) and KL vs edit magnitude (right), one row per site."""
     import matplotlib
@@ -421,9 +424,11 @@ def plot_curves(report: dict, path: "str | Path", sites: "list[str] | None" = No
             row[1].plot(edit[ok], kl[ok], marker="." if r["method"] == "acdc" else None, **style)
             floor = r["start"]["none"]["kl"]
         for ax in row:
+            ax.set_yscale("log")
             if floor is not None:
                 ax.axhline(floor, color="grey", ls="--", lw=0.8)
-            ax.set_yscale("log")
+                # a lossless dictionary with every candidate patched reaches ~1e-8: cut there, the floors stay
+                ax.set_ylim(bottom=max(ax.get_ylim()[0], CUT * floor))
             ax.set_xscale("log")
             ax.set_ylabel("KL(patched ‖ target), mean over prompts")
             ax.grid(alpha=0.3, which="both")
@@ -436,7 +441,10 @@ def plot_curves(report: dict, path: "str | Path", sites: "list[str] | None" = No
     key = ", ".join(
         k for m, k in (("acdc", "solid: ACDC order"), ("attribution", "dotted: attribution order")) if m in methods
     )
-    fig.suptitle(f"IOI feature patching, {report['model']}, {report['prompts']} prompts ({key})")
+    fig.suptitle(
+        f"IOI feature patching, {report['model']}, {report['prompts']} prompts ({key}; "
+        f"KL below {CUT:g} × unpatched not shown)"
+    )
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
