@@ -157,7 +157,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the README's table from the results JSON and exit")
     args = ap.parse_args()
     if args.table:
-        print(halving_table(json.loads((RESULTS / f"{args.results_name}.json").read_text())))
+        out = json.loads((RESULTS / f"{args.results_name}.json").read_text())
+        print(sae_table(out), halving_table(out), sep="\n\n")
         return
     args.acdc_coefficients = args.acdc_coefficients or args.coefficients
     args.middle_thresholds = args.middle_thresholds or args.thresholds
@@ -264,6 +265,19 @@ def write(args: argparse.Namespace, reports: dict, seconds: dict, commands: list
     if any("records" in r.get("heldout", {}) for r in results):
         plot_transfer({**report, "results": results}, RESULTS / f"{name}_heldout.png")
     print(f"wrote {RESULTS / name}.json: {len(results)} curves at {out['sites']}")
+
+
+def sae_table(out: dict) -> str:
+    """The README's table of the trained SAEs: L0 / FVU of the final training batch, per site and dictionary."""
+    final = {k: v for t in out["training"].values() for k, v in t["final"].items()}  # "resid.15-relu-c1": {...}
+    columns = sorted({k.split("-", 1)[1] for k in final}, key=lambda c: (c.startswith("gated"), c))
+    names = {c: ("Gated λ = " if c.startswith("gated") else "α = ") + c.rsplit("-c", 1)[1] for c in columns}
+    rows = ["| site | " + " | ".join(f"{names[c]} L0 / FVU" for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for site in sorted({k.split("-")[0] for k in final}, key=lambda s: int(s.split(".")[1])):
+        cells = [final.get(f"{site}-{c}") for c in columns]
+        rows.append(f"| {site} | " + " | ".join("–" if f is None else f"{f['l0']:.0f} / {f['fvu']:.2g}" for f in cells)
+                    + " |")  # fmt: skip
+    return "\n".join(rows)
 
 
 def training_costs(work: Path) -> dict:
