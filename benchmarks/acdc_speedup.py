@@ -1,4 +1,4 @@
-"""Exact ACDC (`circuitsae.acdc`) vs the plain sequential loop (`acdc_reference`), side by side in one run.
+"""Exact ACDC (`circuitsae.circuits.acdc`) vs the plain sequential loop (`acdc_reference`), side by side in one run.
 
 Both order the same dictionary's features on the same IOI prompts at the same
 thresholds, one after the other in this process; the JSON gives both times,
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import ROOT, describe, repo_path  # noqa: E402
 
 import circuitsae  # noqa: E402
-from circuitsae.acdc import acdc, acdc_reference  # noqa: E402
+from circuitsae.circuits.acdc import acdc, acdc_reference  # noqa: E402
 from circuitsae.tasks.ioi import make_ioi  # noqa: E402
 
 

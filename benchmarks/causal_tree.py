@@ -32,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import ROOT, describe, repo_path  # noqa: E402
 
 import circuitsae  # noqa: E402
-from circuitsae.features import analyse_feature, find_token_feature  # noqa: E402
-from circuitsae.render import render  # noqa: E402
-from circuitsae.store import ActivationStore  # noqa: E402
-from circuitsae.trees import causal_tree  # noqa: E402
+from circuitsae.circuits.features import analyse_feature, find_token_feature  # noqa: E402
+from circuitsae.circuits.trees import causal_tree  # noqa: E402
+from circuitsae.data.store import ActivationStore  # noqa: E402
+from circuitsae.viz.plots import write_feature_report  # noqa: E402
+from circuitsae.viz.render import render  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -60,7 +61,7 @@ def main() -> None:
     t_feature = time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:  # the report's own folder is not a result: its two plots are
-        paths = report.write(Path(tmp) / "causal_tree_feature")
+        paths = write_feature_report(report, Path(tmp) / "causal_tree_feature")
         for kind in ("histogram", "logit_effect"):
             shutil.copy(paths[kind], RESULTS / f"causal_tree_feature-{kind}.png")
     print(report.summary())

@@ -1,11 +1,11 @@
 """Harvest throughput and memory on the real model (SmolLM2-135M), one run.
 
-On the same batches (the contexts ``circuitsae.harvest`` itself would use) it
+On the same batches (the contexts ``circuitsae.data.harvest`` itself would use) it
 measures tokens/s of
 
   (a) a plain Hugging Face forward of the whole model (logits included),
   (b) a plain PyTorch forward hook on the site that stops the pass there,
-  (c) ``circuitsae.harvest`` of that one site, end to end (tokenising the
+  (c) ``circuitsae.data.harvest`` of that one site, end to end (tokenising the
       corpus, nnsight trace with early stop, float16 store writes, checksums),
 
 for a residual site early, in the middle and late in the model. The configs
@@ -145,7 +145,9 @@ def plot(result: dict, path: Path) -> None:
     xs = range(len(layers))
     ax.bar([x - w for x in xs], [result["plain_forward_tok_s"]] * len(layers), w, label="(a) HF forward, whole model")
     ax.bar(list(xs), [r["hook_stop_tok_s"] for r in result["sites"]], w, label="(b) PyTorch hook, stop at site")
-    ax.bar([x + w for x in xs], [r["circuitsae_tok_s"] for r in result["sites"]], w, label="(c) circuitsae.harvest")
+    ax.bar(
+        [x + w for x in xs], [r["circuitsae_tok_s"] for r in result["sites"]], w, label="(c) circuitsae.data.harvest"
+    )
     for x, r in zip(xs, result["sites"]):
         ax.text(
             x + w,

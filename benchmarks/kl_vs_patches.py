@@ -44,8 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import ROOT, describe, repo_path  # noqa: E402
 
 import circuitsae  # noqa: E402
-from circuitsae.ioi_curves import halving, halving_table, label, plot_curves, plot_transfer, run_ioi, transfer  # noqa: E402
-from circuitsae.store import digest  # noqa: E402
+from circuitsae.circuits.curves import halving, halving_table, label, transfer  # noqa: E402
+from circuitsae.commands.ioi import run_ioi  # noqa: E402
+from circuitsae.io import digest  # noqa: E402
+from circuitsae.viz.plots import plot_curves, plot_transfer  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
 import circuitsae  # noqa: E402
-from circuitsae.evaluate import evaluate  # noqa: E402
-from circuitsae.train import train  # noqa: E402
+from circuitsae.training.evaluate import evaluate  # noqa: E402
+from circuitsae.training.trainer import train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLORS = {

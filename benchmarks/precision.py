@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
 import circuitsae  # noqa: E402
-from circuitsae.acdc import acdc  # noqa: E402
+from circuitsae.circuits.acdc import acdc  # noqa: E402
 from circuitsae.metrics import kl_divergence  # noqa: E402
 from circuitsae.tasks.ioi import final_logits  # noqa: E402
 

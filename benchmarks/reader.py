@@ -3,7 +3,7 @@
 All in one run, on the same store of real SmolLM2-135M activations (float16, d = 576), batches of 4096 shuffled
 rows, warm page cache, interleaved rounds (median):
 
-* the fast reader (``circuitsae.reader.shuffled_batches``) alone, one site — files already verified in this
+* the fast reader (``circuitsae.data.reader.shuffled_batches``) alone, one site — files already verified in this
   process, and a first pass that verifies them;
 * the previous reader (``reference_batches``: the store read as before this module, verification on and off);
 * a plain numpy gather: every batch takes 4096 random rows of the memory-mapped shards (rows grouped by shard,
@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe, repo_path  # noqa: E402
 
 import circuitsae  # noqa: E402
-from circuitsae import store as store_mod  # noqa: E402
-from circuitsae.train import TrainConfig, Trainer  # noqa: E402
+from circuitsae.data import store as store_mod  # noqa: E402
+from circuitsae.training.trainer import TrainConfig, Trainer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -41,9 +41,9 @@ import json, sys, time, hashlib
 from pathlib import Path
 import torch
 import circuitsae
-from circuitsae.acdc import acdc
-from circuitsae.trees import causal_tree
-from circuitsae.features import find_token_feature
+from circuitsae.circuits.acdc import acdc
+from circuitsae.circuits.trees import causal_tree
+from circuitsae.circuits.features import find_token_feature
 work, site, tokens = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 prev = f"resid.{int(site.split('.')[1]) - 1}"
 t, out = {}, {}

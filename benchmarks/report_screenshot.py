@@ -5,7 +5,7 @@
 
 It prints what the browser saw (every image decoded, the causal tree drawn and the size of its smallest node
 label on screen, console errors) and exits non-zero if something a reader would notice is wrong.
-The browser work is :mod:`circuitsae.browser`'s, which ``tests/test_report_browser.py`` also calls.
+The browser work is :mod:`circuitsae.viz.browser`'s, which ``tests/test_report_browser.py`` also calls.
 
 The browser is Debian's ``chromium`` (``make setup`` installs it when missing), driven over the DevTools
 protocol on a pipe (``--remote-debugging-pipe``): no Python package beyond the standard library.
@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from circuitsae.browser import inspect_page, problems
+from circuitsae.viz.browser import inspect_page, problems
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

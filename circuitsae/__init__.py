@@ -23,78 +23,146 @@ The public API::
     render_tree(graph, stem)    draw it: stem.dot, .svg, .png (graphviz) and node-link .json
     find_token_feature(...)     the feature that best picks out a token such as " the" or ")"
     run_demo(...)               everything above end to end, with summary.json and report.html
+
+Each name is imported from its wing (``circuitsae.data``, ``.dictionaries``, ``.training``,
+``.interventions``, ``.circuits``, ``.viz``, ``.commands``) when first used, so ``import circuitsae`` is fast.
 """
 
-from circuitsae.acdc import acdc, acdc_reference
-from circuitsae.data import contexts, load_corpus
-from circuitsae.demo import DemoConfig, run_demo
-from circuitsae.dictionaries import (
-    BatchTopKSAE,
-    Dictionary,
-    GatedSAE,
-    IdentityDictionary,
-    JumpReLUSAE,
-    PCADictionary,
-    ReluSAE,
-    TopKSAE,
-    load_dictionary,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from circuitsae.errors import CircuitSAEError
-from circuitsae.evaluate import evaluate
-from circuitsae.features import FeatureReport, analyse_feature, find_token_feature
-from circuitsae.harvest import HarvestConfig, harvest
-from circuitsae.ioi_curves import IOIConfig, run_ioi
-from circuitsae.models import load_model
-from circuitsae.patching import PatchResult, patch_features
-from circuitsae.render import render as render_tree
-from circuitsae.sites import Site
-from circuitsae.sites import resolve as resolve_sites
-from circuitsae.splice import run_ablated, run_spliced, splice_sites
-from circuitsae.store import ActivationStore
-from circuitsae.tasks import ioi_performance, make_ioi
-from circuitsae.train import TrainConfig, train
-from circuitsae.trees import causal_tree
 
 __version__ = "0.1.0"
 
+#: public name -> the module it lives in (or (module, name there) where the names differ)
+_PUBLIC: dict[str, "str | tuple[str, str]"] = {
+    "acdc": "circuitsae.circuits.acdc",
+    "acdc_reference": "circuitsae.circuits.acdc",
+    "ActivationStore": "circuitsae.data.store",
+    "analyse_feature": "circuitsae.circuits.features",
+    "BatchTopKSAE": "circuitsae.dictionaries",
+    "causal_tree": "circuitsae.circuits.trees",
+    "contexts": "circuitsae.data.corpora",
+    "DemoConfig": "circuitsae.commands.demo",
+    "Dictionary": "circuitsae.dictionaries",
+    "evaluate": "circuitsae.training.evaluate",
+    "FeatureReport": "circuitsae.circuits.features",
+    "find_token_feature": "circuitsae.circuits.features",
+    "GatedSAE": "circuitsae.dictionaries",
+    "harvest": "circuitsae.data.harvest",
+    "HarvestConfig": "circuitsae.data.harvest",
+    "IdentityDictionary": "circuitsae.dictionaries",
+    "ioi_performance": "circuitsae.tasks",
+    "IOIConfig": "circuitsae.commands.ioi",
+    "JumpReLUSAE": "circuitsae.dictionaries",
+    "load_corpus": "circuitsae.data.corpora",
+    "load_dictionary": "circuitsae.dictionaries",
+    "load_model": "circuitsae.models",
+    "make_ioi": "circuitsae.tasks",
+    "patch_features": "circuitsae.interventions.patching",
+    "PatchResult": "circuitsae.interventions.patching",
+    "PCADictionary": "circuitsae.dictionaries",
+    "ReluSAE": "circuitsae.dictionaries",
+    "render_tree": ("circuitsae.viz.render", "render"),
+    "resolve_sites": ("circuitsae.sites", "resolve"),
+    "run_ablated": "circuitsae.interventions.splice",
+    "run_demo": "circuitsae.commands.demo",
+    "run_ioi": "circuitsae.commands.ioi",
+    "run_spliced": "circuitsae.interventions.splice",
+    "Site": "circuitsae.sites",
+    "splice_sites": "circuitsae.interventions.splice",
+    "TopKSAE": "circuitsae.dictionaries",
+    "train": "circuitsae.training.trainer",
+    "TrainConfig": "circuitsae.training.trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its wing on first use (PEP 562)."""
+    where = _PUBLIC.get(name)
+    if where is None:
+        raise AttributeError(f"module 'circuitsae' has no attribute {name!r}")
+    module, attr = (where, name) if isinstance(where, str) else where
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
+
+
+if TYPE_CHECKING:  # what static tools and IDEs see
+    from circuitsae.circuits.acdc import acdc, acdc_reference
+    from circuitsae.circuits.features import FeatureReport, analyse_feature, find_token_feature
+    from circuitsae.circuits.trees import causal_tree
+    from circuitsae.commands.demo import DemoConfig, run_demo
+    from circuitsae.commands.ioi import IOIConfig, run_ioi
+    from circuitsae.data.corpora import contexts, load_corpus
+    from circuitsae.data.harvest import HarvestConfig, harvest
+    from circuitsae.data.store import ActivationStore
+    from circuitsae.dictionaries import (
+        BatchTopKSAE,
+        Dictionary,
+        GatedSAE,
+        IdentityDictionary,
+        JumpReLUSAE,
+        PCADictionary,
+        ReluSAE,
+        TopKSAE,
+        load_dictionary,
+    )
+    from circuitsae.interventions.patching import PatchResult, patch_features
+    from circuitsae.interventions.splice import run_ablated, run_spliced, splice_sites
+    from circuitsae.models import load_model
+    from circuitsae.sites import Site
+    from circuitsae.sites import resolve as resolve_sites
+    from circuitsae.tasks import ioi_performance, make_ioi
+    from circuitsae.training.evaluate import evaluate
+    from circuitsae.training.trainer import TrainConfig, train
+    from circuitsae.viz.render import render as render_tree
+
 __all__ = [
-    "ActivationStore",
-    "BatchTopKSAE",
-    "CircuitSAEError",
-    "Dictionary",
-    "FeatureReport",
-    "GatedSAE",
-    "HarvestConfig",
-    "IOIConfig",
-    "PatchResult",
-    "IdentityDictionary",
-    "JumpReLUSAE",
-    "PCADictionary",
-    "ReluSAE",
-    "Site",
-    "TopKSAE",
-    "TrainConfig",
     "acdc",
     "acdc_reference",
+    "ActivationStore",
     "analyse_feature",
-    "DemoConfig",
-    "run_demo",
-    "find_token_feature",
+    "BatchTopKSAE",
     "causal_tree",
+    "CircuitSAEError",
     "contexts",
+    "DemoConfig",
+    "Dictionary",
     "evaluate",
+    "FeatureReport",
+    "find_token_feature",
+    "GatedSAE",
     "harvest",
+    "HarvestConfig",
+    "IdentityDictionary",
+    "ioi_performance",
+    "IOIConfig",
+    "JumpReLUSAE",
     "load_corpus",
     "load_dictionary",
-    "ioi_performance",
     "load_model",
     "make_ioi",
     "patch_features",
+    "PatchResult",
+    "PCADictionary",
+    "ReluSAE",
     "render_tree",
     "resolve_sites",
     "run_ablated",
+    "run_demo",
     "run_ioi",
     "run_spliced",
+    "Site",
     "splice_sites",
+    "TopKSAE",
     "train",
+    "TrainConfig",
 ]

@@ -1,5 +1,5 @@
 import sys
 
-from circuitsae.cli import main
+from circuitsae.commands.cli import main
 
 sys.exit(main())

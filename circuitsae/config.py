@@ -18,7 +18,11 @@ T = TypeVar("T")
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with its CLI help text."""
+    """A dataclass field with its CLI help text.
+
+    ``positional="METAVAR"`` makes the field a positional argument of the command line (a sequence field takes
+    one or more values); ``cli=False`` leaves it out of the command line; ``choices=`` restricts its values.
+    """
     if isinstance(default, (list, dict)):
         raise TypeError("use a tuple for sequence defaults")
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
@@ -58,6 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         tp, _, seq = _base_type(hints[f.name])
         help_ = f.metadata.get("help", "")
+        if f.metadata.get("positional"):
+            parser.add_argument(
+                f.name, type=tp, nargs="+" if seq else None, metavar=f.metadata["positional"], help=help_
+            )
+            continue
         if tp is bool:
             if "default:" not in help_:  # a None default explains itself in the help ("default: on for CUDA")
                 help_ = f"{help_} (default: {f.default})"

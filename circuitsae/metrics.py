@@ -83,7 +83,7 @@ def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tenso
 
 
 def loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
-    """(CE_zero − CE_spliced) / (CE_zero − CE_clean): 1 = as good as the model, 0 = as bad as zero-ablation."""
+    """(CE_zero − CE_spliced) / (CE_zero − CE_clean): 1 = as the model, 0 = as zero-ablation."""
     return (ce_zero - ce_spliced) / (ce_zero - ce_clean)
 
 

@@ -16,7 +16,7 @@ modules; Gemma 2 and 3 normalise those outputs again before adding them
 sites are the outputs of those norms.
 
 Layers count from 0. The mapping from a site to a module, and how the fast
-paths of :mod:`circuitsae.downstream` run the blocks, is one description per
+paths of :mod:`circuitsae.interventions.replay` run the blocks, is one description per
 architecture family (:data:`ARCHITECTURES`), keyed by the Hugging Face
 ``config.model_type``. Inside a block the forward order is attn < mlp < resid,
 which is the order in which nnsight must visit them (:meth:`Site.sort_key`).
@@ -41,8 +41,8 @@ class Layout:
     ``blocks_only`` says that the family's decoder blocks can be called directly,
     ``block(h, attention_mask=..., position_ids=..., position_embeddings=...,
     past_key_values=...)``, with the rotary embedding ``model.rotary_emb`` and the
-    final norm ``model.norm``: the fast paths of :mod:`circuitsae.downstream` and
-    :mod:`circuitsae.trees` need it; the other families use full forward passes
+    final norm ``model.norm``: the fast paths of :mod:`circuitsae.interventions.replay` and
+    :mod:`circuitsae.circuits.trees` need it; the other families use full forward passes
     with hooks. Which layers use a sliding window and whether logits are capped
     is read from the config (``layer_types``, ``sliding_window``,
     ``final_logit_softcapping``).
@@ -178,3 +178,11 @@ def read(model: Any, site: "str | Site") -> Any:
     """
     out = module(model, site).output
     return out[0] if isinstance(out, tuple) else out
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    """``"resid.4:123"`` -> ``("resid.4", 123)``."""
+    m = re.fullmatch(r"\s*([a-z]+\.\d+):(\d+)\s*", str(text))
+    if not m:
+        raise CircuitSAEError(f"{text!r} is not SITE:FEATURE, e.g. resid.4:123")
+    return str(Site.parse(m.group(1))), int(m.group(2))

@@ -105,8 +105,8 @@ def wired(tiny_llama, tmp_path_factory):
     every other resid.0 direction is orthogonal to u, so ablating resid.0:5
     is the one edit that lowers u·x directly: it drives resid.1:3.
     """
+    from circuitsae.data.harvest import harvest
     from circuitsae.dictionaries import unit_rows
-    from circuitsae.harvest import harvest
 
     root = tmp_path_factory.mktemp("wired") / "store"
     store = harvest(
@@ -139,7 +139,7 @@ TINY_DEMO = dict(model="tiny-llama", sites=("resid.0", "resid.1"), tokens=3000, 
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory, device):
     """One run of the tiny demo for every test that reads its output: (folder, summary)."""
-    from circuitsae.demo import run_demo
+    from circuitsae.commands.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
     return out, run_demo(out=str(out), progress=False, device=device, **TINY_DEMO)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from circuitsae.cli import main
+from circuitsae.commands.cli import main
 
 
 def _err(capsys, argv):
@@ -89,14 +89,10 @@ def test_entry_point_help_and_error_exit_code():
 
 
 def test_ctrl_c_exits_130_and_says_how_to_resume(capsys, monkeypatch):
-    import sys
-
-    harvest_mod = sys.modules["circuitsae.harvest"]  # the package re-exports the function under this name
-
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(harvest_mod, "harvest", interrupted)
+    monkeypatch.setattr("circuitsae.commands.harvest.harvest", interrupted)
     assert main(["harvest", "--model", "tiny-llama"]) == 130
     assert "re-run the same command to resume" in capsys.readouterr().err
 

@@ -5,9 +5,9 @@ from html.parser import HTMLParser
 
 import pytest
 
-from circuitsae.demo import DemoConfig, one_screen, run_demo
+from circuitsae.commands.demo import DemoConfig, one_screen, run_demo
 from circuitsae.errors import CircuitSAEError
-from circuitsae.report import SECTIONS
+from circuitsae.viz.report import SECTIONS
 
 from conftest import TINY_DEMO as SMALL
 

@@ -9,8 +9,8 @@ import torch
 
 import circuitsae
 from circuitsae import CircuitSAEError
-from circuitsae.acdc import acdc
-from circuitsae.splice import site_device
+from circuitsae.circuits.acdc import acdc
+from circuitsae.interventions.splice import site_device
 
 MAP = {
     "model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",

@@ -14,11 +14,11 @@ import torch
 
 import circuitsae
 from circuitsae import CircuitSAEError
-from circuitsae.acdc import acdc
-from circuitsae.cli import main
+from circuitsae.circuits.acdc import acdc
+from circuitsae.commands.cli import main
+from circuitsae.data.store import store_from_tensors
 from circuitsae.dictionaries import load_dictionary
-from circuitsae.store import store_from_tensors
-from circuitsae.train import TrainConfig, Trainer, train
+from circuitsae.training.trainer import TrainConfig, Trainer, train
 
 from fake_cuda import FakeCuda, fake_cuda
 
@@ -101,8 +101,8 @@ def test_acdc_on_cuda_equals_the_cpu(tiny_llama, ioi, saved_sae, engine, order):
 @pytest.mark.parametrize("engine", ["downstream", "hook"])
 def test_evaluators_build_positions_masks_and_indices_on_the_device(tiny_llama, ioi, saved_sae, engine):
     """Both evaluators, handed deltas that live on the GPU: state runs, windowed removals, updates, gradients."""
-    from circuitsae.downstream import make_evaluator
-    from circuitsae.patching import feature_deltas
+    from circuitsae.interventions.patching import feature_deltas
+    from circuitsae.interventions.replay import make_evaluator
 
     fd = feature_deltas(tiny_llama, load_dictionary(saved_sae), SITE, ioi.base, ioi.target, lengths=ioi.lengths)
     k = fd.n_candidates
@@ -132,7 +132,7 @@ def test_evaluators_build_positions_masks_and_indices_on_the_device(tiny_llama, 
 def test_causal_tree_on_cuda_equals_the_cpu(tiny_llama, wired, fast, monkeypatch):
     store, dicts = wired
     if not fast:
-        monkeypatch.setattr("circuitsae.trees.Blocks.supports", staticmethod(lambda m, s: False))
+        monkeypatch.setattr("circuitsae.circuits.trees.Blocks.supports", staticmethod(lambda m, s: False))
     kw = dict(depth=2, branching=2, contexts=4, store=store, progress=False)
     want = circuitsae.causal_tree(tiny_llama, dicts, ("resid.2", 7), **kw)
     dicts = copy.deepcopy(dicts)  # the fixture's stay on the CPU

@@ -17,7 +17,7 @@ from circuitsae.dictionaries import (
     TopKSAE,
     load_dictionary,
 )
-from circuitsae.splice import run_ablated, run_spliced
+from circuitsae.interventions.splice import run_ablated, run_spliced
 
 D = 64  # the tiny models' width
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import circuitsae
-from circuitsae.store import store_from_tensors
+from circuitsae.data.store import store_from_tensors
 
 TIMEOUT = 180
 

@@ -13,7 +13,7 @@ import torch
 
 import circuitsae
 from circuitsae import metrics
-from circuitsae.acdc import acdc
+from circuitsae.circuits.acdc import acdc
 from circuitsae.dictionaries import load_dictionary
 
 SITE = "resid.1"

@@ -12,11 +12,11 @@ import torch
 
 import circuitsae
 from circuitsae import sites
-from circuitsae.acdc import acdc
-from circuitsae.downstream import Blocks, make_evaluator
+from circuitsae.circuits.acdc import acdc
+from circuitsae.circuits.trees import _Segment, record
+from circuitsae.interventions.patching import feature_deltas
+from circuitsae.interventions.replay import Blocks, make_evaluator
 from circuitsae.models import TINY_FAMILIES
-from circuitsae.patching import feature_deltas
-from circuitsae.trees import _Segment, record
 
 FAMILIES = [f"tiny-{f}" for f in TINY_FAMILIES]
 FAST = {"tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma2", "tiny-gemma3"}

@@ -6,9 +6,7 @@ import pytest
 import torch
 
 import circuitsae
-from circuitsae.cli import main
-from circuitsae.errors import CircuitSAEError
-from circuitsae.features import (
+from circuitsae.circuits.features import (
     ablate,
     analyse_feature,
     decoder_unembed,
@@ -20,7 +18,9 @@ from circuitsae.features import (
     token_histogram,
     top_contexts,
 )
-from circuitsae.trees import record
+from circuitsae.circuits.trees import record
+from circuitsae.commands.cli import main
+from circuitsae.errors import CircuitSAEError
 
 SITE, FEATURE = "resid.1", 3
 
@@ -133,7 +133,9 @@ def test_analyse_and_write(tiny_llama, wired, tmp_path):
     store, dicts = wired
     rep = analyse_feature(tiny_llama, dicts[SITE], store, FEATURE, k=4, progress=False)
     assert rep.site == SITE and 0 < rep.density < 1 and rep.rows == 405 and len(rep.top) == 4
-    paths = rep.write(tmp_path / "f")
+    from circuitsae.viz.plots import write_feature_report
+
+    paths = write_feature_report(rep, tmp_path / "f")
     data = json.loads(open(paths["json"]).read())
     assert data["feature"] == FEATURE and data["top"][0]["activation"] == pytest.approx(rep.max_activation)
     for key in ("histogram", "logit_effect"):

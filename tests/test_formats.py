@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 from circuitsae import CircuitSAEError
-from circuitsae.cli import main
+from circuitsae.commands.cli import main
 from circuitsae.dictionaries import (
     BatchTopKSAE,
     GatedSAE,
@@ -783,7 +783,7 @@ def test_convert_cli(tmp_path, capsys):
 def test_eval_and_ioi_find_every_format_in_a_folder_of_dictionaries(tmp_path):
     """``circuitsae eval/ioi DIR``: a folder holding another library's dictionaries (dictionary_learning has no
     cfg.json, only ae.pt + config.json) lists each of them."""
-    from circuitsae.evaluate import dictionary_folders
+    from circuitsae.dictionaries.folders import dictionary_folders
 
     _dl_folder(tmp_path / "runs" / "ae", "AutoEncoder", _dl_state("AutoEncoder"))
     _saelens_folder(tmp_path / "runs" / "lens", "standard", _saelens_tensors("standard"))

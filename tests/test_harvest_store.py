@@ -6,10 +6,10 @@ import torch
 
 import circuitsae
 from circuitsae import sites
-from circuitsae import store as store_mod
+from circuitsae.data import store as store_mod
+from circuitsae.data.harvest import HarvestConfig, harvest
+from circuitsae.data.store import ActivationStore, StoreWriter
 from circuitsae.errors import CircuitSAEError
-from circuitsae.harvest import HarvestConfig, harvest
-from circuitsae.store import ActivationStore, StoreWriter
 
 SITES = ("resid.1", "mlp.2", "attn.0")
 
@@ -193,7 +193,7 @@ def test_meta_records_provenance(tiny_llama, text_corpus, tmp_path):
 
 
 def test_multi_site_batches_share_rows_and_skip_resumes_the_stream(tmp_path):
-    from circuitsae.store import store_from_tensors
+    from circuitsae.data.store import store_from_tensors
 
     a = torch.randn(1000, 4)
     store = store_from_tensors(tmp_path / "s", {"resid.0": a, "resid.1": 2 * a}, shard_rows=128)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import circuitsae
+from circuitsae.circuits.curves import halving
 from circuitsae.errors import CircuitSAEError
-from circuitsae.ioi_curves import halving
 from circuitsae.models import start_token_id
 from circuitsae.tasks import TEMPLATES, final_logits, ioi_performance, logit_diff, make_ioi, single_token_names
 
@@ -127,9 +127,9 @@ def test_a_dictionary_with_nothing_to_patch_is_skipped_not_fatal(tiny_llama, wir
     import copy
     import warnings
 
+    from circuitsae.commands.ioi import run_ioi
     from circuitsae.errors import NothingToPatch
-    from circuitsae.ioi_curves import run_ioi
-    from circuitsae.patching import feature_deltas
+    from circuitsae.interventions.patching import feature_deltas
 
     _, dicts = wired
     live, dead = dicts["resid.1"], copy.deepcopy(dicts["resid.1"])
@@ -173,7 +173,7 @@ def test_halving_reads_features_and_edit_off_one_record():
 
 
 def test_transfer_scores_the_halving_set_on_the_heldout_prompts_and_the_table_shows_it():
-    from circuitsae.ioi_curves import halving_table, transfer
+    from circuitsae.circuits.curves import halving_table, transfer
 
     curve = {
         "label": "gated λ=2 (R=3)",
@@ -207,7 +207,7 @@ def test_transfer_scores_the_halving_set_on_the_heldout_prompts_and_the_table_sh
 
 
 def test_selection_and_heldout_prompts_share_no_name_or_template(tiny_llama):
-    from circuitsae.ioi_curves import split_prompts
+    from circuitsae.circuits.curves import split_prompts
 
     select, held = split_prompts(tiny_llama, 12, 10, seed=0)
     assert len(select) == 12 and len(held) == 10
@@ -226,7 +226,9 @@ def test_selection_and_heldout_prompts_share_no_name_or_template(tiny_llama):
 
 def test_chosen_feature_sets_are_scored_on_heldout_prompts(tiny_llama, wired, tmp_path):
     """Every record's feature set is rebuilt exactly and patched, unchanged, into the other prompts."""
-    from circuitsae.ioi_curves import feature_sets, plot_transfer, run_ioi, score_sets, split_prompts
+    from circuitsae.circuits.curves import feature_sets, score_sets, split_prompts
+    from circuitsae.commands.ioi import run_ioi
+    from circuitsae.viz.plots import plot_transfer
 
     _, dicts = wired
     path = str(dicts["resid.1"].save(tmp_path / "d"))

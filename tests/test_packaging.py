@@ -78,7 +78,7 @@ def test_the_wheel_holds_every_module_and_the_entry_point(wheel):
     assert source <= names, f"missing from the wheel: {sorted(source - names)}"
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "tutorials/"))]
     info = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "circuitsae = circuitsae.cli:main" in zipfile.ZipFile(wheel).read(info).decode()
+    assert "circuitsae = circuitsae.commands.cli:main" in zipfile.ZipFile(wheel).read(info).decode()
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert not re.search(r"^Requires-Dist: [^;]*==", meta, re.M), "the wheel pins a dependency exactly"
 

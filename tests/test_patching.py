@@ -6,14 +6,14 @@ import torch
 
 import circuitsae
 from circuitsae import sites
-from circuitsae.acdc import acdc, acdc_reference
-from circuitsae.downstream import DownstreamEvaluator, HookEvaluator
+from circuitsae.circuits.acdc import acdc, acdc_reference
 from circuitsae.errors import CircuitSAEError
+from circuitsae.interventions.patching import feature_deltas, patch_features
+from circuitsae.interventions.replay import DownstreamEvaluator, HookEvaluator
 from circuitsae.metrics import kl_divergence
-from circuitsae.patching import feature_deltas, patch_features
 
 SITE = "resid.1"
-_ORIG_UPDATE = __import__("circuitsae.downstream", fromlist=["_KV"])._KV.update
+_ORIG_UPDATE = __import__("circuitsae.interventions.replay", fromlist=["_KV"])._KV.update
 TAUS = np.logspace(-5, -1, 6)
 
 
@@ -194,7 +194,7 @@ def test_downstream_and_hook_evaluators_agree(llama64, prompts):
 def test_the_windowed_replay_checks_itself_and_falls_back_with_one_warning(llama64, prompts, monkeypatch):
     import warnings
 
-    from circuitsae import downstream
+    from circuitsae.interventions import replay as downstream
 
     base, target, lengths = prompts
     fd = feature_deltas(llama64, _dicts(llama64, prompts)["relu"], SITE, base, target, lengths=lengths)
@@ -282,7 +282,7 @@ def test_acdc_interrupted_after_some_thresholds_resumes_to_the_same_result(llama
     import json
     import sys
 
-    acdc_module = sys.modules["circuitsae.acdc"]  # the package's `acdc` attribute is the function
+    acdc_module = sys.modules["circuitsae.circuits.acdc"]  # the package's `acdc` attribute is the function
     base, target, lengths = prompts
     d = _dicts(llama64, prompts)["relu"]
     whole = acdc(llama64, d, SITE, base, target, lengths=lengths, thresholds=TAUS, progress=False)

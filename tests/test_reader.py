@@ -1,4 +1,4 @@
-"""The fast reader (circuitsae.reader) against the plain reference, and its verify-once, finiteness and
+"""The fast reader (circuitsae.data.reader) against the plain reference, and its verify-once, finiteness and
 read-ahead behaviour."""
 
 import threading
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from circuitsae import reader as reader_mod
-from circuitsae import store as store_mod
+from circuitsae.data import reader as reader_mod
+from circuitsae.data import store as store_mod
+from circuitsae.data.store import ActivationStore, store_from_tensors
 from circuitsae.errors import CircuitSAEError
-from circuitsae.store import ActivationStore, store_from_tensors
 
 from fake_cuda import fake_cuda
 

@@ -5,7 +5,7 @@ import torch
 
 import circuitsae
 from circuitsae import data, sites
-from circuitsae.harvest import harvest
+from circuitsae.data.harvest import harvest
 
 pytestmark = pytest.mark.real
 
@@ -81,8 +81,8 @@ def test_gemma3_contexts_start_with_its_own_bos_once(gemma3):
 def test_gemma3_does_ioi_and_the_fast_evaluator_reproduces_it(gemma3):
     import warnings
 
-    from circuitsae.downstream import make_evaluator
-    from circuitsae.patching import feature_deltas
+    from circuitsae.interventions.patching import feature_deltas
+    from circuitsae.interventions.replay import make_evaluator
 
     ds = circuitsae.make_ioi(gemma3, n=20, seed=0)
     perf = circuitsae.ioi_performance(gemma3, ds)

@@ -11,9 +11,9 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from circuitsae.browser import MIN_LABEL_PX, find_chromium, inspect_page, problems
-from circuitsae.render import render
-from circuitsae.report import SECTIONS, write_report
+from circuitsae.viz.browser import MIN_LABEL_PX, find_chromium, inspect_page, problems
+from circuitsae.viz.render import render
+from circuitsae.viz.report import SECTIONS, write_report
 
 
 @pytest.fixture(scope="module")

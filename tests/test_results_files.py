@@ -20,7 +20,7 @@ def test_results_json_hold_relative_paths_and_a_machine(path):
 
 def test_readme_ioi_table_is_the_one_the_results_file_gives():
     """The README's IOI figures are read off benchmarks/results/kl_vs_patches.json, not typed in."""
-    from circuitsae.ioi_curves import halving_table
+    from circuitsae.circuits.curves import halving_table
 
     expected = halving_table(json.loads((RESULTS / "kl_vs_patches.json").read_text())).splitlines()
     readme = (RESULTS.parents[1] / "README.md").read_text().splitlines()

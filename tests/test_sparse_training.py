@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from circuitsae.data.store import store_from_tensors
 from circuitsae.dictionaries import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReluSAE, TopKSAE, fused
 from circuitsae.dictionaries.fused import GatedLoss, OpenUnits, ReluLoss, open_fraction, use_sparse
-from circuitsae.store import store_from_tensors
-from circuitsae.train import TrainConfig, Trainer
+from circuitsae.training.trainer import TrainConfig, Trainer
 
 D, F, B = 24, 80, 48
 

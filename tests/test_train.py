@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from circuitsae import CircuitSAEError
+from circuitsae.data.store import ActivationStore, store_from_tensors
 from circuitsae.dictionaries import load_dictionary
-from circuitsae.store import ActivationStore, store_from_tensors
-from circuitsae.train import TrainConfig, Trainer, TrainingDiverged, train
+from circuitsae.training.trainer import TrainConfig, Trainer, TrainingDiverged, train
 
 
 def sparse_data(n, d=32, n_features=32, p_active=3 / 32, seed=0):
@@ -99,7 +99,7 @@ def test_resume_refuses_a_different_command(synthetic, tmp_path):
 
 
 def test_saved_sae_takes_raw_activations(synthetic, tmp_path):
-    """The input scale is folded in at save: the saved SAE reconstructs raw x as well as in training."""
+    """The input scale is folded in at save: the saved SAE reconstructs raw x as in training."""
     root, _ = synthetic
     saes = train(
         store=str(root),
@@ -316,7 +316,7 @@ def test_k_must_be_a_whole_number_within_the_dictionary(synthetic, tmp_path):
 
 
 def test_per_architecture_coefficients_share_one_pass(synthetic, tmp_path):
-    from circuitsae.train import plan_runs
+    from circuitsae.training.trainer import plan_runs
 
     root, _ = synthetic
     cfg = TrainConfig(store=str(root), out=str(tmp_path), arch=("relu", "topk", "jumprelu"), coefficients=(0.5, 2),

@@ -10,12 +10,12 @@ import torch
 
 import circuitsae
 from circuitsae import sites
-from circuitsae.cli import main
+from circuitsae.circuits.features import ablate, site_hook
+from circuitsae.circuits.trees import causal_tree, record
+from circuitsae.commands.cli import main
 from circuitsae.errors import CircuitSAEError
-from circuitsae.features import ablate, site_hook
-from circuitsae.render import MISSING_DOT, render, to_dot
-from circuitsae.splice import check_dictionary
-from circuitsae.trees import causal_tree, record
+from circuitsae.interventions.splice import check_dictionary
+from circuitsae.viz.render import MISSING_DOT, render, to_dot
 
 
 def _copy(d, **meta):
@@ -72,7 +72,7 @@ def test_effects_equal_full_model_ablations(tiny_llama, wired):
 
 def test_hook_engine_gives_the_same_tree(tiny_llama, wired, tree, monkeypatch):
     store, dicts = wired
-    monkeypatch.setattr("circuitsae.trees.Blocks.supports", staticmethod(lambda m, s: False))
+    monkeypatch.setattr("circuitsae.circuits.trees.Blocks.supports", staticmethod(lambda m, s: False))
     g = causal_tree(tiny_llama, dicts, ("resid.2", 7), depth=2, branching=3, contexts=8, progress=False)
     assert set(g.graph["engines"].values()) == {"hook"}
     assert set(g.edges) == set(tree.edges)
@@ -167,7 +167,7 @@ def test_shared_mode_reuses_the_root_contexts_and_is_named(tiny_llama, wired, tr
 
 def test_an_ablation_that_changes_nothing_has_an_effect_of_exactly_zero(tiny_llama, wired, monkeypatch):
     """Clean and ablated q come from one computation: a firing feature with a zero direction moves nothing."""
-    from circuitsae import trees
+    from circuitsae.circuits import trees
 
     store, dicts = wired
     src = _copy(dicts["resid.0"])
@@ -186,7 +186,7 @@ def test_an_ablation_that_changes_nothing_has_an_effect_of_exactly_zero(tiny_lla
     got = {}
     for engine in ("at_p", "window", "hook"):
         if engine == "hook":
-            monkeypatch.setattr("circuitsae.trees.Blocks.supports", staticmethod(lambda m, s: False))
+            monkeypatch.setattr("circuitsae.circuits.trees.Blocks.supports", staticmethod(lambda m, s: False))
         seg = trees._Segment(tiny_llama, "resid.0", "resid.1")
         if engine == "window":
             seg.at_p = None
@@ -290,7 +290,7 @@ def test_last_position_block_matches_the_block_path_or_is_not_used(name):
     """The last-position path exists for Llama-style blocks and passes its own check against the block path."""
     import warnings
 
-    from circuitsae import trees
+    from circuitsae.circuits import trees
 
     lm = circuitsae.load_model(name, device="cpu", dtype="float32")
     ids = torch.randint(3, 200, (3, 40), generator=torch.Generator().manual_seed(0))

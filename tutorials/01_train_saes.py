@@ -25,7 +25,7 @@ import os
 import torch
 
 import circuitsae
-from circuitsae.evaluate import format_table
+from circuitsae.training.evaluate import format_table
 
 SMALL = os.environ.get("CIRCUITSAE_TUTORIAL_SMALL") == "1"
 OUT = os.environ.get("CIRCUITSAE_TUTORIAL_OUT", "runs/tutorial01")

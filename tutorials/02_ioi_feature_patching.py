@@ -29,7 +29,7 @@ import torch
 
 import circuitsae
 from circuitsae import sites
-from circuitsae.ioi_curves import plot_curves
+from circuitsae.viz.plots import plot_curves
 
 SMALL = os.environ.get("CIRCUITSAE_TUTORIAL_SMALL") == "1"
 OUT = os.environ.get("CIRCUITSAE_TUTORIAL_OUT", "runs/tutorial02")

@@ -24,7 +24,8 @@ import os
 from pathlib import Path
 
 import circuitsae
-from circuitsae.features import find_token_feature
+from circuitsae.circuits.features import find_token_feature
+from circuitsae.viz.plots import write_feature_report
 
 SMALL = os.environ.get("CIRCUITSAE_TUTORIAL_SMALL") == "1"
 OUT = Path(os.environ.get("CIRCUITSAE_TUTORIAL_OUT", "runs/tutorial03"))
@@ -80,7 +81,7 @@ print(f"feature {site}:{feature}", {k: v for k, v in pick.items() if k != "featu
 # %%
 report = circuitsae.analyse_feature(lm, saes[site], store, feature, site)
 print(report.summary())
-paths = report.write(OUT / "feature")
+paths = write_feature_report(report, OUT / "feature")
 for kind, path in paths.items():
     print(f"{kind}: {path}")
 

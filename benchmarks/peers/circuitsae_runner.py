@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import circuitsae  # noqa: E402
+from circuitsae.data.store import store_from_tensors  # noqa: E402
 from circuitsae.dictionaries import GatedSAE, ReluSAE, fused  # noqa: E402
-from circuitsae.store import store_from_tensors  # noqa: E402
-from circuitsae.train import TrainConfig, Trainer  # noqa: E402
+from circuitsae.training.trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def main() -> None:

@@ -148,7 +148,7 @@ class Dictionary(nn.Module):
         with ``architecture`` choosing among the forms this dictionary can take there (a Gated SAE:
         ``"gated"`` or ``"jumprelu"``); see :func:`circuitsae.dictionaries.formats.write_saelens`.
         """
-        from circuitsae.store import atomic_write
+        from circuitsae.io import atomic_write
 
         if format == "saelens":
             from circuitsae.dictionaries.formats import write_saelens

@@ -114,7 +114,6 @@ from typing import TYPE_CHECKING, Any
 import safetensors.torch
 import torch
 
-from circuitsae.config import option
 from circuitsae.dictionaries.base import FORMAT, Dictionary, _json_default
 from circuitsae.dictionaries.batchtopk import BatchTopKSAE
 from circuitsae.dictionaries.gated import GatedSAE
@@ -623,7 +622,7 @@ def write_saelens(dictionary: Dictionary, path: "str | Path", architecture: "str
     ``architecture`` chooses among the forms the dictionary can take (a Gated SAE: ``gated`` or
     ``jumprelu``); by default its own.
     """
-    from circuitsae.store import atomic_write
+    from circuitsae.io import atomic_write
 
     d = dictionary
     own = d.architecture
@@ -862,52 +861,10 @@ def read_sparsify(path: "str | Path") -> Dictionary:
     return _build(parts, str(weights), meta)
 
 
-# -- convert -------------------------------------------------------------------------------------------
-@dataclass
-class ConvertConfig:
-    """``circuitsae convert IN OUT --to {circuitsae,saelens}``."""
-
-    source: str = option("", "the dictionary folder to read (any format load_dictionary reads)", cli=False)
-    out: str = option("", "the folder to write: new or empty (never overwritten)", cli=False)
-    to: "str | None" = option(
-        None, "format to write: circuitsae or saelens (no default: required)", choices=("circuitsae", "saelens")
-    )
-    architecture: "str | None" = option(
-        None,
-        "SAE Lens architecture to write (default: the dictionary's own; a Gated SAE can be written as jumprelu)",
-        choices=SAELENS_ARCHITECTURES,
-    )
-
-    def __post_init__(self) -> None:
-        if self.to not in ("circuitsae", "saelens"):
-            raise CircuitSAEError(f"convert needs --to circuitsae or --to saelens, got {self.to!r}")
-        if self.architecture is not None and self.to != "saelens":
-            raise CircuitSAEError("--architecture chooses a SAE Lens architecture: it needs --to saelens")
-        if not self.source or not self.out:
-            raise CircuitSAEError("convert needs an input folder and an output folder")
-
-
-def convert(cfg: ConvertConfig) -> tuple[Path, Dictionary]:
-    """Read ``cfg.source`` in whatever format it is and write it to the new folder ``cfg.out``."""
-    from circuitsae.dictionaries import load_dictionary
-
-    out = Path(cfg.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CircuitSAEError(f"{out} exists and is not empty: convert never overwrites, name a new folder")
-    dictionary = load_dictionary(cfg.source)
-    if cfg.to == "saelens":
-        write_saelens(dictionary, out, cfg.architecture)
-    else:
-        dictionary.save(out)
-    return out, dictionary
-
-
 __all__ = [
     "FORMAT",
     "FORMATS",
     "NORM_TOLERANCE",
-    "ConvertConfig",
-    "convert",
     "detect_format",
     "dictionary_learning_site",
     "module_site",

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,12 +39,12 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitsae import sites as sites_mod
-from circuitsae.config import model_dtype_option, option
-from circuitsae.dictionaries import Dictionary, load_dictionary
+from circuitsae.data.store import ActivationStore
+from circuitsae.dictionaries import Dictionary
 from circuitsae.errors import CircuitSAEError
+from circuitsae.interventions.splice import check_dictionary, default_start
+from circuitsae.io import atomic_write
 from circuitsae.models import input_device
-from circuitsae.splice import check_dictionary, default_start
-from circuitsae.store import ActivationStore, atomic_write
 
 
 # -- the ablation primitive ------------------------------------------------------
@@ -377,20 +376,12 @@ class FeatureReport:
         ]
         return "\n".join(lines)
 
-    def write(self, folder: "str | Path") -> dict[str, str]:
-        """Write ``feature.json``, ``histogram.png`` and ``logit_effect.png`` into ``folder``; return the paths."""
-        from circuitsae.render import plot_histogram, plot_logit_effect
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        stem = f"{self.site}-{self.feature}"
-        self.paths = {
-            "histogram": str(plot_histogram(self, folder / f"{stem}-histogram.png")),
-            "logit_effect": str(plot_logit_effect(self, folder / f"{stem}-logit_effect.png")),
-            "json": str(folder / f"{stem}.json"),
-        }
-        atomic_write(Path(self.paths["json"]), json.dumps(asdict(self), indent=1).encode())
-        return self.paths
+    def write_json(self, path: "str | Path") -> Path:
+        """Write the report as JSON (the PNGs: :func:`circuitsae.viz.plots.write_feature_report`)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(asdict(self), indent=1).encode())
+        return path
 
 
 def analyse_feature(
@@ -431,84 +422,3 @@ def analyse_feature(
 
 
 # -- command line ------------------------------------------------------------------
-def parse_target(text: str) -> tuple[str, int]:
-    """``"resid.4:123"`` -> ``("resid.4", 123)``."""
-    m = re.fullmatch(r"\s*([a-z]+\.\d+):(\d+)\s*", str(text))
-    if not m:
-        raise CircuitSAEError(f"{text!r} is not SITE:FEATURE, e.g. resid.4:123")
-    return str(sites_mod.Site.parse(m.group(1))), int(m.group(2))
-
-
-def select_dictionaries(
-    paths: Sequence[str], arch: "str | None" = None, coefficient: "float | None" = None
-) -> dict[str, Dictionary]:
-    """One dictionary per site from folders (or training output folders), filtered by architecture/coefficient.
-
-    Sites come back in forward order. Several candidates left for one site is an error naming them.
-    """
-    from circuitsae.evaluate import dictionary_folders
-
-    by_site: dict[str, list[tuple[Path, Dictionary]]] = {}
-    for p in dictionary_folders(tuple(paths)):
-        d = load_dictionary(p)
-        coef = d.meta.get("training", {}).get("coefficient")
-        if (arch and d.architecture != arch) or (coefficient is not None and coef != coefficient):
-            continue
-        if "site" not in d.meta:
-            raise CircuitSAEError(f"{p} does not record its site")
-        by_site.setdefault(d.meta["site"], []).append((p, d))
-    if not by_site:
-        raise CircuitSAEError(f"no dictionary in {', '.join(paths)} matches arch={arch} coefficient={coefficient}")
-    for site, found in by_site.items():
-        if len(found) > 1:
-            names = ", ".join(p.name for p, _ in found)
-            raise CircuitSAEError(
-                f"{len(found)} dictionaries at {site} ({names}): choose one with --arch/--coefficient"
-            )
-    order = sorted(by_site, key=lambda s: sites_mod.Site.parse(s).sort_key())
-    return {s: by_site[s][0][1] for s in order}
-
-
-@dataclass
-class FeatureConfig:
-    """``circuitsae feature SITE:ID``: input and output side of one feature."""
-
-    target: str = option("", "SITE:FEATURE, e.g. resid.4:123", cli=False)
-    dictionaries: tuple[str, ...] = option((), "dictionary folders or a training output folder")
-    arch: "str | None" = option(None, "keep only dictionaries of this architecture (relu, gated, ...)")
-    coefficient: "float | None" = option(None, "keep only dictionaries trained with this sparsity coefficient")
-    store: "str | None" = option(None, "activation store (default: the one the dictionary was trained on)")
-    model: "str | None" = option(None, "model (default: the one the dictionary was trained on)")
-    contexts: int = option(10, "top and random contexts to show and to measure the logit effect on")
-    split: str = option("train", "store split to read: train or heldout")
-    out: str = option("runs/feature", "output folder: JSON and PNGs")
-    device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
-    model_dtype: "str | None" = model_dtype_option()
-
-    def __post_init__(self) -> None:
-        self.dictionaries = tuple(self.dictionaries)
-        if self.contexts < 1:
-            raise CircuitSAEError("contexts must be >= 1")
-        if not self.dictionaries:
-            raise CircuitSAEError("name the dictionaries with --dictionaries")
-
-
-def run_feature(cfg: FeatureConfig, model: Any = None, progress: bool = True) -> FeatureReport:
-    """Load what ``cfg`` names, analyse the feature and write the report into ``cfg.out``."""
-    from circuitsae.models import load_model
-
-    site, feature = parse_target(cfg.target)
-    dicts = select_dictionaries(cfg.dictionaries, cfg.arch, cfg.coefficient)
-    if site not in dicts:
-        raise CircuitSAEError(f"no dictionary at {site}: the dictionaries given are at {', '.join(dicts)}")
-    d = dicts[site]
-    store_path = cfg.store or d.meta.get("store")
-    if store_path is None:
-        raise CircuitSAEError("the dictionary does not name its activation store: pass --store")
-    name = cfg.model or d.meta.get("model", "smollm2-135m")
-    model = model or load_model(name, device=cfg.device, dtype=cfg.model_dtype)
-    report = analyse_feature(
-        model, d, ActivationStore(store_path), feature, site, k=cfg.contexts, split=cfg.split, progress=progress
-    )
-    report.write(cfg.out)
-    return report

@@ -2,7 +2,7 @@
 
 Reconstruction (L0, FVU, γ, dead/dense fractions, density histogram) uses the
 store's held-out activations. Fidelity splices each dictionary into the model
-(:mod:`circuitsae.splice`) on held-out contexts and compares next-token
+(:mod:`circuitsae.interventions.splice`) on held-out contexts and compares next-token
 cross-entropy with the clean run and with the site zero-ablated::
 
     loss_recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean)
@@ -24,19 +24,22 @@ from tqdm.auto import tqdm
 
 from circuitsae import metrics
 from circuitsae.config import model_dtype_option, option
+from circuitsae.data.store import ActivationStore
 from circuitsae.dictionaries import Dictionary, load_dictionary
-from circuitsae.dictionaries.formats import looks_like_dictionary
+from circuitsae.dictionaries.folders import dictionary_folders
 from circuitsae.errors import CircuitSAEError
+from circuitsae.interventions.splice import check_dictionary, default_start, run_ablated, run_spliced
+from circuitsae.io import atomic_write
 from circuitsae.models import input_device
-from circuitsae.splice import check_dictionary, default_start, run_ablated, run_spliced
-from circuitsae.store import ActivationStore, atomic_write
 
 
 @dataclass
 class EvalConfig:
     """Evaluate saved dictionaries on a store's held-out split."""
 
-    dictionaries: tuple[str, ...] = option((), "saved dictionary folders (or a training output folder)", cli=False)
+    dictionaries: tuple[str, ...] = option(
+        (), "saved dictionary folders (or a training output folder)", positional="DICTIONARY"
+    )
     store: "str | None" = option(None, "activation store (default: the one each dictionary was trained on)")
     model: "str | None" = option(None, "model to splice into (default: the store's model)")
     contexts: int = option(32, "held-out contexts for loss recovered")
@@ -50,21 +53,6 @@ class EvalConfig:
         if self.contexts < 1 or self.rows < 1 or self.batch_size < 1:
             raise CircuitSAEError("contexts, rows and batch_size must be >= 1")
         self.dictionaries = tuple(self.dictionaries)
-
-
-def dictionary_folders(paths: "tuple[str, ...] | list[str]") -> list[Path]:
-    """Expand each path: a dictionary folder itself, or a folder of them (a training output)."""
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if looks_like_dictionary(p):
-            found.append(p)
-        elif p.is_dir() and any(looks_like_dictionary(c) for c in p.iterdir()):
-            found.extend(sorted(c for c in p.iterdir() if looks_like_dictionary(c)))
-        else:
-            raise CircuitSAEError(f"{p} is neither a saved dictionary nor a folder of them")
-    if not found:
-        raise CircuitSAEError("no dictionary given to evaluate")
-    return found
 
 
 @torch.no_grad()

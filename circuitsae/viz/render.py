@@ -1,4 +1,4 @@
-"""Draw a causal tree (:func:`circuitsae.trees.causal_tree`) as a circuit diagram, and a feature's plots.
+"""Draw a causal tree (:func:`circuitsae.circuits.trees.causal_tree`) as a circuit diagram.
 
 :func:`to_dot` lays the graph out for graphviz: one rank per site, the
 earliest at the top (edges run parent → child, downwards), edge width
@@ -8,9 +8,6 @@ tokens, and a legend saying what the widths mean. :func:`render` writes
 ``stem.json`` (networkx node-link data, readable by other tools). Large
 graphs are pruned first (:func:`prune`): edges below ``min_effect`` go, then
 only the ``max_nodes`` nodes with the strongest edges are kept.
-
-:func:`plot_histogram` and :func:`plot_logit_effect` draw a
-:class:`~circuitsae.features.FeatureReport` (the paper's Fig. 4, left and right).
 """
 
 from __future__ import annotations
@@ -19,16 +16,12 @@ import json
 import shutil
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import graphviz
 import networkx as nx
 
 from circuitsae import sites as sites_mod
-from circuitsae.store import atomic_write
-
-if TYPE_CHECKING:
-    from circuitsae.features import FeatureReport
+from circuitsae.io import atomic_write
 
 MISSING_DOT = (
     "graphviz 'dot' not found: install the Debian package graphviz (apt-get install graphviz); wrote DOT and JSON"
@@ -128,55 +121,3 @@ def render(graph: nx.DiGraph, out_stem: "str | Path", max_nodes: int = 40, min_e
         paths[fmt] = Path(f"{stem}.{fmt}")
         atomic_write(paths[fmt], dot.pipe(format=fmt))
     return {k: str(p) for k, p in paths.items()}
-
-
-def plot_histogram(report: "FeatureReport", path: "str | Path") -> Path:
-    """Fig. 4 left: firing rows per activation range, stacked by token."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    h = report.histogram
-    edges = h["edges"]
-    width = edges[1] - edges[0]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    bottom = [0] * (len(edges) - 1)
-    for name, counts in zip(h["tokens"], h["counts"]):
-        color = "lightgrey" if name == "other" else None
-        ax.bar(edges[:-1], counts, width=width * 0.95, bottom=bottom, align="edge", label=name, color=color)
-        bottom = [a + b for a, b in zip(bottom, counts)]
-    ax.set_xlabel(f"activation of {report.site}:{report.feature}")
-    ax.set_ylabel("firing tokens")
-    ax.set_title(f"{report.site}:{report.feature}: tokens by activation (density {report.density:.1e})")
-    ax.legend(fontsize=8, title="token", loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_logit_effect(report: "FeatureReport", path: "str | Path") -> Path:
-    """Fig. 4 right: the next-token log-probs that fall and rise most when the feature is ablated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    down, up = report.logit_effect["down"], report.logit_effect["up"][::-1]
-    rows = down + up
-    fig, ax = plt.subplots(figsize=(7, 0.28 * len(rows) + 1.5))
-    ax.barh(range(len(rows)), [v for _, v in rows], color=["tab:red"] * len(down) + ["tab:blue"] * len(up))
-    ax.set_yticks(range(len(rows)), [repr(t) for t, _ in rows], fontsize=8)
-    ax.invert_yaxis()
-    ax.axvline(0, color="black", lw=0.6)
-    ax.set_xlabel("mean Δ log p(next token) when ablated\nred: the feature promotes them; blue: it suppresses them")
-    ax.set_title(
-        f"{report.site}:{report.feature} ablated (x ← x − c f where c > 0), "
-        f"{report.logit_effect['positions']} positions",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)

@@ -31,7 +31,7 @@ from typing import Any
 
 from circuitsae.config import model_dtype_option, option
 from circuitsae.errors import CircuitSAEError
-from circuitsae.store import atomic_write, digest
+from circuitsae.io import atomic_write, digest
 
 
 @dataclass
@@ -87,7 +87,7 @@ def default_sites(model: Any) -> tuple[str, ...]:
 
 
 def _train(cfg: DemoConfig, store: Any, out: Path, progress: bool) -> None:
-    from circuitsae.train import train
+    from circuitsae.training.trainer import train
 
     common = dict(store=str(store.root), lr=1e-3, batch_size=1024, epochs=2, device=cfg.device, progress=progress)
     # baseline and α = 0 at R = 4; Gated at R = 3 (equal compute, as in the Gated paper)
@@ -97,7 +97,7 @@ def _train(cfg: DemoConfig, store: Any, out: Path, progress: bool) -> None:
 
 def _evaluate(out: Path, model: Any, device: "str | None", progress: bool) -> dict:
     """Evaluate every dictionary, or read eval.json back when it is newer than all of them."""
-    from circuitsae.evaluate import evaluate
+    from circuitsae.training.evaluate import evaluate
 
     folders = [p.parent for p in sorted(out.glob("saes*/*/cfg.json"))]
     done, stamp = out / "eval.json", out / "eval.sha1"
@@ -111,11 +111,12 @@ def _evaluate(out: Path, model: Any, device: "str | None", progress: bool) -> di
 
 
 def _ioi(cfg: DemoConfig, model: Any, out: Path, progress: bool) -> dict:
-    from circuitsae.ioi_curves import run_ioi
+    from circuitsae.commands.ioi import run_ioi
+    from circuitsae.training.trainer import run_name
 
     site = cfg.sites[-1]
-    dicts = [str(out / "saes" / f"{site}-relu-c{c}") for c in (1, 4, 0)] + [
-        str(out / "saes-gated" / f"{site}-gated-c2")
+    dicts = [str(out / "saes" / run_name(site, "relu", c)) for c in (1, 4, 0)] + [
+        str(out / "saes-gated" / run_name(site, "gated", 2))
     ]
     rep = run_ioi(dictionaries=dicts, model=model, prompts=cfg.scaled(cfg.ioi_prompts, 50),
                   thresholds=cfg.scaled(cfg.ioi_thresholds, 50), acdc_dense=cfg.ioi_dense_acdc,
@@ -132,7 +133,7 @@ def _ioi(cfg: DemoConfig, model: Any, out: Path, progress: bool) -> dict:
 
 def ioi_finding(results: list[dict]) -> str:
     """One sentence: the features each ACDC curve keeps to halve the unpatched KL (:func:`halving`)."""
-    from circuitsae.ioi_curves import halving
+    from circuitsae.circuits.curves import halving
 
     parts = []
     for r in results:
@@ -143,19 +144,21 @@ def ioi_finding(results: list[dict]) -> str:
 
 
 def _feature_and_tree(cfg: DemoConfig, model: Any, out: Path, progress: bool) -> tuple[dict, dict]:
+    from circuitsae.circuits.features import analyse_feature, find_token_feature
+    from circuitsae.circuits.trees import causal_tree
+    from circuitsae.data.store import ActivationStore
     from circuitsae.dictionaries import load_dictionary
-    from circuitsae.features import analyse_feature, find_token_feature
-    from circuitsae.render import render
-    from circuitsae.store import ActivationStore
-    from circuitsae.trees import causal_tree
+    from circuitsae.training.trainer import run_name
+    from circuitsae.viz.plots import write_feature_report
+    from circuitsae.viz.render import render
 
-    dicts = {s: load_dictionary(out / "saes" / f"{s}-relu-c1") for s in cfg.sites}
+    dicts = {s: load_dictionary(out / "saes" / run_name(s, "relu", 1)) for s in cfg.sites}
     site = cfg.sites[-1]
     store = ActivationStore(out / "activations")
     pick = find_token_feature(dicts[site], store, site, model.tokenizer, progress=progress)
     report = analyse_feature(model, dicts[site], store, pick["feature"], site, progress=progress)
-    paths = report.write(out / "feature")
-    feature = {"site": site, "dictionary": f"{site}-relu-c1", **pick, "density": report.density,
+    paths = write_feature_report(report, out / "feature")
+    feature = {"site": site, "dictionary": run_name(site, "relu", 1), **pick, "density": report.density,
                "max_activation": report.max_activation, "histogram": paths["histogram"],
                "logit_effect": paths["logit_effect"], "unembed": [t for t, _ in report.unembed["top"][:10]],
                "contexts_html": [f"{c.activation:.3g}&nbsp;&nbsp;" + c.marked(20, 4, "<b>{}</b>", html.escape)
@@ -177,10 +180,10 @@ def _feature_and_tree(cfg: DemoConfig, model: Any, out: Path, progress: bool) ->
 
 def run_demo(config: "DemoConfig | None" = None, *, progress: bool = True, **overrides: Any) -> dict:
     """Run every step into ``config.out``; return the summary (also ``summary.json``, ``report.html``)."""
-    from circuitsae.evaluate import format_table
-    from circuitsae.harvest import HarvestConfig, harvest
+    from circuitsae.data.harvest import HarvestConfig, harvest
     from circuitsae.models import dtype_name, input_device, load_model
-    from circuitsae.report import write_report
+    from circuitsae.training.evaluate import format_table
+    from circuitsae.viz.report import write_report
 
     cfg = DemoConfig(**{**(asdict(config) if config else {}), **overrides})
     out = Path(cfg.out)
@@ -238,3 +241,26 @@ def one_screen(summary: dict) -> str:
     lines.append(f"causal tree: {s['tree']['nodes']} nodes in {s['tree']['seconds']:.0f} s -> {s['tree'].get('svg')}")
     lines.append(f"wall time {s['seconds']['total'] / 60:.1f} min; report: {s['files']['report']}")
     return "\n".join(lines)
+
+
+NAME = "demo"
+HELP = "run the main job end to end on the embedded defaults"
+DESCRIPTION = (
+    "Harvest SmolLM2 activations on the embedded corpus; train baseline, Gated and α = 0 dictionaries; "
+    "evaluate them; IOI feature patching with ACDC; one feature analysed and its causal tree drawn; "
+    "report.html. Resumable: re-run the same command after an interruption."
+)
+EXAMPLES = (
+    "examples:\n  circuitsae demo                                # the embedded defaults, ~30 min on 2 CPU cores\n"
+    "  circuitsae demo --model gemma3-270m           # the same on Gemma 3 270M (resid.12-15)\n"
+    "  circuitsae demo --scale 5 --ioi-dense-acdc --device cuda --model-dtype float32   # paper-sized, on a GPU"
+)
+Config = DemoConfig
+
+
+def run(cfg: DemoConfig, *, model: Any = None, progress: bool = True) -> dict:
+    """The command's work: :func:`run_demo` (it loads its own model)."""
+    return run_demo(cfg, progress=progress)
+
+
+show = one_screen

@@ -20,7 +20,7 @@ decision whose margin KL(F ∖ {j}) − KL(F) − τ is that close to 0 can go t
 other way (the benchmark counts such decisions):
 
 * the layers below the site never run again and only positions from a
-  subset's first change on are recomputed (:mod:`circuitsae.downstream`);
+  subset's first change on are recomputed (:mod:`circuitsae.interventions.replay`);
 * **per-prompt memo**: un-patching j changes only the prompts where j's patch
   is non-zero, and KL is a mean over prompts, so a measured per-prompt value
   of KL(F ∖ {j}) stays exact until a removal changes that prompt. A revisit
@@ -53,10 +53,8 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitsae.dictionaries import Dictionary
-from circuitsae.downstream import Evaluator, make_evaluator
 from circuitsae.errors import CircuitSAEError
-from circuitsae.metrics import kl_divergence
-from circuitsae.patching import (
+from circuitsae.interventions.patching import (
     FeatureDeltas,
     _as_ids,
     check_pair,
@@ -65,8 +63,10 @@ from circuitsae.patching import (
     pad_id,
     patched_run,
 )
-from circuitsae.splice import check_dictionary
-from circuitsae.store import atomic_write
+from circuitsae.interventions.replay import Evaluator, make_evaluator
+from circuitsae.interventions.splice import check_dictionary
+from circuitsae.io import atomic_write
+from circuitsae.metrics import kl_divergence
 
 
 def default_thresholds() -> np.ndarray:
@@ -294,7 +294,7 @@ def acdc(
     ``base`` may be an IOI dataset (then ``target``, ``lengths`` and the IO/S
     answer tokens come from it). Each base prompt and its target must have the
     same real length (``target_lengths``, if not ``lengths``; see
-    :func:`~circuitsae.patching.check_pair`). ``order`` is ``"acdc"`` (exact) or
+    :func:`~circuitsae.interventions.patching.check_pair`). ``order`` is ``"acdc"`` (exact) or
     ``"attribution"`` (linear estimate, one backward pass). ``engine`` picks the
     evaluator (``auto``: the downstream-only one where it applies).
     ``checkpoint``: a file where exact ACDC keeps its state after every

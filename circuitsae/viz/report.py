@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from circuitsae.store import atomic_write
+from circuitsae.io import atomic_write
 
 SECTIONS = ("Run", "Sparse autoencoders", "IOI feature patching", "Feature", "Causal tree")
 

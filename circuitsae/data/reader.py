@@ -1,6 +1,6 @@
 """Reading shards for training: seeded shuffled batches, fast enough to keep a GPU busy.
 
-:meth:`ActivationStore.batches <circuitsae.store.ActivationStore.batches>` hands this module
+:meth:`ActivationStore.batches <circuitsae.data.store.ActivationStore.batches>` hands this module
 a way to load shard ``i`` (``load(i)``: one host tensor per site, in the storage dtype) and the
 shards' row counts; :func:`shuffled_batches` turns them into batches on the training device.
 
@@ -20,7 +20,7 @@ yields exactly the same batches, bit for bit (tested), while moving each activat
   reduction (the harvest already refuses non-finite values; this catches a store written
   otherwise). The error names the file and row, as before.
 * **A read-ahead thread** runs the seeded schedule and loads the next shards — checksums
-  (verified once per process, see :mod:`circuitsae.store`), memory maps, the copy into pinned
+  (verified once per process, see :mod:`circuitsae.data.store`), memory maps, the copy into pinned
   memory — while the caller trains on the current batch. At most ``prefetch`` shards wait.
 
 Memory stays bounded: the pool holds at most ``buffer_rows`` plus one shard's rows per site

@@ -20,7 +20,7 @@ dictionary work together; KLs are computed from logits widened to float32.
 
 :func:`patch_features` is the readable, nnsight-based API (any model, any site,
 several sites at once). :class:`FeatureDeltas` holds the per-position code
-differences of one site that the fast ACDC machinery in :mod:`circuitsae.acdc`
+differences of one site that the fast ACDC machinery in :mod:`circuitsae.circuits.acdc`
 works from.
 """
 
@@ -35,9 +35,9 @@ import torch
 from circuitsae import sites as sites_mod
 from circuitsae.dictionaries import Dictionary
 from circuitsae.errors import CircuitSAEError, NothingToPatch
+from circuitsae.interventions.splice import check_dictionary, default_start, logits_of
 from circuitsae.metrics import kl_divergence, wide
 from circuitsae.models import input_device
-from circuitsae.splice import check_dictionary, default_start, logits_of
 
 Features = "Iterable[int] | str | None"
 

@@ -4,7 +4,7 @@ An evaluator holds one *state* — a subset F of the candidate features patched
 in (:meth:`set_state`) — and answers "what is the KL with the features of R
 also un-patched?" for many sets R at once (:meth:`without`). The layers below
 the site never run again: the base activation x at the site was recorded once
-(:class:`~circuitsae.patching.FeatureDeltas`), and x' = x + edit(F \\ R).
+(:class:`~circuitsae.interventions.patching.FeatureDeltas`), and x' = x + edit(F \\ R).
 
 Two evaluators, same answers:
 
@@ -46,9 +46,9 @@ import einops
 import torch
 
 from circuitsae import sites as sites_mod
+from circuitsae.interventions.patching import FeatureDeltas
 from circuitsae.metrics import kl_divergence, wide
 from circuitsae.models import input_device
-from circuitsae.patching import FeatureDeltas
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -38,7 +38,7 @@ of exactly 0, and no numerical gap between two paths biases the edges.
 
 **Speed.** The model runs once per set of contexts to record the sites; each
 ablation then runs only the blocks between the two sites (:class:`_Segment`:
-Hugging Face's own blocks, :class:`~circuitsae.downstream.Blocks`, for
+Hugging Face's own blocks, :class:`~circuitsae.interventions.replay.Blocks`, for
 ``resid`` sites of the families that allow it, else the full model with
 forward hooks, stopped at the later site). On the block path a candidate is
 recomputed only from the first position where it fires (the clean context's
@@ -60,14 +60,13 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitsae import sites as sites_mod
-from circuitsae.config import model_dtype_option, option
+from circuitsae.circuits.features import feature_activations, row_tokens, site_codes, site_hook
+from circuitsae.data.store import ActivationStore
 from circuitsae.dictionaries import Dictionary
-from circuitsae.downstream import _KV, Blocks, tolerance
 from circuitsae.errors import CircuitSAEError
-from circuitsae.features import feature_activations, row_tokens, site_codes, site_hook
+from circuitsae.interventions.replay import _KV, Blocks, tolerance
+from circuitsae.interventions.splice import check_dictionary, default_start
 from circuitsae.models import input_device, model_name
-from circuitsae.splice import check_dictionary, default_start
-from circuitsae.store import ActivationStore
 
 
 class _Stop(Exception):
@@ -607,65 +606,3 @@ def _label(
             common = torch.bincount(top).argsort(descending=True)[:3] if len(top) else []
             label = " ".join(repr(tokenizer.decode([int(t)])) for t in common if (top == t).any())
             graph.nodes[v].update(label=label, max_activation=float(a.max()), layer=sites_mod.Site.parse(s).layer)
-
-
-@dataclass
-class TreeConfig:
-    """``circuitsae tree SITE:ID``: the causal tree of a feature, drawn."""
-
-    target: str = option("", "SITE:FEATURE, e.g. resid.5:123", cli=False)
-    dictionaries: tuple[str, ...] = option((), "dictionary folders or a training output folder (one per site)")
-    arch: "str | None" = option(None, "keep only dictionaries of this architecture (relu, gated, ...)")
-    coefficient: "float | None" = option(None, "keep only dictionaries trained with this sparsity coefficient")
-    depth: int = option(3, "levels of parents to search (sites upstream of the target)")
-    branching: int = option(3, "parents kept per node")
-    contexts: int = option(20, "contexts where the target is in [M/2, M]")
-    store: "str | None" = option(None, "activation store (default: the one the target dictionary was trained on)")
-    model: "str | None" = option(None, "model (default: the one the dictionaries were trained on)")
-    seed: int = option(0, "seed of the context sample")
-    mode: str = option(
-        "paper",
-        "paper: every parent is a target of its own, on its own contexts (Cunningham et al. §5.3); "
-        "shared: every level on the root's contexts",
-    )
-    max_nodes: int = option(40, "draw at most this many nodes (the strongest)")
-    out: str = option("runs/tree/causal_tree", "output path stem: writes .dot, .svg, .png and .json")
-    device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
-    model_dtype: "str | None" = model_dtype_option()
-
-    def __post_init__(self) -> None:
-        self.dictionaries = tuple(self.dictionaries)
-        if min(self.depth, self.branching, self.contexts, self.max_nodes) < 1:
-            raise CircuitSAEError("depth, branching, contexts and max_nodes must be >= 1")
-        if not self.dictionaries:
-            raise CircuitSAEError("name the dictionaries with --dictionaries")
-        if self.mode not in ("paper", "shared"):
-            raise CircuitSAEError(f"--mode must be paper or shared, not {self.mode!r}")
-
-
-def run_tree(cfg: TreeConfig, model: Any = None, progress: bool = True) -> tuple[nx.DiGraph, dict[str, str]]:
-    """Load what ``cfg`` names, build the tree and render it; return the graph and the written paths."""
-    from circuitsae.features import parse_target, select_dictionaries
-    from circuitsae.models import load_model
-    from circuitsae.render import render
-
-    target = parse_target(cfg.target)
-    dicts = select_dictionaries(cfg.dictionaries, cfg.arch, cfg.coefficient)
-    if target[0] not in dicts:
-        raise CircuitSAEError(f"no dictionary at {target[0]}: the dictionaries given are at {', '.join(dicts)}")
-    models = {d.meta.get("model") for d in dicts.values()} - {None}
-    name = cfg.model or (min(models) if models else "smollm2-135m")
-    model = model or load_model(name, device=cfg.device, dtype=cfg.model_dtype)
-    graph = causal_tree(
-        model,
-        dicts,
-        target,
-        cfg.depth,
-        cfg.branching,
-        cfg.contexts,
-        cfg.store,
-        cfg.seed,
-        mode=cfg.mode,
-        progress=progress,
-    )
-    return graph, render(graph, cfg.out, max_nodes=cfg.max_nodes)

@@ -3,7 +3,7 @@
 One pass over the corpus records every requested site: the sites are visited
 in forward order inside one nnsight trace, and the forward pass is stopped
 right after the deepest site, so layers above it (and the unembedding) never
-run. Activations go to an :class:`~circuitsae.store.ActivationStore`, shard by
+run. Activations go to an :class:`~circuitsae.data.store.ActivationStore`, shard by
 shard; an interrupted harvest resumes at the first missing shard and produces
 exactly the store an uninterrupted run would have.
 """
@@ -19,9 +19,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from circuitsae import data, distributed
+from circuitsae import distributed
 from circuitsae import sites as sites_mod
 from circuitsae.config import model_dtype_option, option
+from circuitsae.data import corpora
+from circuitsae.data.store import STORE_DTYPES, ActivationStore, StoreWriter, to_numpy
 from circuitsae.errors import CircuitSAEError
 from circuitsae.models import (
     DEFAULT_MODEL,
@@ -32,7 +34,6 @@ from circuitsae.models import (
     resolve_device,
     start_token_id,
 )
-from circuitsae.store import STORE_DTYPES, ActivationStore, StoreWriter, to_numpy
 
 
 @dataclass
@@ -43,7 +44,9 @@ class HarvestConfig:
     sites: tuple[str, ...] = option(("resid.3",), "sites to record, e.g. resid.3 mlp.3 attn.4")
     tokens: int = option(100_000, "activation vectors (tokens) to store per site for training")
     out: str = option("runs/activations", "output folder of the activation store")
-    corpus: str = option(data.DEFAULT_CORPUS, "corpus: mix, sotu, bbc, a folder, a .txt/.jsonl file, or a HF dataset")
+    corpus: str = option(
+        corpora.DEFAULT_CORPUS, "corpus: mix, sotu, bbc, a folder, a .txt/.jsonl file, or a HF dataset"
+    )
     ctx_len: int = option(128, "tokens per context, the start token included")
     batch_size: int = option(16, "contexts per forward pass")
     dtype: str | None = option(
@@ -162,7 +165,7 @@ def harvest(
     sites = sites_mod.resolve(model, cfg.sites)
     cfg.sites = tuple(str(s) for s in sites)
     tok = model.tokenizer
-    n_ctx = {split: cfg.contexts_for(split) for split in data.SPLITS}
+    n_ctx = {split: cfg.contexts_for(split) for split in corpora.SPLITS}
     meta = {
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "batch_size")}
         | {"heldout_tokens": n_ctx["heldout"] * cfg.rows_per_context},
@@ -179,7 +182,7 @@ def harvest(
     }
     # Tokenise first: a corpus too small or empty fails before anything is written.
     ids = {
-        split: data.contexts(tok, n, cfg.ctx_len, cfg.corpus, split, cfg.seed, cfg.heldout_fraction)
+        split: corpora.contexts(tok, n, cfg.ctx_len, cfg.corpus, split, cfg.seed, cfg.heldout_fraction)
         for split, n in n_ctx.items()
     }
     # rank 0 creates the store (meta.json) first; the other ranks then open it as a resumed one

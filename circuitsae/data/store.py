@@ -28,12 +28,9 @@ the data itself is then memory-mapped, never copied whole. A failing check raise
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
-import mmap
 import os
-import socket
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -42,8 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from circuitsae.data.reader import reference_batches, shuffled_batches
 from circuitsae.errors import CircuitSAEError
-from circuitsae.reader import reference_batches, shuffled_batches
+from circuitsae.io import atomic_write, sha256_file, writer_tag
 
 FORMAT = "circuitsae-activations/1"
 SPLITS = ("train", "heldout")
@@ -65,77 +63,6 @@ _VERIFIED_LOCK = threading.Lock()
 def _file_identity(path: Path) -> tuple:
     st = os.stat(path)
     return (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def sha256_file(path: "str | Path") -> str:
-    """sha256 hex digest of a file, hashed from a memory map (the GIL is released while hashing)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                h.update(m)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _HashingWriter:
-    """A write-only file wrapper that hashes and counts what passes through."""
-
-    def __init__(self, f: Any) -> None:
-        self.f, self.sha, self.n = f, hashlib.sha256(), 0
-
-    def write(self, b: Any) -> int:
-        self.sha.update(b)
-        self.n += len(memoryview(b).cast("B"))
-        return self.f.write(b)
-
-
-def writer_tag() -> str:
-    """What makes this writer's temporary names its own: host, rank (torchrun's RANK) and process."""
-    host = socket.gethostname().replace("-", "_").replace("/", "_") or "host"
-    return f"{host}-r{os.environ.get('RANK', '0')}"
-
-
-def atomic_write(path: Path, data: "bytes | np.ndarray") -> tuple[int, str]:
-    """Write bytes, or an array as ``.npy``, so that readers see no file or the whole file.
-
-    The data goes to a temporary name (unique to this host, rank and process, so
-    concurrent writers never touch each other's), is flushed to disk and renamed into
-    place. Arrays are streamed in chunks (no whole-file copy in memory).
-    Returns ``(bytes written, sha256 hex digest)``.
-    """
-    tmp = path.with_name(f".tmp-{writer_tag()}-{os.getpid()}-{path.name}")
-    with open(tmp, "wb") as f:
-        w = _HashingWriter(f)
-        if isinstance(data, np.ndarray):
-            np.lib.format.write_array(w, np.ascontiguousarray(data), allow_pickle=False)
-        else:
-            w.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return w.n, w.sha.hexdigest()
-
-
-def digest(paths: "list[Path] | list[str]") -> str:
-    """sha1 over the bytes of every file in ``paths`` (folders: their files, sorted): a content fingerprint."""
-    h = hashlib.sha1()
-    for p in map(Path, paths):
-        for f in sorted(p.glob("*")) if p.is_dir() else [p]:
-            if f.is_file():
-                h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()
 
 
 def to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
@@ -444,7 +371,7 @@ class ActivationStore:
         random order, pools them in a buffer of ``buffer_rows`` rows, shuffles
         the pool, and hands out half of it before refilling. The same seed
         gives the same batches. The pool lives on ``device`` and shards are
-        read ahead in a background thread (:mod:`circuitsae.reader`);
+        read ahead in a background thread (:mod:`circuitsae.data.reader`);
         ``reader="reference"`` runs the plain implementation it is tested
         against (same batches, slower). ``part=(rank, world_size)`` yields only
         that rank's contiguous share of every batch (data-parallel training).

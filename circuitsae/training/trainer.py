@@ -95,11 +95,12 @@ from tqdm.auto import tqdm
 
 from circuitsae import distributed
 from circuitsae.config import option
+from circuitsae.data.store import ActivationStore
 from circuitsae.dictionaries import BatchTopKSAE, Dictionary, GatedSAE, JumpReLUSAE, ReluSAE, TopKSAE
 from circuitsae.errors import CircuitSAEError
-from circuitsae.evaluate import reconstruction
+from circuitsae.io import atomic_write
 from circuitsae.models import resolve_device
-from circuitsae.store import ActivationStore, atomic_write
+from circuitsae.training.evaluate import reconstruction
 
 TRAINABLE = {"relu": ReluSAE, "gated": GatedSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE}
 #: architectures whose coefficient is k, the number of features kept per token (no sparsity penalty)

@@ -1,0 +1,83 @@
+"""``circuitsae feature SITE:ID``: what one dictionary feature reads and writes (Cunningham et al. Fig. 4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from circuitsae.circuits.features import FeatureReport, analyse_feature
+from circuitsae.config import model_dtype_option, option
+from circuitsae.data.store import ActivationStore
+from circuitsae.dictionaries.folders import select_dictionaries
+from circuitsae.errors import CircuitSAEError
+from circuitsae.models import load_model
+from circuitsae.sites import parse_target
+from circuitsae.viz.plots import write_feature_report
+
+NAME = "feature"
+HELP = "what one dictionary feature reads and writes: contexts, histogram, logit effect"
+DESCRIPTION = (
+    "Top and random contexts of a feature, its token histogram by activation range, the next-token "
+    "log-probs its ablation moves and the tokens its direction unembeds to (Cunningham et al. Fig. 4)."
+)
+EXAMPLES = (
+    "examples:\n  circuitsae feature resid.4:123 --dictionaries runs/saes --arch gated --out runs/feature\n"
+    "  circuitsae feature resid.4:123 --dictionaries runs/saes/resid.4-relu-c1 --contexts 20 --split heldout"
+)
+WARNINGS_AS_LINES = True
+
+
+@dataclass
+class FeatureConfig:
+    """``circuitsae feature SITE:ID``: input and output side of one feature."""
+
+    target: str = option("", "SITE:FEATURE, e.g. resid.4:123", positional="SITE:ID")
+    dictionaries: tuple[str, ...] = option((), "dictionary folders or a training output folder")
+    arch: "str | None" = option(None, "keep only dictionaries of this architecture (relu, gated, ...)")
+    coefficient: "float | None" = option(None, "keep only dictionaries trained with this sparsity coefficient")
+    store: "str | None" = option(None, "activation store (default: the one the dictionary was trained on)")
+    model: "str | None" = option(None, "model (default: the one the dictionary was trained on)")
+    contexts: int = option(10, "top and random contexts to show and to measure the logit effect on")
+    split: str = option("train", "store split to read: train or heldout")
+    out: str = option("runs/feature", "output folder: JSON and PNGs")
+    device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
+    model_dtype: "str | None" = model_dtype_option()
+
+    def __post_init__(self) -> None:
+        self.dictionaries = tuple(self.dictionaries)
+        if self.contexts < 1:
+            raise CircuitSAEError("contexts must be >= 1")
+        if not self.dictionaries:
+            raise CircuitSAEError("name the dictionaries with --dictionaries")
+
+
+def run_feature(cfg: FeatureConfig, model: Any = None, progress: bool = True) -> FeatureReport:
+    """Load what ``cfg`` names, analyse the feature and write the report into ``cfg.out``."""
+    site, feature = parse_target(cfg.target)
+    dicts = select_dictionaries(cfg.dictionaries, cfg.arch, cfg.coefficient)
+    if site not in dicts:
+        raise CircuitSAEError(f"no dictionary at {site}: the dictionaries given are at {', '.join(dicts)}")
+    d = dicts[site]
+    store_path = cfg.store or d.meta.get("store")
+    if store_path is None:
+        raise CircuitSAEError("the dictionary does not name its activation store: pass --store")
+    name = cfg.model or d.meta.get("model", "smollm2-135m")
+    model = model or load_model(name, device=cfg.device, dtype=cfg.model_dtype)
+    report = analyse_feature(
+        model, d, ActivationStore(store_path), feature, site, k=cfg.contexts, split=cfg.split, progress=progress
+    )
+    write_feature_report(report, cfg.out)
+    return report
+
+
+Config = FeatureConfig
+
+
+def run(cfg: FeatureConfig, *, model: Any = None, progress: bool = True) -> FeatureReport:
+    """The command's work: :func:`run_feature`."""
+    return run_feature(cfg, model, progress)
+
+
+def show(report: FeatureReport) -> str:
+    """What ``circuitsae feature`` prints."""
+    return report.summary() + "\nwrote " + ", ".join(report.paths.values())

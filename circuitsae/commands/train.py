@@ -1,0 +1,51 @@
+"""``circuitsae train``: train many SAEs in one pass over a store (checkpointed and resumable)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from circuitsae import distributed
+from circuitsae.dictionaries import Dictionary
+from circuitsae.training.trainer import TrainConfig, train
+
+NAME = "train"
+HELP = "train baseline and/or Gated SAEs on a store, many in one pass"
+DESCRIPTION = (
+    "Train every (site, architecture, coefficient) combination in one pass over the store; checkpointed and resumable."
+)
+EXAMPLES = (
+    "examples:\n  circuitsae train --store runs/acts --arch relu gated --out runs/saes\n"
+    "  circuitsae train --store runs/acts --sites resid.4 --arch gated --coefficients 1 2 4 8 --expansion 4"
+)
+Config = TrainConfig
+
+
+class Trained(NamedTuple):
+    """The saved dictionaries by run name, and the configuration that trained them."""
+
+    saved: dict[str, Dictionary]
+    config: TrainConfig
+
+
+def run(cfg: TrainConfig, *, model: Any = None, progress: bool = True) -> Trained:
+    """The command's work: :func:`circuitsae.training.trainer.train` (from a store: no model is loaded)."""
+    return Trained(train(cfg, progress=progress), cfg)
+
+
+def show(result: Trained) -> str:
+    """What ``circuitsae train`` prints."""
+    saved, cfg = result
+    world = distributed.current()
+    if world.active and not saved and not world.main and cfg.parallel == "data":
+        return ""  # rank 0 saves and reports
+    if not saved:
+        return f"stopped after {cfg.stop_after} steps; re-run the same command to continue"
+    lines = []
+    for name, sae in saved.items():
+        m = sae.meta["metrics"]
+        lines.append(
+            f"{name}: L0 {m.get('l0', float('nan')):.1f}, FVU {m.get('fvu', float('nan')):.3f}, "
+            f"gamma {m.get('gamma', float('nan')):.3f} -> {cfg.out}/{name}"
+        )
+    lines.append(f"next: circuitsae eval {cfg.out}")
+    return "\n".join(lines)
