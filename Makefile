@@ -48,9 +48,11 @@ test: setup
 demo: setup
 	$(VENV)/bin/circuitsae demo
 
+# ruff, and the house's import contract (pyproject.toml [tool.importlinter]: layers, no circles)
 lint: setup
-	$(VENV)/bin/ruff check circuitsae tests benchmarks
-	$(VENV)/bin/ruff format --check circuitsae tests benchmarks
+	$(VENV)/bin/ruff check circuitsae tests benchmarks tutorials
+	$(VENV)/bin/ruff format --check circuitsae tests benchmarks tutorials
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) benchmarks/harvest.py

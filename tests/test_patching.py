@@ -13,7 +13,7 @@ from circuitsae.interventions.replay import DownstreamEvaluator, HookEvaluator
 from circuitsae.metrics import kl_divergence
 
 SITE = "resid.1"
-_ORIG_UPDATE = __import__("circuitsae.interventions.replay", fromlist=["_KV"])._KV.update
+_ORIG_UPDATE = __import__("circuitsae.interventions.replay", fromlist=["KeyValueWindow"]).KeyValueWindow.update
 TAUS = np.logspace(-5, -1, 6)
 
 
@@ -208,7 +208,7 @@ def test_the_windowed_replay_checks_itself_and_falls_back_with_one_warning(llama
         ks, vs = _ORIG_UPDATE(self, *args, **kwargs)
         return (ks * 0.5, vs) if self.replay is not None else (ks, vs)
 
-    monkeypatch.setattr(downstream._KV, "update", stale)
+    monkeypatch.setattr(downstream.KeyValueWindow, "update", stale)
     with pytest.warns(UserWarning, match="windowed key/value replay is off") as caught:
         ev = downstream.make_evaluator(llama64, fd, base)
     assert isinstance(ev, HookEvaluator) and len(caught) == 1
@@ -219,7 +219,7 @@ def test_the_windowed_replay_checks_itself_and_falls_back_with_one_warning(llama
             raise TypeError("update() got an unexpected keyword argument")
         return _ORIG_UPDATE(self, *args, **kwargs)
 
-    monkeypatch.setattr(downstream._KV, "update", broken)
+    monkeypatch.setattr(downstream.KeyValueWindow, "update", broken)
     with pytest.warns(UserWarning, match="replay failed \\(TypeError"):
         assert isinstance(downstream.make_evaluator(llama64, fd, base), HookEvaluator)
     with pytest.raises(RuntimeError, match="replay failed"):

@@ -64,7 +64,7 @@ from circuitsae.circuits.features import feature_activations, row_tokens, site_c
 from circuitsae.data.store import ActivationStore
 from circuitsae.dictionaries import Dictionary
 from circuitsae.errors import CircuitSAEError
-from circuitsae.interventions.replay import _KV, Blocks, tolerance
+from circuitsae.interventions.replay import Blocks, KeyValueWindow, tolerance
 from circuitsae.interventions.splice import check_dictionary, default_start
 from circuitsae.models import input_device, model_name
 
@@ -109,7 +109,7 @@ class _Segment:
         a, b = sites_mod.Site.parse(src).layer, sites_mod.Site.parse(dst).layer
         self.blocks = Blocks(model, a + 1, b) if self.fast else None
         self.at_p = _AtP.make(model, src, dst) if self.fast else None  # the child's q at p needs only this
-        self.kv = _KV()
+        self.kv = KeyValueWindow()
         self.ids: "torch.Tensor | None" = None
 
     @property

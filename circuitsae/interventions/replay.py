@@ -1,4 +1,12 @@
-"""Evaluate many feature subsets fast: only the computation downstream of the site is repeated.
+"""Replay: re-run only the blocks after a site, with an edited activation there.
+
+The one public way to re-run part of a model: :class:`Blocks` runs the decoder layers after a ``resid``
+site with Hugging Face's own layer modules, :class:`KeyValueWindow` is the key/value cache those layers call
+(it keeps the state's keys and values and replays a window of positions over them), and the evaluators
+below answer many feature subsets at once. Exact ACDC (:mod:`circuitsae.circuits.acdc`) and the causal
+trees' fast path (:mod:`circuitsae.circuits.trees`) both use it.
+
+Evaluate many feature subsets fast: only the computation downstream of the site is repeated.
 
 An evaluator holds one *state* — a subset F of the candidate features patched
 in (:meth:`set_state`) — and answers "what is the KL with the features of R
@@ -294,7 +302,7 @@ class HookEvaluator(Evaluator):
         return torch.cat(out)
 
 
-class _KV:
+class KeyValueWindow:
     """The cache object HF attention layers call as ``update(k, v, layer_idx)``.
 
     Recording: keeps each layer's keys/values (the state's). Replaying: writes
@@ -333,7 +341,7 @@ class DownstreamEvaluator(Evaluator):
         super().__init__(model, deltas, token_budget)
         site = sites_mod.Site.parse(deltas.site)
         self.blocks = Blocks(model, site.layer + 1, sites_mod.n_layers(model) - 1)
-        self.kv = _KV()
+        self.kv = KeyValueWindow()
 
     supports = staticmethod(Blocks.supports)
 
