@@ -41,9 +41,7 @@ import json, sys, time, hashlib
 from pathlib import Path
 import torch
 import circuitsae
-from circuitsae.circuits.acdc import acdc
-from circuitsae.circuits.trees import causal_tree
-from circuitsae.circuits.features import find_token_feature
+from circuitsae import acdc, causal_tree, find_token_feature  # public names, in the old layout and the new
 work, site, tokens = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 prev = f"resid.{int(site.split('.')[1]) - 1}"
 t, out = {}, {}
@@ -59,9 +57,10 @@ saes = circuitsae.train(out=str(work / "saes"), arch=("relu", "gated"), coeffici
 t["train"] = time.perf_counter() - t0
 out["sae_sha256"] = {n: hashlib.sha256((work / "saes" / n / "sae.safetensors").read_bytes()).hexdigest() for n in saes}
 t0 = time.perf_counter()
-ev = circuitsae.evaluate(dictionaries=(str(work / "saes"),), model=lm, out=str(work / "eval.json"), progress=False)
+circuitsae.evaluate(dictionaries=(str(work / "saes"),), model=lm, out=str(work / "eval.json"), progress=False)
 t["evaluate"] = time.perf_counter() - t0
 keys = ("l0", "fvu", "gamma", "ce_clean", "ce_spliced", "ce_zero", "loss_recovered", "kl")
+ev = json.loads((work / "eval.json").read_text())  # the file, whatever type evaluate() returns
 out["eval"] = {n: {k: r[k] for k in keys} for n, r in ev["results"].items()}
 sae = circuitsae.load_dictionary(work / "saes" / f"{site}-relu-c1")
 ds = circuitsae.make_ioi(lm, n=6, seed=0)

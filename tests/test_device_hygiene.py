@@ -14,8 +14,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "circuitsae"
 #: modules whose tensors meet activations, logits or weights on the model's device
 HOT = [
-    "splice.py", "patching.py", "downstream.py", "acdc.py", "trees.py", "features.py", "evaluate.py",
-    "harvest.py", "train.py", "metrics.py", "store.py", "tasks/ioi.py", "dictionaries/fused.py",
+    "interventions/splice.py", "interventions/patching.py", "interventions/replay.py", "circuits/acdc.py",
+    "circuits/trees.py", "circuits/features.py", "training/evaluate.py", "data/harvest.py", "training/trainer.py",
+    "metrics.py", "data/store.py", "tasks/ioi.py", "dictionaries/fused.py",
 ]  # fmt: skip
 FACTORIES = {"arange", "zeros", "ones", "full", "empty", "tensor", "eye", "linspace", "randn", "rand", "randint",
              "randperm"}  # fmt: skip
