@@ -167,13 +167,51 @@ def test_halving_reads_features_and_edit_off_one_record():
     h = halving(curve)
     assert (h["features"], h["edit_magnitude"]) == (40, 30.0)
     assert (h["min_edit_features"], h["min_edit"]) == (60, 20.0)
-    assert h["floor"] == 0.8
+    assert h["floor"] == 0.8 and h["kl_all"] is None
+    assert h["bracket"] == [20, 40]  # the record before the grid point, and the grid point
     none = halving({**curve, "records": records[2:]})
     assert none["features"] is None and none["edit_magnitude"] is None and none["min_edit"] is None
+    assert none["features_interpolated"] is None and none["bracket"] is None
+
+
+def test_halving_interpolates_the_crossing_on_log_features():
+    """A curve that is a straight line in (log n, KL) is crossed where the line says, whatever the grid."""
+    from circuitsae.circuits.curves import crossing
+
+    def line(n):  # KL 4 at one feature, 1 less per decade
+        return 4.0 - math.log10(n)
+
+    curve = {
+        "label": "x",
+        "site": "resid.1",
+        "method": "acdc",
+        "start": {"none": {"kl": 5.0}, "all": {"n_features": 5000, "kl": 0.4}},  # goal: KL 2.5, at n = 10^1.5
+        "records": [{"n_features": n, "kl": line(n), "edit_magnitude": float(n)} for n in (1000, 100, 10, 1)],
+    }
+    h = halving(curve)
+    assert h["features"] == 100 and h["bracket"] == [10, 100]
+    assert h["features_interpolated"] == pytest.approx(10**1.5)
+    # the floor is the lowest KL on the curve, the every-candidate end counted; kl_all is that end's own KL
+    assert h["floor"] == 0.4 and h["kl_all"] == 0.4
+    above = halving({**curve, "start": {**curve["start"], "all": {"n_features": 5000, "kl": 1.7}}})
+    assert above["floor"] == pytest.approx(line(1000)) and above["kl_all"] == 1.7  # as α = 1 at resid.27
+    # any fraction, any spacing: 40% of the unpatched KL is 2.0, at n = 100 exactly, bracket 30–300
+    grid = [{"n_features": n, "kl": line(n), "edit_magnitude": 1.0} for n in (3, 30, 300, 3000)]
+    assert crossing(grid, 2.0) == pytest.approx((100.0, 30, 300))
+    # linear in KL between the two records, not in log KL: half-way in KL is half-way in log n
+    assert crossing([{"n_features": 10, "kl": 3.0, "edit_magnitude": 0}, {"n_features": 1000, "kl": 1.0,
+                                                                           "edit_magnitude": 0}], 2.0)[0] == pytest.approx(100.0)  # fmt: skip
+    # not monotone: the bracket is the grid point and the most features below it (all above the goal)
+    bumpy = [{"n_features": n, "kl": kl, "edit_magnitude": 1.0} for n, kl in ((50, 3.0), (20, 2.6), (10, 3.5),
+                                                                              (80, 1.0), (200, 0.5))]  # fmt: skip
+    assert crossing(bumpy, 2.5) == pytest.approx((math.exp(math.log(50) + 0.25 * math.log(80 / 50)), 50, 80))
+    # the first record already halves it: nothing to interpolate from, the grid point stands
+    first = halving({**curve, "records": curve["records"][:2]})
+    assert first["features"] == 100 and first["features_interpolated"] is None and first["bracket"] is None
 
 
 def test_transfer_scores_the_halving_set_on_the_heldout_prompts_and_the_table_shows_it():
-    from circuitsae.circuits.curves import halving_table, transfer
+    from circuitsae.circuits.curves import HALVING_HEADER, halving_table, transfer
 
     curve = {
         "label": "gated λ=2 (R=3)",
@@ -196,14 +234,20 @@ def test_transfer_scores_the_halving_set_on_the_heldout_prompts_and_the_table_sh
     t = transfer(curve)
     assert t["features"] == 30
     assert t["removed_selection"] == pytest.approx(0.6) and t["removed_heldout"] == pytest.approx(0.25)
+    assert t["heldout_over_selection"] == pytest.approx(0.25 / 0.6)
     assert t["heldout_halving"] == 50 and t["kl_all_candidates_heldout"] == 0.2
+    assert t["heldout_bracket"] == [30, 50]
+    assert t["heldout_halving_interpolated"] == pytest.approx(math.exp(math.log(30) + 0.5 * math.log(50 / 30)))
     assert transfer({**curve, "heldout": {}}) == {"label": curve["label"], "site": "resid.1", "method": "acdc",
                                                   "features": 30}  # fmt: skip
     never = {**curve, "label": "baseline α=2 (R=4)", "method": "attribution",
              "records": [{**r, "kl": 1.9} for r in curve["records"]]}  # fmt: skip
-    rows = halving_table({"halving": [halving(curve), halving(never)], "transfer": [t, transfer(never)]}).splitlines()
-    assert rows[2] == "| resid.1 | **ACDC** | Gated | 30 | 9.0 | 0.40 | 25% | 50 |"
-    assert rows[3] == "| resid.1 | attribution | α = 2 | never | – | 1.90 | – | 50 |"
+    # computed from the records, not from stored halving/transfer lists
+    rows = halving_table({"results": [curve, never], "halving": [], "transfer": []}).splitlines()
+    assert rows[0] == HALVING_HEADER and "floor (lowest KL)" in rows[0] and "every candidate patched" in rows[0]
+    # log n at KL 1.0 between (10, 1.5) and (30, 0.8): 10 · 3^(0.5/0.7) = 21.9
+    assert rows[2] == "| resid.1 | **ACDC** | Gated | ~22 [10–30] | 9.0 | 0.10 | 0.10 | 25% | 0.42 | ~39 [30–50] |"
+    assert rows[3] == "| resid.1 | attribution | α = 2 | never | – | 0.10 | 0.10 | – | – | ~39 [30–50] |"
 
 
 def test_selection_and_heldout_prompts_share_no_name_or_template(tiny_llama):

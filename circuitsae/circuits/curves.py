@@ -17,6 +17,7 @@ the paper's claim.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -44,31 +45,71 @@ def label(dictionary: Dictionary) -> str:
     return f"{arch} {symbol}={coef:g} ({width})"
 
 
-def halving(result: dict, fraction: float = 0.5) -> dict:
-    """The smallest patch among a curve's records with KL ≤ ``fraction`` × KL(nothing patched).
+def crossing(records: list[dict], goal: float) -> "tuple[float, int, int] | None":
+    """Where a curve crosses ``goal``, interpolated on log(features): ``(n, below, at_or_above)`` or None.
 
-    Read off the recorded points, so as the thresholds. ``features``
-    and ``edit_magnitude`` come from one record: the one with the fewest
-    features (ties: the smaller edit). ``min_edit`` is the smallest edit among
-    the records that get there and ``min_edit_features`` that record's feature
-    count — with ACDC's records they are usually the same record, with another
-    ordering not always. All are None when no record gets there; ``floor`` is
-    the lowest KL reached.
+    The bracket is the grid point — the record with the fewest features whose KL is ≤ ``goal`` (n₁ features,
+    KL k₁) — and the record with the most features among those with fewer (n₀, KL k₀ > goal: all of them are
+    above the goal, or n₁ would not be the fewest). Between the two the curve is taken as a straight line in
+    (log n, KL), so
+
+        log n = log n₀ + (k₀ − goal) / (k₀ − k₁) · (log n₁ − log n₀).
+
+    Log n because the records are spaced geometrically in n (the thresholds are log-spaced and the plots'
+    feature axis is logarithmic); KL itself, not log KL, because the goal is a fraction of the KL, the two
+    bracketing KLs are within a factor of two of each other near half the unpatched KL (on
+    ``benchmarks/results/kl_vs_patches.json`` the two choices differ by at most 2.5%), and log KL breaks down
+    where k₁ is ~0 or rounds below 0 (a lossless dictionary with every candidate patched: KL ~1e-8).
+    None when no record gets to ``goal`` or none with fewer features (> 0) is recorded.
+    """
+    hits = [r for r in records if r["kl"] <= goal]
+    if not hits:
+        return None
+    hit = min(hits, key=lambda r: (r["n_features"], r["edit_magnitude"]))
+    below = [r for r in records if 0 < r["n_features"] < hit["n_features"]]
+    if not below:
+        return None
+    lo = max(below, key=lambda r: (r["n_features"], -r["kl"]))
+    n0, n1, k0, k1 = lo["n_features"], hit["n_features"], lo["kl"], hit["kl"]
+    t = (k0 - goal) / (k0 - k1)
+    return math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0))), n0, n1
+
+
+def halving(result: dict, fraction: float = 0.5) -> dict:
+    """Where a curve first gets to KL ≤ ``fraction`` × KL(nothing patched): the grid point and the crossing.
+
+    ``features`` and ``edit_magnitude`` come from one recorded point (the grid point): the record with the
+    fewest features that gets there (ties: the smaller edit). On a 20-threshold curve neighbouring records
+    are up to 1.7× apart in features, so ``features_interpolated`` is the crossing read off between that
+    record and the one before it (:func:`crossing`: linear in log n against KL), and ``bracket`` the two
+    recorded feature counts around it ``[below, grid point]`` (None when there is no record below).
+    ``min_edit`` is the smallest edit among the records that get there and ``min_edit_features`` that
+    record's feature count — with ACDC's records usually the grid point, with another ordering not always.
+    All of these are None when no record gets there.
+
+    ``floor`` is the lowest KL the curve reaches (its records and, when recorded, the every-candidate end);
+    ``kl_all`` the KL with every candidate patched (``start["all"]``; None if not recorded). They differ
+    where patching some candidates moves the KL away from the target (α = 1 at resid.27: 1.61 vs 1.77).
     """
     goal = fraction * result["start"]["none"]["kl"]
     hits = [r for r in result["records"] if r["kl"] <= goal]
     fewest = min(hits, key=lambda r: (r["n_features"], r["edit_magnitude"]), default=None)
     smallest = min(hits, key=lambda r: (r["edit_magnitude"], r["n_features"]), default=None)
+    cross = crossing(result["records"], goal)
+    every = result["start"].get("all")
     return {
         "label": result["label"],
         "site": result["site"],
         "method": result["method"],
         "features": fewest and fewest["n_features"],
+        "features_interpolated": cross and cross[0],
+        "bracket": cross and [cross[1], cross[2]],
         "edit_magnitude": fewest and fewest["edit_magnitude"],
         "min_edit": smallest and smallest["edit_magnitude"],
         "min_edit_features": smallest and smallest["n_features"],
         "kl_none": result["start"]["none"]["kl"],
-        "floor": min(r["kl"] for r in result["records"]),
+        "floor": min(r["kl"] for r in result["records"] + ([every] if every else [])),
+        "kl_all": every and every["kl"],
     }
 
 
@@ -76,8 +117,11 @@ def transfer(r: dict) -> dict:
     """How much of the KL the set that (first) halves it on the selection prompts removes on the held-out ones.
 
     ``removed_selection`` / ``removed_heldout``: 1 − KL(set patched) / KL(nothing patched) on each prompt set,
-    for the record :func:`halving` picks; ``heldout_halving``: the fewest features of the same curve's records
-    that halve the held-out KL (None: none does). Only ``features`` when the curve has no held-out scores.
+    for the record :func:`halving` picks (its grid point: a recorded set). The sets removed 50–61% on their own
+    prompts, so the fair figure is ``heldout_over_selection`` = removed_heldout / removed_selection (1: carries
+    over in full). ``heldout_halving``: the fewest features of the same curve's records that halve the held-out
+    KL (None: none does), ``heldout_halving_interpolated`` and ``heldout_bracket`` its crossing as in
+    :func:`halving`. Only ``features`` when the curve has no held-out scores.
     """
     h = halving(r)
     out = {"label": r["label"], "site": r["site"], "method": r["method"], "features": h["features"]}
@@ -85,16 +129,20 @@ def transfer(r: dict) -> dict:
     if "records" not in held:
         return out
     none_sel, none_held = r["start"]["none"]["kl"], held["start"]["none"]["kl"]
+    hh = halving({**r, "start": held["start"], "records": held["records"]})
     out.update(
         kl_none_selection=none_sel,
         kl_none_heldout=none_held,
         kl_all_candidates_heldout=held["start"]["all"]["kl"],
-        heldout_halving=halving({**r, "start": held["start"], "records": held["records"]})["features"],
+        heldout_halving=hh["features"],
+        heldout_halving_interpolated=hh["features_interpolated"],
+        heldout_bracket=hh["bracket"],
     )
     if h["features"] is not None:
         i = next(i for i, x in enumerate(r["records"]) if x["n_features"] == h["features"] and x["kl"] <= none_sel / 2)
         out["removed_selection"] = 1 - r["records"][i]["kl"] / none_sel
         out["removed_heldout"] = 1 - held["records"][i]["kl"] / none_held
+        out["heldout_over_selection"] = out["removed_heldout"] / out["removed_selection"]
     return out
 
 
@@ -105,28 +153,43 @@ def _short(lab: str) -> str:
     return "Gated" if lab.startswith("gated") else lab
 
 
+def _count(n: "int | None", interpolated: "float | None", bracket: "list[int] | None") -> str:
+    """'~119 [102–122]' (the crossing and the two records around it), '77' (no record below), 'never'."""
+    if n is None:
+        return "never"
+    return str(n) if interpolated is None else f"~{interpolated:.0f} [{bracket[0]}–{bracket[1]}]"
+
+
+HALVING_HEADER = (
+    "| site | order | dictionary | features to halve: ~interpolated [records around it] | edit (at the record) "
+    "| floor (lowest KL) | KL, every candidate patched | held-out: KL removed by the same set "
+    "| held-out / selection | held-out: features to halve |"
+)
+
+
 def halving_table(out: dict) -> str:
-    """A Markdown table of a results file's ``halving`` and ``transfer`` lists, one row per curve: what halves
-    the KL on the selection prompts and how that set carries over to the held-out ones."""
+    """A Markdown table, one row per curve: what halves the KL on the selection prompts and how that set carries
+    over to the held-out ones, computed here from the curves' records (``out["results"]``; :func:`halving`,
+    :func:`transfer`). The feature counts are the crossing interpolated on log n with the two recorded counts
+    around it (the upper one is the grid point, the set whose edit and held-out scores are shown)."""
 
-    def num(v, fmt):
-        return "never" if v is None else format(v, fmt)
-
-    moved = {(t["site"], t["label"], t["method"]): t for t in out["transfer"]}
-    rows = [
-        "| site | order | dictionary | features | edit | floor | held-out: KL removed by the same set "
-        "| held-out: features to halve |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for h in out["halving"]:
-        t = moved.get((h["site"], h["label"], h["method"]), {})
-        removed = t.get("removed_heldout")
+    rows = [HALVING_HEADER, "|---" * HALVING_HEADER.count(" | ") + "|---|"]
+    for curve in out["results"]:
+        h, t = halving(curve), transfer(curve)
+        removed, ratio = t.get("removed_heldout"), t.get("heldout_over_selection")
         order = "**ACDC**" if h["method"] == "acdc" else h["method"]
+        held = (
+            _count(t["heldout_halving"], t["heldout_halving_interpolated"], t["heldout_bracket"])
+            if "heldout_halving" in t
+            else "–"
+        )
+        kl_all = "–" if h["kl_all"] is None else f"{max(h['kl_all'], 0.0):.2f}"
         rows.append(
-            f"| {h['site']} | {order} | {_short(h['label'])} | {num(h['features'], 'd')} "
+            f"| {h['site']} | {order} | {_short(h['label'])} "
+            f"| {_count(h['features'], h['features_interpolated'], h['bracket'])} "
             f"| {'–' if h['edit_magnitude'] is None else format(h['edit_magnitude'], '.1f')} "
-            f"| {max(h['floor'], 0.0):.2f} | {'–' if removed is None else f'{removed:.0%}'} "
-            f"| {num(t.get('heldout_halving'), 'd') if 'heldout_halving' in t else '–'} |"
+            f"| {max(h['floor'], 0.0):.2f} | {kl_all} | {'–' if removed is None else f'{removed:.0%}'} "
+            f"| {'–' if ratio is None else f'{ratio:.2f}'} | {held} |"
         )
     return "\n".join(rows)
 
