@@ -1,4 +1,8 @@
-"""Cunningham et al. Fig. 3 / Fig. 17 on SmolLM2, tested properly: IOI feature patching with better SAEs.
+"""Cunningham et al. Fig. 3 / Fig. 17 on SmolLM2: IOI feature patching with better SAEs.
+
+The paper's 50 prompts but 20 thresholds by default (REFERENCE §4 and ``circuitsae ioi`` use 50): the
+curves' records are up to 1.7× apart in features, so the counts in docs/ioi.md are read off between
+records (interpolated on log n, :func:`circuitsae.circuits.curves.halving`).
 
 At a late site (resid.27 of 30) and a middle one (resid.15, like the paper's
 layer 11 of 24), SAEs trained on ``--tokens`` (2M) activations: the baseline
@@ -23,7 +27,7 @@ library's own (printed); nothing it builds is kept in git.
 
     python benchmarks/kl_vs_patches.py                       # everything (hours on 2 CPU cores)
     python benchmarks/kl_vs_patches.py --stage attribution   # only the attribution curves (and what they need)
-    python benchmarks/kl_vs_patches.py --table               # the README's table, from the results JSON
+    python benchmarks/kl_vs_patches.py --table               # docs/ioi.md's tables, from the results JSON
 
 Writes ``benchmarks/results/kl_vs_patches.json`` + ``.png`` (the late site),
 ``kl_vs_patches_layers.png`` (every site) and ``kl_vs_patches_heldout.png``
@@ -45,7 +49,7 @@ from machine import ROOT, describe, repo_path  # noqa: E402
 
 import circuitsae  # noqa: E402
 from circuitsae.circuits.curves import halving, halving_table, label, transfer  # noqa: E402
-from circuitsae.commands.ioi import run_ioi  # noqa: E402
+from circuitsae.commands.ioi import IOIRun, run_ioi  # noqa: E402
 from circuitsae.io import digest  # noqa: E402
 from circuitsae.viz.plots import plot_curves, plot_transfer  # noqa: E402
 
@@ -143,7 +147,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--prompts", type=int, default=50, help="selection prompts")
     ap.add_argument("--heldout-prompts", type=int, default=50, help="evaluation prompts: other names and templates")
-    ap.add_argument("--thresholds", type=int, default=20, help="ACDC thresholds, log-spaced over [1e-5, 1]")
+    ap.add_argument("--thresholds", type=int, default=20,
+                    help="ACDC thresholds, log-spaced over [1e-5, 1] (the paper: 50)")  # fmt: skip
     ap.add_argument(
         "--middle-thresholds",
         type=int,
@@ -156,10 +161,12 @@ def main() -> None:
     ap.add_argument("--stage", default="all", help="run only the stages whose name starts with this")
     ap.add_argument("--work", default="runs/ioi-paper")
     ap.add_argument("--results-name", default="kl_vs_patches", help="stem of the files in benchmarks/results")
-    ap.add_argument("--table", action="store_true", help="print the README's table from the results JSON and exit")
+    ap.add_argument("--table", action="store_true",
+                    help="print docs/ioi.md's tables from the results JSON (halving and transfer recomputed from "
+                         "the curves' records; the JSON is not written) and exit")  # fmt: skip
     args = ap.parse_args()
     if args.table:
-        out = json.loads((RESULTS / f"{args.results_name}.json").read_text())
+        out = IOIRun.from_json(RESULTS / f"{args.results_name}.json").to_json()
         print(sae_table(out), halving_table(out), sep="\n\n")
         return
     args.acdc_coefficients = args.acdc_coefficients or args.coefficients
@@ -183,15 +190,15 @@ def main() -> None:
         try:
             rep = run_ioi(dictionaries=dicts, model=model, prompts=args.prompts, heldout_prompts=args.heldout_prompts,
                           out=str(Path(args.work) / f"curves-{site}"), **{"thresholds": args.thresholds, **opts})  # fmt: skip
-            for r in rep["results"]:
+            for r in rep.results:
                 reports[(r["site"], r["label"], r["method"])] = {
                     **r,
-                    "ioi": rep["ioi"],
-                    "ioi_heldout": rep["ioi_heldout"],
+                    "ioi": rep.ioi,
+                    "ioi_heldout": rep.ioi_heldout,
                     "dictionary_identity": dictionary_identity(r["path"]),
                 }
             # the run that computed it, not a re-read: curves read back from their parts count their own times
-            took = max(time.perf_counter() - t0, sum(r["seconds"] for r in rep["results"]))
+            took = max(time.perf_counter() - t0, sum(r["seconds"] for r in rep.results))
             seconds.setdefault(name, took)
         finally:
             write(args, reports, seconds, commands)
@@ -204,7 +211,7 @@ def earlier(args: argparse.Namespace) -> tuple[dict, dict, list[str]]:
     results file of another store (another harvest) is not added to at all."""
     this = shlex.join(["python", "benchmarks/kl_vs_patches.py", *sys.argv[1:]])
     path = RESULTS / f"{args.results_name}.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
+    old = IOIRun.from_json(path).to_json() if path.exists() else {}
     same = ("tokens", "prompts", "heldout_prompts", "thresholds", "main_site", "middle_site")
     if not old or any(old.get(k) != getattr(args, k) for k in same):
         return {}, {}, [this]
@@ -270,7 +277,7 @@ def write(args: argparse.Namespace, reports: dict, seconds: dict, commands: list
 
 
 def sae_table(out: dict) -> str:
-    """The README's table of the trained SAEs: L0 / FVU of the final training batch, per site and dictionary."""
+    """docs/ioi.md's table of the trained SAEs: L0 / FVU of the final training batch, per site and dictionary."""
     final = {k: v for t in out["training"].values() for k, v in t["final"].items()}  # "resid.15-relu-c1": {...}
     columns = sorted({k.split("-", 1)[1] for k in final}, key=lambda c: (c.startswith("gated"), c))
     names = {c: ("Gated λ = " if c.startswith("gated") else "α = ") + c.rsplit("-c", 1)[1] for c in columns}

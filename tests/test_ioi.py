@@ -1,13 +1,16 @@
 """The IOI dataset: prompt structure, determinism, name validation, metrics, and the real model doing IOI."""
 
+import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 import circuitsae
 from circuitsae.circuits.curves import halving
+from circuitsae.commands.ioi import IOIRun
 from circuitsae.errors import CircuitSAEError
 from circuitsae.models import start_token_id
 from circuitsae.tasks import TEMPLATES, final_logits, ioi_performance, logit_diff, make_ioi, single_token_names
@@ -144,11 +147,34 @@ def test_a_dictionary_with_nothing_to_patch_is_skipped_not_fatal(tiny_llama, wir
         warnings.simplefilter("always")
         report = run_ioi(dictionaries=paths, model=tiny_llama, prompts=4, thresholds=3, pca=False,
                          out=str(tmp_path / "ioi"), progress=False)  # fmt: skip
-    assert {r["path"] for r in report["results"]} == {paths[0]}
-    assert {r["method"] for r in report["results"]} == {"acdc", "attribution"}
-    assert [s["path"] for s in report["skipped"]] == [paths[1]] and "differs" in report["skipped"][0]["reason"]
+    assert {r["path"] for r in report.results} == {paths[0]}
+    assert {r["method"] for r in report.results} == {"acdc", "attribution"}
+    assert [s["path"] for s in report.skipped] == [paths[1]] and "differs" in report.skipped[0]["reason"]
     assert any("skipped" in str(w.message) for w in caught)
     assert (tmp_path / "ioi" / "kl_vs_patches.png").is_file()
+    # the file holds exactly the keys it always held, and reads back as the same run
+    written = json.loads((tmp_path / "ioi" / "kl_vs_patches.json").read_text())
+    assert list(written) == ["model", "model_dtype", "device", "machine", "prompts", "seed", "thresholds", "ioi",
+                             "heldout_prompts", "ioi_heldout", "config", "results", "skipped", "seconds", "complete"]  # fmt: skip
+    assert report.path == str(tmp_path / "ioi" / "kl_vs_patches.json")
+    again = IOIRun.from_json(report.path)
+    assert again.to_json() == written == json.loads(json.dumps(report.to_json())) and again.path == report.path
+    assert len(again.halving()) == len(again.curves()) == 2 and len(again.curves(method="acdc")) == 1
+
+
+def test_an_ioi_results_file_of_the_benchmark_loads_and_round_trips():
+    """benchmarks/results/kl_vs_patches.json (written by the benchmark, with keys of its own and the τ count
+    only) loads as an IOIRun whose rows halving() and transfer() read, and writes back the same object."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "kl_vs_patches.json"
+    data = json.loads(path.read_text())
+    run = IOIRun.from_json(path)
+    assert run.path == str(path) and run.thresholds == data["thresholds"] and run.prompts == data["prompts"]
+    assert run.ioi_heldout == data["ioi_heldout"] and "store_identity" in run.extra and run.seed is None
+    assert run.to_json().keys() >= data.keys() and {k: run.to_json()[k] for k in data} == data
+    assert [h["features"] for h in run.halving()] == [h["features"] for h in data["halving"]]  # the grid points
+    assert [t.get("removed_heldout") for t in run.transfer()] == [t.get("removed_heldout") for t in data["transfer"]]
+    with pytest.raises(CircuitSAEError, match="not an IOI run"):
+        IOIRun.from_json({"model": "x"})
 
 
 def test_halving_reads_features_and_edit_off_one_record():
@@ -278,10 +304,10 @@ def test_chosen_feature_sets_are_scored_on_heldout_prompts(tiny_llama, wired, tm
     path = str(dicts["resid.1"].save(tmp_path / "d"))
     report = run_ioi(dictionaries=[path], model=tiny_llama, prompts=6, heldout_prompts=5, thresholds=4, pca=False,
                      out=str(tmp_path / "ioi"), progress=False)  # fmt: skip
-    assert report["heldout_prompts"] == 5 and report["ioi_heldout"]["n"] == 5
+    assert report.heldout_prompts == 5 and report.ioi_heldout["n"] == 5
     _, held = split_prompts(tiny_llama, 6, 5, seed=0)
     d = circuitsae.load_dictionary(path)
-    for curve in report["results"]:
+    for curve in report.results:
         h = curve["heldout"]
         assert h["prompts"] == 5 and len(h["records"]) == len(curve["records"])
         assert [r["n_features"] for r in h["records"]] == [r["n_features"] for r in curve["records"]]

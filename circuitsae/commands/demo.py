@@ -124,22 +124,25 @@ def _ioi(cfg: DemoConfig, model: Any, out: Path, progress: bool) -> dict:
                   progress=progress)  # fmt: skip
     rows = [{"label": r["label"], "method": r["method"], "n_candidates": r["n_candidates"],
              "kl_all": r["start"]["all"]["kl"], "kl_none": r["start"]["none"]["kl"],
-             "evaluations": r["evaluations"], "seconds": r["seconds"]} for r in rep["results"]]  # fmt: skip
-    return {"site": site, "prompts": rep["prompts"], "thresholds": len(rep["thresholds"]),
-            "performance": rep["ioi"], "png": str(out / "ioi" / "kl_vs_patches.png"),
-            "json": rep["path"], "rows": rows, "finding": ioi_finding(rep["results"]),
-            "skipped": rep["skipped"]}  # fmt: skip
+             "evaluations": r["evaluations"], "seconds": r["seconds"]} for r in rep.results]  # fmt: skip
+    return {"site": site, "prompts": rep.prompts, "thresholds": len(rep.thresholds),
+            "performance": rep.ioi, "png": str(out / "ioi" / "kl_vs_patches.png"),
+            "json": rep.path, "rows": rows, "finding": ioi_finding(rep.results),
+            "skipped": rep.skipped}  # fmt: skip
 
 
 def ioi_finding(results: list[dict]) -> str:
-    """One sentence: the features each ACDC curve keeps to halve the unpatched KL (:func:`halving`)."""
+    """One sentence: the features each ACDC curve keeps to halve the unpatched KL (:func:`halving`: the crossing
+    interpolated on log n, with the two recorded counts around it)."""
     from circuitsae.circuits.curves import halving
 
     parts = []
     for r in results:
         if r["method"] == "acdc":
-            n = halving(r)["features"]
-            parts.append(f"{r['label']}: {'more than all ' + str(r['n_candidates']) if n is None else n}")
+            h = halving(r)
+            n, x = h["features"], h["features_interpolated"]
+            count = str(n) if x is None else f"~{x:.0f} ({h['bracket'][0]}–{n} recorded)"
+            parts.append(f"{r['label']}: {'more than all ' + str(r['n_candidates']) if n is None else count}")
     return "Features ACDC keeps to halve the unpatched KL — " + "; ".join(parts) + "."
 
 
@@ -164,17 +167,16 @@ def _feature_and_tree(cfg: DemoConfig, model: Any, out: Path, progress: bool) ->
                "contexts_html": [f"{c.activation:.3g}&nbsp;&nbsp;" + c.marked(20, 4, "<b>{}</b>", html.escape)
                                  for c in report.top[:8]]}  # fmt: skip
     t0 = time.perf_counter()
-    graph = causal_tree(model, dicts, (site, pick["feature"]), depth=len(cfg.sites) - 1, branching=cfg.branching,
-                        contexts=cfg.tree_contexts, progress=progress)  # fmt: skip
+    causal = causal_tree(model, dicts, (site, pick["feature"]), depth=len(cfg.sites) - 1, branching=cfg.branching,
+                         contexts=cfg.tree_contexts, progress=progress)  # fmt: skip
     seconds = time.perf_counter() - t0
-    files = render(graph, out / "tree" / "causal_tree")
-    g = graph.graph
+    files = render(causal, out / "tree" / "causal_tree")
     caption = (f"Causal tree of {site}:{pick['feature']} (the {pick['token']!r} feature) over "
-               f"{g.get('contexts', cfg.tree_contexts)} contexts where it is in [M/2, M], depth "
+               f"{causal.contexts} contexts where it is in [M/2, M], depth "
                f"{len(cfg.sites) - 1}, {cfg.branching} parents per node: each edge is the mean drop of the child's "
                f"activation when the parent is ablated (less than rank one); thicker is stronger. "
-               f"{graph.number_of_nodes()} nodes, built in {seconds:.0f} s.")  # fmt: skip
-    tree = {"caption": caption, "seconds": seconds, "nodes": graph.number_of_nodes(), **files}
+               f"{causal.number_of_nodes()} nodes, built in {seconds:.0f} s.")  # fmt: skip
+    tree = {"caption": caption, "seconds": seconds, "nodes": causal.number_of_nodes(), **files}
     return feature, tree
 
 

@@ -23,14 +23,14 @@ import json
 import platform
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from circuitsae.circuits.acdc import acdc, default_thresholds
-from circuitsae.circuits.curves import feature_sets, label, score_sets, split_prompts
+from circuitsae.circuits.curves import feature_sets, halving, label, score_sets, split_prompts, transfer
 from circuitsae.config import model_dtype_option, option
 from circuitsae.data.store import ActivationStore
 from circuitsae.dictionaries import Dictionary, PCADictionary, load_dictionary
@@ -93,6 +93,94 @@ class IOIConfig:
             raise CircuitSAEError(f"engine must be auto, downstream or hook, not {self.engine!r}")
 
 
+@dataclass
+class IOIRun:
+    """What :func:`run_ioi` returns and writes as ``kl_vs_patches.json``: the prompts' IOI performance and one
+    row per curve.
+
+    Each row of ``results`` is a curve as ``acdc(...).to_json()`` gives it (``site``, ``method``, ``records``
+    of ``{n_features, kl, kl_reverse, edit_magnitude, ...}``, ``start``: ``{"none", "all"}`` records — the
+    unpatched run and every candidate patched —, ``order``, ``removed_at``, ``n_candidates``, ``evaluations``,
+    ``seconds``) plus ``label``, ``path``, ``architecture``, ``d_dict`` and, with held-out prompts,
+    ``heldout`` (:func:`~circuitsae.circuits.curves.score_sets`); :func:`~circuitsae.circuits.curves.halving`
+    and :func:`~circuitsae.circuits.curves.transfer` read them.
+
+    :meth:`to_json` writes exactly the keys ``circuitsae ioi`` has always written (not ``path``);
+    :meth:`from_json` reads those files and other files of curves, such as
+    ``benchmarks/results/kl_vs_patches.json``: keys it does not know stay in ``extra`` and are written back.
+    """
+
+    model: str
+    """The model's name or path."""
+    prompts: int
+    """Selection prompts (IOI prompt pairs the orderings choose their features on)."""
+    thresholds: "list[float] | int"
+    """ACDC's τ grid (a count only, in files written by ``benchmarks/kl_vs_patches.py``)."""
+    ioi: dict
+    """The model's IOI performance on the selection prompts (:func:`~circuitsae.tasks.ioi.ioi_performance`)."""
+    results: list[dict]
+    """One row per curve (see above)."""
+    skipped: list[dict] = field(default_factory=list)
+    """Dictionaries with no feature that differs between base and target prompts: ``site, label, path, reason``."""
+    seconds: "float | None" = None
+    """Wall time of the run so far."""
+    model_dtype: "str | None" = None
+    """The model's dtype."""
+    device: "str | None" = None
+    """Where the model ran."""
+    machine: "str | None" = None
+    """The machine's name."""
+    seed: "int | None" = None
+    """Seed of the prompts and of ACDC's visiting order."""
+    heldout_prompts: int = 0
+    """Held-out prompts every chosen feature set is also scored on (0: none)."""
+    ioi_heldout: "dict | None" = None
+    """The IOI performance on the held-out prompts."""
+    config: "dict | None" = None
+    """The :class:`IOIConfig` the run used."""
+    complete: bool = True
+    """False while a run is still adding curves."""
+    path: "str | None" = None
+    """Where the JSON was written or read (not written into it)."""
+    extra: dict = field(default_factory=dict)
+    """Keys of a file that this type does not name, kept so that :meth:`to_json` writes them back."""
+
+    _ORDER = ("model", "model_dtype", "device", "machine", "prompts", "seed", "thresholds", "ioi", "heldout_prompts",
+              "ioi_heldout", "config", "results", "skipped", "seconds", "complete")  # fmt: skip
+
+    def to_json(self) -> dict:
+        """The JSON object, in the order and with the keys ``circuitsae ioi`` writes (plus ``extra``)."""
+        return {**{k: getattr(self, k) for k in self._ORDER}, **self.extra}
+
+    @classmethod
+    def from_json(cls, data: "dict | str | Path", path: "str | None" = None) -> "IOIRun":
+        """A run from its JSON object or file; files that lack the optional keys load with their defaults."""
+        if not isinstance(data, dict):
+            path = path or str(data)
+            data = json.loads(Path(data).read_text())
+        names = {f.name for f in fields(cls)} - {"path", "extra"}
+        missing = {"model", "prompts", "thresholds", "ioi", "results"} - set(data)
+        if missing:
+            raise CircuitSAEError(f"{path or 'the IOI results'} lacks {sorted(missing)}: not an IOI run")
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        if known.get("heldout_prompts") is None:
+            known["heldout_prompts"] = 0
+        return cls(**known, path=path, extra=extra)
+
+    def curves(self, site: "str | None" = None, method: "str | None" = None) -> list[dict]:
+        """The curve rows at ``site`` and/or by ``method`` ("acdc", "attribution"); all by default."""
+        return [r for r in self.results if site in (None, r["site"]) and method in (None, r["method"])]
+
+    def halving(self) -> list[dict]:
+        """:func:`~circuitsae.circuits.curves.halving` of every curve, computed from its records."""
+        return [halving(r) for r in self.results]
+
+    def transfer(self) -> list[dict]:
+        """:func:`~circuitsae.circuits.curves.transfer` of every curve, computed from its records."""
+        return [transfer(r) for r in self.results]
+
+
 def _pca_for(site: str, dictionaries: list[Dictionary], rows: int) -> PCADictionary:
 
     stores = {d.meta.get("store") for d in dictionaries} - {None}
@@ -129,8 +217,8 @@ def _fingerprint(cfg: IOIConfig, path: str, d: Dictionary, thresholds: np.ndarra
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
-def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: bool = True, **overrides: Any) -> dict:
-    """Run the experiment; write ``kl_vs_patches.json`` and ``.png`` into ``config.out``; return the report."""
+def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: bool = True, **overrides: Any) -> IOIRun:
+    """Run the experiment; write ``kl_vs_patches.json`` and ``.png`` into ``config.out``; return the run."""
 
     cfg = IOIConfig(**{**(asdict(config) if config else {}), **overrides})
     t_all = time.perf_counter()
@@ -161,26 +249,27 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
     results: list[dict] = []
     skipped: list[dict] = []  # dictionaries with no feature that differs between base and target prompts
 
-    def write(complete: bool = False) -> dict:
+    def write(complete: bool = False) -> IOIRun:
         """JSON and PNG of the curves finished so far (after each one, so an interrupted run still shows them)."""
-        report = {
-            "model": str(getattr(getattr(model, "_module", model).config, "name_or_path", "")),
-            "model_dtype": dtype_name(model),
-            "device": str(input_device(model)),
-            "machine": platform.node() or "unknown",
-            "prompts": cfg.prompts,
-            "seed": cfg.seed,
-            "thresholds": [float(t) for t in thresholds],
-            "ioi": perf,
-            "heldout_prompts": cfg.heldout_prompts,
-            "ioi_heldout": perf_heldout,
-            "config": asdict(cfg),
-            "results": results,
-            "skipped": skipped,
-            "seconds": time.perf_counter() - t_all,
-            "complete": complete,
-        }
-        atomic_write(parts.parent / "kl_vs_patches.json", json.dumps(report, indent=1).encode())
+        report = IOIRun(
+            model=str(getattr(getattr(model, "_module", model).config, "name_or_path", "")),
+            model_dtype=dtype_name(model),
+            device=str(input_device(model)),
+            machine=platform.node() or "unknown",
+            prompts=cfg.prompts,
+            seed=cfg.seed,
+            thresholds=[float(t) for t in thresholds],
+            ioi=perf,
+            heldout_prompts=cfg.heldout_prompts,
+            ioi_heldout=perf_heldout,
+            config=asdict(cfg),
+            results=results,
+            skipped=skipped,
+            seconds=time.perf_counter() - t_all,
+            complete=complete,
+            path=str(Path(cfg.out) / "kl_vs_patches.json"),
+        )
+        atomic_write(parts.parent / "kl_vs_patches.json", json.dumps(report.to_json(), indent=1).encode())
         plot_curves(report, parts.parent / "kl_vs_patches.png")
         if any("records" in r.get("heldout", {}) for r in results):
             plot_transfer(report, parts.parent / "kl_vs_patches_heldout.png")
@@ -233,26 +322,24 @@ def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: b
                 if progress:
                     print(f"{site} {label(d):28s} {order:11s} {res.n_candidates:5d} candidates "
                           f"{res.evaluations:6d} evaluations {res.seconds:7.1f} s")  # fmt: skip
-    report = write(complete=True)
-    report["path"] = str(Path(cfg.out) / "kl_vs_patches.json")
-    return report
+    return write(complete=True)
 
 
 Config = IOIConfig
 
 
-def run(cfg: IOIConfig, *, model: Any = None, progress: bool = True) -> dict:
+def run(cfg: IOIConfig, *, model: Any = None, progress: bool = True) -> IOIRun:
     """The command's work: :func:`run_ioi`."""
     return run_ioi(cfg, model=model, progress=progress)
 
 
-def show(report: dict) -> str:
+def show(report: IOIRun) -> str:
     """What ``circuitsae ioi`` prints."""
-    ioi = report["ioi"]
-    lines = [f"IOI on {report['prompts']} prompts: logit diff {ioi['logit_diff']:.2f}, accuracy {ioi['accuracy']:.2f}"]
-    for r in report["results"]:
+    ioi = report.ioi
+    lines = [f"IOI on {report.prompts} prompts: logit diff {ioi['logit_diff']:.2f}, accuracy {ioi['accuracy']:.2f}"]
+    for r in report.results:
         last = r["start"]["all"]
         lines.append(f"{r['site']} {r['label']:28s} {r['method']:11s} candidates {r['n_candidates']:5d}  "
                      f"KL all {last['kl']:.3g}  {r['seconds']:.0f} s")  # fmt: skip
-    lines.append(f"wrote {report['path']} and kl_vs_patches.png ({report['seconds']:.0f} s)")
+    lines.append(f"wrote {report.path} and kl_vs_patches.png ({report.seconds:.0f} s)")
     return "\n".join(lines)

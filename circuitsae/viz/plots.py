@@ -13,6 +13,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from circuitsae.circuits.features import FeatureReport
+    from circuitsae.commands.ioi import IOIRun
 
 
 def _figure_legend(fig: Any, axes: Any) -> None:
@@ -29,8 +30,15 @@ def _figure_legend(fig: Any, axes: Any) -> None:
 CUT = 1e-3  # the curve plots' y axis starts at CUT × KL(nothing patched)
 
 
-def plot_curves(report: dict, path: "str | Path", sites: "list[str] | None" = None) -> Path:
+def _ioi_report(report: "IOIRun | dict") -> dict:
+    """An :class:`~circuitsae.commands.ioi.IOIRun` as its JSON object; a dict (``model``, ``prompts``,
+    ``results``, optionally ``heldout_prompts``) as it is."""
+    return report if isinstance(report, dict) else report.to_json()
+
+
+def plot_curves(report: "IOIRun | dict", path: "str | Path", sites: "list[str] | None" = None) -> Path:
     """KL vs features patched (left) and KL vs edit magnitude (right), one row per site."""
+    report = _ioi_report(report)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,9 +92,10 @@ def plot_curves(report: dict, path: "str | Path", sites: "list[str] | None" = No
     return path
 
 
-def plot_transfer(report: dict, path: "str | Path", sites: "list[str] | None" = None) -> Path:
+def plot_transfer(report: "IOIRun | dict", path: "str | Path", sites: "list[str] | None" = None) -> Path:
     """Fraction of the unpatched KL left vs features patched: on the selection prompts (solid) and the same
     feature sets on the held-out prompts (dashed), one panel per site and ordering."""
+    report = _ioi_report(report)
     import matplotlib
 
     matplotlib.use("Agg")
