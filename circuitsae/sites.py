@@ -20,6 +20,9 @@ paths of :mod:`circuitsae.interventions.replay` run the blocks, is one descripti
 architecture family (:data:`ARCHITECTURES`), keyed by the Hugging Face
 ``config.model_type``. Inside a block the forward order is attn < mlp < resid,
 which is the order in which nnsight must visit them (:meth:`Site.sort_key`).
+
+Other libraries name sites by hook or module: :func:`transformer_lens_site`, :func:`module_site` and
+:func:`dictionary_learning_site` read those names, :func:`site_to_hook` writes SAE Lens's.
 """
 
 from __future__ import annotations
@@ -186,3 +189,107 @@ def parse_target(text: str) -> tuple[str, int]:
     if not m:
         raise CircuitSAEError(f"{text!r} is not SITE:FEATURE, e.g. resid.4:123")
     return str(Site.parse(m.group(1))), int(m.group(2))
+
+
+# -- other libraries' names for sites --------------------------------------------------------------------
+# Hook names map to circuitsae sites only where they name the same tensor (``resid.L`` is block L's output,
+# ``mlp.L``/``attn.L`` what its MLP/attention adds to the residual); the dictionary readers
+# (:mod:`circuitsae.dictionaries.formats`) use them::
+#
+#     blocks.L.hook_resid_post                       -> resid.L     SAE Lens (TransformerLens names)
+#     blocks.L.hook_resid_pre, L >= 1                -> resid.(L-1) the same tensor (L = 0 is the embeddings)
+#     blocks.L.hook_mlp_out, blocks.L.hook_attn_out  -> mlp.L, attn.L  (after Gemma's post-norms, as circuitsae)
+#     model.layers.L, transformer.h.L,               -> resid.L     HF module paths (SAE Lens on an HF model);
+#       gpt_neox.layers.L; layers.L, h.L                            sparsify's, relative to base_model
+#     <blocks>.L.mlp / .self_attn / .attn /          -> mlp.L, attn.L  only when the model name tells a family
+#       .attention / .post_feedforward_layernorm /                  in which that module is the site (Gemma's
+#       .post_attention_layernorm                                   mlp is not mlp.L; its post-norm is)
+#     d_l submodule_name resid_{out,post}_layer{_}L  -> resid.L     with buffer io "out" and a matching layer;
+#       mlp_out_layerL, attn_out_layerL              -> mlp.L, attn.L  for a named non-Gemma model only
+#
+# Everything else (``hook_resid_mid``, ``hook_z``, ``mlp.hook_post``, a head index, the embeddings) maps to None.
+
+_TL_HOOK = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_resid_pre|hook_mlp_out|hook_attn_out)$")
+_TL_KIND = {"hook_resid_post": "resid", "hook_mlp_out": "mlp", "hook_attn_out": "attn"}
+_SITE_TO_TL = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
+#: substrings of a model name -> the circuitsae families (:data:`ARCHITECTURES` keys) it can be
+_FAMILY_HINTS = (
+    ("gemma-3", ("gemma3_text",)),
+    ("gemma3", ("gemma3_text",)),
+    ("gemma-2", ("gemma2",)),
+    ("gemma2", ("gemma2",)),
+    ("gemma", ("gemma2", "gemma3_text")),
+    ("gpt2", ("gpt2",)),
+    ("gpt-2", ("gpt2",)),
+    ("pythia", ("gpt_neox",)),
+    ("neox", ("gpt_neox",)),
+    ("qwen", ("qwen2",)),
+    ("mistral", ("mistral",)),
+    ("llama", ("llama",)),
+    ("smollm", ("llama",)),
+)
+
+
+def _families(model: "str | None") -> "tuple[str, ...] | None":
+    """The families a model name says (None: unknown, any)."""
+    name = (model or "").lower()
+    for key, fams in _FAMILY_HINTS:
+        if key in name:
+            return fams
+    return None
+
+
+def transformer_lens_site(hook: str) -> "str | None":
+    """The circuitsae site a TransformerLens hook name is, or None (table in the section above)."""
+    m = _TL_HOOK.match(hook or "")
+    if not m:
+        return None
+    layer, name = int(m.group(1)), m.group(2)
+    if name == "hook_resid_pre":  # block L's input is block L−1's output; L = 0 reads the embeddings
+        return f"resid.{layer - 1}" if layer >= 1 else None
+    return f"{_TL_KIND[name]}.{layer}"
+
+
+def module_site(name: str, model: "str | None" = None, relative: bool = False) -> "str | None":
+    """The site a Hugging Face module path is (``relative``: to ``base_model``, as sparsify names them).
+
+    A block's output is ``resid.L`` in every family; a sub-module is ``mlp.L``/``attn.L`` only if every
+    family the model name allows says so (Gemma's ``mlp`` is not ``mlp.L``, Llama's
+    ``post_attention_layernorm`` is not ``attn.L``).
+    """
+    fams = _families(model) or tuple(ARCHITECTURES)
+    found: set = set()
+    for fam in fams:
+        lay = ARCHITECTURES[fam]
+        blocks = lay.blocks.split(".", 1)[1] if relative else lay.blocks
+        m = re.fullmatch(re.escape(blocks) + r"\.(\d+)(?:\.(\w+))?", name or "")
+        if not m:
+            continue
+        layer, attr = int(m.group(1)), m.group(2)
+        kind = "resid" if attr is None else "attn" if attr == lay.attn else "mlp" if attr == lay.mlp else None
+        found.add(f"{kind}.{layer}" if kind else None)
+    return found.pop() if len(found) == 1 else None
+
+
+_DL_SUBMODULE = re.compile(r"^(resid|mlp|attn)_(?:out|post)_layer_?(\d+)$")
+
+
+def dictionary_learning_site(submodule: "str | None", model: "str | None", layer: Any, io: Any) -> "str | None":
+    """The site a dictionary_learning ``submodule_name`` names (table in the section above)."""
+    m = _DL_SUBMODULE.match(submodule or "")
+    if not m or io not in (None, "out"):
+        return None
+    kind, n = m.group(1), int(m.group(2))
+    if layer is not None and layer != n:
+        return None
+    if kind != "resid":
+        fams = _families(model)
+        if fams is None or any(f.startswith("gemma") for f in fams):
+            return None
+    return f"{kind}.{n}"
+
+
+def site_to_hook(site: str) -> str:
+    """The TransformerLens hook name of a circuitsae site (what SAE Lens's ``hook_name`` holds)."""
+    s = Site.parse(site)
+    return f"blocks.{s.layer}.{_SITE_TO_TL[s.kind]}"

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from circuitsae.config import option
-from circuitsae.dictionaries import Dictionary, load_dictionary
-from circuitsae.dictionaries.formats import SAELENS_ARCHITECTURES, write_saelens
+from circuitsae.dictionaries import Dictionary, load_dictionary, registry
+from circuitsae.dictionaries.formats import write_saelens
 from circuitsae.errors import CircuitSAEError
 
 NAME = "convert"
@@ -37,7 +37,7 @@ class ConvertConfig:
     architecture: "str | None" = option(
         None,
         "SAE Lens architecture to write (default: the dictionary's own; a Gated SAE can be written as jumprelu)",
-        choices=SAELENS_ARCHITECTURES,
+        choices=registry.SAELENS_WRITES,
     )
 
     def __post_init__(self) -> None:

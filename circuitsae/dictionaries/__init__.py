@@ -1,8 +1,8 @@
 """Dictionaries: baseline, Gated, TopK, BatchTopK and JumpReLU SAEs, PCA and the neuron basis, one interface.
 
 ``load_dictionary(path)`` reads a folder written by ``Dictionary.save`` and
-returns the right class, named by ``cfg.json``'s ``architecture``; it also reads
-SAE Lens, dictionary_learning and sparsify folders (:mod:`.formats`), and
+returns the class :mod:`.registry` names by ``cfg.json``'s ``architecture``; it also
+reads SAE Lens, dictionary_learning and sparsify folders (:mod:`.formats`), and
 ``dictionary.save(path, format="saelens")`` writes a SAE Lens folder.
 """
 
@@ -15,7 +15,15 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from circuitsae.dictionaries.base import FORMAT, Dictionary, Loss, Output, unit_rows
+from circuitsae.dictionaries import registry
+from circuitsae.dictionaries.base import (
+    Dictionary,
+    Loss,
+    Output,
+    TrainableDictionary,
+    TrainingDefaults,
+    unit_rows,
+)
 from circuitsae.dictionaries.batchtopk import BatchTopKSAE
 from circuitsae.dictionaries.formats import detect_format, read_foreign
 from circuitsae.dictionaries.gated import GatedSAE
@@ -23,13 +31,8 @@ from circuitsae.dictionaries.jumprelu import JumpReLUSAE
 from circuitsae.dictionaries.linear import IdentityDictionary, PCADictionary
 from circuitsae.dictionaries.relu import ReluSAE
 from circuitsae.dictionaries.topk import TopKSAE
+from circuitsae.dictionaries.writers import FORMAT
 from circuitsae.errors import CircuitSAEError
-
-#: architecture name (as in cfg.json) -> class
-ARCHITECTURES: dict[str, type[Dictionary]] = {
-    c.architecture: c
-    for c in (ReluSAE, GatedSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, PCADictionary, IdentityDictionary)
-}
 
 
 def load_dictionary(path: "str | Path", device: "str | torch.device" = "cpu") -> Dictionary:
@@ -55,11 +58,11 @@ def load_dictionary(path: "str | Path", device: "str | torch.device" = "cpu") ->
     for key in ("architecture", "d", "d_dict"):
         if key not in cfg:
             raise CircuitSAEError(f"{cfg_path} lacks the key {key!r}")
-    cls = ARCHITECTURES.get(cfg["architecture"])
-    if cls is None:
+    if cfg["architecture"] not in registry.names():
         raise CircuitSAEError(
-            f"{cfg_path}: unknown architecture {cfg['architecture']!r} (known: {', '.join(ARCHITECTURES)})"
+            f"{cfg_path}: unknown architecture {cfg['architecture']!r} (known: {', '.join(registry.names())})"
         )
+    cls = registry.get(cfg["architecture"])
     params = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
     args = {k: cfg[k] for k in params if k in cfg}
     dictionary = cls(**args)
@@ -88,7 +91,6 @@ def load_dictionary(path: "str | Path", device: "str | torch.device" = "cpu") ->
 
 
 __all__ = [
-    "ARCHITECTURES",
     "BatchTopKSAE",
     "Dictionary",
     "GatedSAE",
@@ -99,6 +101,9 @@ __all__ = [
     "PCADictionary",
     "ReluSAE",
     "TopKSAE",
+    "TrainableDictionary",
+    "TrainingDefaults",
     "load_dictionary",
+    "registry",
     "unit_rows",
 ]

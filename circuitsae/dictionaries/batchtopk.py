@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
 
 from circuitsae.dictionaries.fused import OpenUnits
 from circuitsae.dictionaries.topk import TopKSAE
+from circuitsae.dictionaries.writers import SAELensForm
+from circuitsae.errors import CircuitSAEError
+
+if TYPE_CHECKING:
+    from circuitsae.dictionaries.formats.core import Parts
 
 #: θ's running mean: an exponential moving average with a horizon of ~100 steps, so that θ reflects the trained
 #: SAE, not its random start (a plain mean over a short training, or β = 0.999, keeps the start's values)
@@ -18,7 +24,8 @@ class BatchTopKSAE(TopKSAE):
     r"""BatchTopK SAE: TopK over the whole batch in training, a threshold at inference.
 
     Training keeps the ``B·k`` largest (ReLU'd) pre-activations of a batch of B tokens, so L0 varies per
-    token with mean k; the auxiliary loss is TopK's. Every step records the smallest kept value, and θ
+    token with mean k; the auxiliary loss is TopK's, and so is ``Loss.total`` (mse + aux/32, no L0 term).
+    The training loss takes a 2-D batch ``[B, d]`` (one token per row) and refuses any other shape. Every step records the smallest kept value, and θ
     is their running mean — an exponential moving average with β = 0.99, started at the first step's
     value (a choice: REFERENCE §2b says a running mean; over a training of a few hundred steps a plain
     mean is dominated by the random start and gives an L0 well under k). Encoding (evaluation,
@@ -31,6 +38,9 @@ class BatchTopKSAE(TopKSAE):
     """
 
     architecture: ClassVar[str] = "batchtopk"
+    reads: ClassVar[Mapping[str, tuple[str, ...]]] = {"dictionary_learning": ("BatchTopKSAE", "MatryoshkaBatchTopKSAE")}
+    #: as the JumpReLU it encodes as (its global θ for every feature), as SAE Lens saves its own
+    saelens_writes: ClassVar[tuple[str, ...]] = ("jumprelu",)
     _bias_names = ("b_enc", "b_dec", "threshold")
 
     def __init__(self, d: int, d_dict: int, k: int = 64, k_aux: "int | None" = None) -> None:
@@ -46,7 +56,15 @@ class BatchTopKSAE(TopKSAE):
         pre = self.pre_activation_features(x, features)
         return torch.where(pre > self.threshold.clamp_min(0), pre, 0.0)
 
+    @staticmethod
+    def _check_batch(pre: torch.Tensor) -> None:
+        if pre.ndim != 2:
+            raise CircuitSAEError(
+                f"batchtopk keeps k per token of a [tokens, d] batch: flatten the input first (got {pre.ndim}-D)"
+            )
+
     def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, "torch.Tensor | None"]:
+        self._check_batch(pre)
         acts = pre.relu()
         flat = acts.reshape(-1)
         n = min(self.k * acts.shape[0], flat.numel())
@@ -57,12 +75,31 @@ class BatchTopKSAE(TopKSAE):
         return codes, stat
 
     def _select_units(self, pre: torch.Tensor) -> tuple[OpenUnits, "torch.Tensor | None"]:
+        self._check_batch(pre)
         acts = pre.relu()
         flat = acts.reshape(-1)
         values, idx = flat.topk(min(self.k * acts.shape[0], flat.numel()), sorted=False)
         kept = values[values > 0]
         stat = kept.min().detach() if kept.numel() else self.threshold.clone()  # nothing kept: θ stays
         return OpenUnits.from_flat(idx.sort().values, tuple(acts.shape)), stat
+
+    @classmethod
+    @torch.no_grad()
+    def from_parts(cls, parts: "Parts", restore: Mapping[str, Any]) -> Self:
+        """k and the global θ as read; θ < 0 (dictionary_learning's −1, "not yet estimated") counts no step."""
+        sae = super().from_parts(parts, restore)
+        sae.threshold.copy_(parts.threshold.reshape(()))
+        sae.threshold_steps.fill_(1 if float(parts.threshold) >= 0 else 0)
+        return sae
+
+    def saelens_form(self, architecture: str) -> SAELensForm:
+        """SAE Lens ``jumprelu``: ``W_enc`` ``[d_in, d_sae]``, ``b_enc``, the global θ once per feature."""
+        tensors = {
+            "W_enc": self.W_enc.detach().float().cpu().T,
+            "b_enc": self.b_enc.detach().float().cpu(),
+            "threshold": self.threshold.detach().float().cpu().expand(self.d_dict),
+        }
+        return SAELensForm(self, tensors, {})
 
     def after_step(self, stat: "torch.Tensor | None") -> None:
         if stat is not None:

@@ -11,16 +11,19 @@ The subclasses differ only in how the codes ``f`` are chosen from ``pre``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from circuitsae.dictionaries import fused
-from circuitsae.dictionaries.base import Dictionary, unit_rows
+from circuitsae.dictionaries.base import TrainableDictionary, unit_rows
+
+if TYPE_CHECKING:
+    from circuitsae.dictionaries.formats.core import Parts
 
 
-class AffineEncoderSAE(Dictionary):
+class AffineEncoderSAE(TrainableDictionary):
     """Parameters ``W_enc`` ``[d_sae, d]``, ``b_enc`` ``[d_sae]``, ``W_dec`` ``[d_sae, d]``, ``b_dec`` ``[d]``."""
 
     _bias_names: ClassVar[tuple[str, ...]] = ("b_enc", "b_dec")
@@ -61,3 +64,11 @@ class AffineEncoderSAE(Dictionary):
 
     def config(self) -> dict[str, Any]:
         return super().config()
+
+    @torch.no_grad()
+    def _fill(self, parts: "Parts") -> None:
+        """Copy a reader's ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` in (``from_parts``)."""
+        self.W_enc.copy_(parts.W_enc)
+        self.b_enc.copy_(parts.b_enc)
+        self.W_dec.copy_(parts.W_dec)
+        self.b_dec.copy_(parts.b_dec)

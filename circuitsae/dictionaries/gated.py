@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
 from torch import nn
 
-from circuitsae.dictionaries.base import Dictionary, Loss, unit_rows
+from circuitsae.dictionaries.base import Loss, TrainableDictionary, TrainingDefaults, expansion_width, unit_rows
 from circuitsae.dictionaries.fused import GatedLoss
+from circuitsae.dictionaries.writers import SAELensForm
 
 if TYPE_CHECKING:
+    from circuitsae.dictionaries.formats.core import Parts
     from circuitsae.dictionaries.jumprelu import JumpReLUSAE
 
 
-class GatedSAE(Dictionary):
+class GatedSAE(TrainableDictionary):
     r"""Gated sparse autoencoder: which features fire and how much, decided apart.
 
     ::
@@ -41,7 +44,15 @@ class GatedSAE(Dictionary):
     """
 
     architecture: ClassVar[str] = "gated"
+    #: Rajamanoharan et al. App. D; λ = 2 gives L0 ≈ 55 at SmolLM2 resid.6 (benchmarks/pareto.py)
+    training: ClassVar[TrainingDefaults] = TrainingDefaults(lr=3e-4, betas=(0.0, 0.999), coefficient=2.0)
     resamples_dead: ClassVar[bool] = True
+    reads: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "saelens": ("gated",),
+        "dictionary_learning": ("GatedAutoEncoder",),
+    }
+    #: SAE Lens ``gated``, or ``jumprelu`` through :meth:`to_jumprelu`
+    saelens_writes: ClassVar[tuple[str, ...]] = ("gated", "jumprelu")
     _bias_names = ("b_gate", "b_mag", "b_dec")
 
     def __init__(self, d: int, d_dict: int) -> None:
@@ -123,6 +134,36 @@ class GatedSAE(Dictionary):
 
     def constrained(self) -> list[nn.Parameter]:
         return [self.W_dec]
+
+    @classmethod
+    def for_training(cls, d: int, coefficient: float, options: Mapping[str, Any]) -> Self:
+        """``round(gated_expansion · d)`` features (``expansion`` when ``gated_expansion`` is None)."""
+        return cls(d, expansion_width(d, options.get("gated_expansion") or options["expansion"]))
+
+    @classmethod
+    @torch.no_grad()
+    def from_parts(cls, parts: "Parts", restore: Mapping[str, Any]) -> Self:
+        """``W_gate`` is the reader's encoder; ``b_gate``, ``r_mag``, ``b_mag`` as read."""
+        sae = cls(parts.d, parts.d_sae)
+        for name in ("b_gate", "r_mag", "b_mag"):
+            getattr(sae, name).copy_(getattr(parts, name))
+        sae.W_gate.copy_(parts.W_enc)
+        sae.W_dec.copy_(parts.W_dec)
+        sae.b_dec.copy_(parts.b_dec)
+        return sae
+
+    def saelens_form(self, architecture: str) -> SAELensForm:
+        """SAE Lens ``gated`` (``W_enc`` = W_gate ``[d_in, d_sae]``, ``b_gate``, ``r_mag``, ``b_mag``), or the
+        ``jumprelu`` this SAE is (:meth:`to_jumprelu`)."""
+        if architecture == "jumprelu":
+            return self.to_jumprelu().saelens_form("jumprelu")
+        tensors = {
+            "W_enc": self.W_gate.detach().float().cpu().T,
+            "b_gate": self.b_gate.detach().float().cpu(),
+            "r_mag": self.r_mag.detach().float().cpu(),
+            "b_mag": self.b_mag.detach().float().cpu(),
+        }
+        return SAELensForm(self, tensors, {})
 
     @torch.no_grad()
     def resample(self, dead: torch.Tensor, inputs: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
 from torch import nn
 
 from circuitsae.dictionaries import fused
-from circuitsae.dictionaries.base import Loss
+from circuitsae.dictionaries.base import Loss, TrainingDefaults
 from circuitsae.dictionaries.encoder import AffineEncoderSAE
+from circuitsae.dictionaries.writers import SAELensForm
+
+if TYPE_CHECKING:
+    from circuitsae.dictionaries.formats.core import Parts
 
 #: ε and the initial θ in units of √d: the paper's 1e-3 for activations scaled to E||x||² = 1 becomes
 #: 1e-3·√d under this library's E||x||² = d (pre-activations grow with ||x||)
@@ -72,14 +77,21 @@ class JumpReLUSAE(AffineEncoderSAE):
 
     H has zero gradient almost everywhere, so training uses the paper's straight-through
     pseudo-derivatives with the rectangle kernel and bandwidth ε (``bandwidth``; default 1e-3·√d, the
-    paper's 1e-3 carried to this library's E||x||² = d scaling). t learns 30 times faster than the
-    weights (:meth:`param_groups`; the paper trains ~100 times longer). θ starts at 1e-3·√d, W_enc at
+    paper's 1e-3 carried to this library's E||x||² = d scaling). t learns ``THRESHOLD_LR_SCALE`` = 100
+    times faster than the weights (:meth:`param_groups`). ``Loss.total`` is L (no auxiliary term). θ starts at 1e-3·√d, W_enc at
     W_dec·min(1, 2d/d_sae) (as the untied ReLU SAE's). The paper leaves decoder norms free; here
     its rows are held at unit norm like every dictionary's (the L0 penalty does not see their scale).
     ``t = −inf`` (θ = 0) is allowed: a Gated SAE exported as a JumpReLU may have it.
     """
 
     architecture: ClassVar[str] = "jumprelu"
+    #: Rajamanoharan et al. 2024b's Adam; the coefficient is λ of the L0 penalty
+    training: ClassVar[TrainingDefaults] = TrainingDefaults(lr=3e-4, betas=(0.0, 0.999), coefficient=0.3)
+    reads: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "saelens": ("jumprelu",),
+        "dictionary_learning": ("JumpReluAutoEncoder",),
+    }
+    saelens_writes: ClassVar[tuple[str, ...]] = ("jumprelu",)
 
     def __init__(self, d: int, d_dict: int, bandwidth: "float | None" = None) -> None:
         super().__init__(d, d_dict, encoder_scale=min(1.0, 2 * d / d_dict))
@@ -148,3 +160,35 @@ class JumpReLUSAE(AffineEncoderSAE):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "bandwidth": self.bandwidth}
+
+    @classmethod
+    @torch.no_grad()
+    def from_parts(cls, parts: "Parts", restore: Mapping[str, Any]) -> Self:
+        """θ as read, held as the float32 t whose ``exp`` is θ exactly where float32 allows (codes bit for bit)."""
+        sae = cls(parts.d, parts.d_sae, bandwidth=restore.get("bandwidth"))
+        sae.log_threshold.copy_(exact_log(parts.threshold))
+        sae._fill(parts)
+        return sae
+
+    def saelens_form(self, architecture: str) -> SAELensForm:
+        """SAE Lens ``jumprelu``: ``W_enc`` ``[d_in, d_sae]``, ``b_enc``, ``threshold`` = exp(t)."""
+        tensors = {
+            "W_enc": self.W_enc.detach().float().cpu().T,
+            "b_enc": self.b_enc.detach().float().cpu(),
+            "threshold": self.log_threshold.detach().float().cpu().exp(),
+        }
+        return SAELensForm(self, tensors, {})
+
+
+def exact_log(theta: torch.Tensor) -> torch.Tensor:
+    """t (float32) with float32 ``exp(t) == θ`` wherever float32 allows (θ = 0 → −inf), so codes match bit for bit."""
+    theta = theta.float().clamp_min(0)
+    t = theta.double().log().float()
+    best, ok = t.clone(), t.exp() == theta
+    for direction in (math.inf, -math.inf):
+        cand = t
+        for _ in range(2):
+            cand = torch.nextafter(cand, torch.full_like(cand, direction))
+            hit = ~ok & (cand.exp() == theta)
+            best, ok = torch.where(hit, cand, best), ok | hit
+    return best

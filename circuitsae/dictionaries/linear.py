@@ -24,6 +24,7 @@ class PCADictionary(Dictionary):
     """
 
     architecture: ClassVar[str] = "pca"
+    saelens_refusal: ClassVar[str] = "a rotation onto principal components"
 
     def __init__(self, d: int, d_dict: "int | None" = None) -> None:
         if d_dict not in (None, d):
@@ -100,6 +101,7 @@ class IdentityDictionary(Dictionary):
     """The neuron (standard) basis: codes = x, directions = the unit vectors e_i."""
 
     architecture: ClassVar[str] = "identity"
+    saelens_refusal: ClassVar[str] = "the activations themselves"
 
     def __init__(self, d: int, d_dict: "int | None" = None) -> None:
         if d_dict not in (None, d):

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
 from torch import nn
 
-from circuitsae.dictionaries.base import Dictionary, Loss, unit_rows
+from circuitsae.dictionaries.base import Loss, TrainableDictionary, TrainingDefaults, expansion_width, unit_rows
 from circuitsae.dictionaries.fused import ReluLoss
+from circuitsae.dictionaries.writers import SAELensForm
+
+if TYPE_CHECKING:
+    from circuitsae.dictionaries.formats.core import Parts
 
 
-class ReluSAE(Dictionary):
+class ReluSAE(TrainableDictionary):
     r"""Baseline sparse autoencoder with an L1 penalty.
 
     Paper form (``tied=True, decoder_bias=False``, the default)::
@@ -33,7 +38,14 @@ class ReluSAE(Dictionary):
     """
 
     architecture: ClassVar[str] = "relu"
+    #: Cunningham et al. App. B; α = 1 gives L0 ≈ 75 at SmolLM2 resid.6 (benchmarks/pareto.py)
+    training: ClassVar[TrainingDefaults] = TrainingDefaults(lr=1e-3, betas=(0.9, 0.999), coefficient=1.0)
     resamples_dead: ClassVar[bool] = True
+    reads: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "saelens": ("standard",),
+        "dictionary_learning": ("AutoEncoder", "AutoEncoderNew"),
+    }
+    saelens_writes: ClassVar[tuple[str, ...]] = ("standard",)
     _bias_names = ("b_enc", "b_dec")
 
     def __init__(self, d: int, d_dict: int, tied: bool = True, decoder_bias: bool = False) -> None:
@@ -90,6 +102,33 @@ class ReluSAE(Dictionary):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "tied": self.tied, "decoder_bias": self.decoder_bias}
+
+    @classmethod
+    def for_training(cls, d: int, coefficient: float, options: Mapping[str, Any]) -> Self:
+        """``round(expansion · d)`` features, ``tied`` and ``decoder_bias`` as the run says."""
+        width = expansion_width(d, options["expansion"])
+        return cls(d, width, tied=options["tied"], decoder_bias=options["decoder_bias"])
+
+    @classmethod
+    @torch.no_grad()
+    def from_parts(cls, parts: "Parts", restore: Mapping[str, Any]) -> Self:
+        """Untied unless a round trip says tied and the encoder is the decoder; ``b_dec`` kept unless zero and
+        recorded absent."""
+        tied = bool(restore.get("tied")) and torch.equal(parts.W_enc, parts.W_dec)
+        decoder_bias = restore.get("decoder_bias") is not False or bool(parts.b_dec.any())
+        sae = cls(parts.d, parts.d_sae, tied=tied, decoder_bias=decoder_bias)
+        if not tied:
+            sae.W_enc_untied.copy_(parts.W_enc)
+        sae.b_enc.copy_(parts.b_enc)
+        sae.W_dec.copy_(parts.W_dec)
+        if sae.b_dec is not None:
+            sae.b_dec.copy_(parts.b_dec)
+        return sae
+
+    def saelens_form(self, architecture: str) -> SAELensForm:
+        """SAE Lens ``standard``: ``W_enc`` ``[d_in, d_sae]``, ``b_enc``."""
+        tensors = {"W_enc": self.W_enc.detach().float().cpu().T, "b_enc": self.b_enc.detach().float().cpu()}
+        return SAELensForm(self, tensors, {})
 
     def constrained(self) -> list[nn.Parameter]:
         """Parameters whose rows are feature directions held at unit norm."""

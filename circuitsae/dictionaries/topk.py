@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
 
 from circuitsae.dictionaries import fused
-from circuitsae.dictionaries.base import Loss
+from circuitsae.dictionaries.base import Loss, TrainingDefaults, expansion_width
 from circuitsae.dictionaries.encoder import AffineEncoderSAE
+from circuitsae.dictionaries.writers import SAELensForm
 from circuitsae.errors import CircuitSAEError
 
-AUX_COEFFICIENT = 1 / 32  # α_aux of Gao et al.
+if TYPE_CHECKING:
+    from circuitsae.dictionaries.formats.core import Parts
+
+#: α_aux, Gao et al.'s 1/32, on the auxiliary error as it is (not divided by its variance; see :class:`TopKSAE`)
+AUX_COEFFICIENT = 1 / 32
 
 
 def keep_top(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -34,6 +40,11 @@ class TopKSAE(AffineEncoderSAE):
         L    = ||x − x̂||² + α_aux ||e − ê||²           e = x − x̂ (held fixed), α_aux = 1/32
         ê    = W_decᵀ ReLU(TopK_{k_aux}(pre on dead latents))    (no b_dec: it reconstructs the error)
 
+    ``Loss.total`` is that L; ``Loss.sparsity`` is the L0 (reported, not in the total), ``Loss.aux`` the
+    auxiliary term before α_aux. The auxiliary term is the squared error itself, as SAE Lens computes it:
+    Gao et al.'s released code divides it by e's variance over the batch (a normalised MSE) and this does
+    not, so α_aux = 1/32 weighs it differently from theirs wherever that variance is not 1.
+
     A latent is *dead* for the auxiliary term when the trainer says so (:meth:`set_dead`: it has not fired
     for a window of training steps); with no dead latents the auxiliary term is 0. ``k_aux`` defaults to
     d/2 (Gao et al.). The ``coefficient`` the trainer passes to :meth:`loss` is not used: ``k`` is fixed
@@ -42,6 +53,14 @@ class TopKSAE(AffineEncoderSAE):
     """
 
     architecture: ClassVar[str] = "topk"
+    #: Gao et al.'s Adam; the coefficient is k
+    training: ClassVar[TrainingDefaults] = TrainingDefaults(lr=5e-4, betas=(0.9, 0.999), coefficient=64.0, k=True)
+    reads: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "saelens": ("topk",),
+        "dictionary_learning": ("AutoEncoderTopK",),
+        "sparsify": ("topk",),
+    }
+    saelens_writes: ClassVar[tuple[str, ...]] = ("topk",)
 
     def __init__(self, d: int, d_dict: int, k: int = 64, k_aux: "int | None" = None) -> None:
         super().__init__(d, d_dict)
@@ -113,3 +132,28 @@ class TopKSAE(AffineEncoderSAE):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "k": self.k, "k_aux": self.k_aux}
+
+    @classmethod
+    def for_training(cls, d: int, coefficient: float, options: Mapping[str, Any]) -> Self:
+        """``round(expansion · d)`` features and k = the coefficient."""
+        width = expansion_width(d, options["expansion"])
+        if coefficient > width:
+            raise CircuitSAEError(
+                f"{cls.architecture}: k={coefficient:g} is more than the {width} features of the dictionary"
+            )
+        return cls(d, width, k=int(coefficient))
+
+    @classmethod
+    @torch.no_grad()
+    def from_parts(cls, parts: "Parts", restore: Mapping[str, Any]) -> Self:
+        """k as read; ``k_aux`` as a round trip recorded it (else its default)."""
+        if not isinstance(parts.k, int) or not 1 <= parts.k <= parts.d_sae:
+            raise CircuitSAEError(f"k must be an integer in [1, d_sae={parts.d_sae}], got {parts.k!r}")
+        sae = cls(parts.d, parts.d_sae, parts.k, k_aux=restore.get("k_aux"))
+        sae._fill(parts)
+        return sae
+
+    def saelens_form(self, architecture: str) -> SAELensForm:
+        """SAE Lens ``topk``: ``W_enc`` ``[d_in, d_sae]``, ``b_enc``, and ``k`` (rows are unit: no rescaling)."""
+        tensors = {"W_enc": self.W_enc.detach().float().cpu().T, "b_enc": self.b_enc.detach().float().cpu()}
+        return SAELensForm(self, tensors, {"k": int(self.k), "rescale_acts_by_decoder_norm": False})

@@ -25,7 +25,7 @@ every model. At save ``s`` is folded into the biases (see
   10M tokens (Gao et al.) or a tenth of training, whichever is shorter.
 - ``jumprelu``: Adam(lr 3e-4, β = (0, 0.999)) — Rajamanoharan et al. 2024b; the
   coefficient is λ of the L0 penalty; log θ learns 100× faster (see ``JumpReLUSAE``).
-- coefficients: ``DEFAULT_COEFFICIENT`` (α for relu, λ for gated and jumprelu,
+- coefficients: each class's ``training.coefficient`` (α for relu, λ for gated and jumprelu,
   k for topk and batchtopk), chosen for scaled activations by the sweep in
   ``benchmarks/pareto.py`` (mid-frontier).
 - warm-up: lr over the first 1% of steps, coefficient over the first 5% (k is not warmed up).
@@ -96,25 +96,17 @@ from tqdm.auto import tqdm
 from circuitsae import distributed
 from circuitsae.config import option
 from circuitsae.data.store import ActivationStore
-from circuitsae.dictionaries import BatchTopKSAE, Dictionary, GatedSAE, JumpReLUSAE, ReluSAE, TopKSAE
+from circuitsae.dictionaries import Dictionary, TrainableDictionary, registry
 from circuitsae.errors import CircuitSAEError
 from circuitsae.io import atomic_write
 from circuitsae.models import resolve_device
 from circuitsae.training.evaluate import reconstruction
 
-TRAINABLE = {"relu": ReluSAE, "gated": GatedSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE}
-#: architectures whose coefficient is k, the number of features kept per token (no sparsity penalty)
-K_ARCHS = ("topk", "batchtopk")
-DEFAULT_LR = {"relu": 1e-3, "gated": 3e-4, "topk": 5e-4, "batchtopk": 5e-4, "jumprelu": 3e-4}
-DEFAULT_BETAS = {
-    "relu": (0.9, 0.999),
-    "gated": (0.0, 0.999),
-    "topk": (0.9, 0.999),  # Gao et al.
-    "batchtopk": (0.9, 0.999),
-    "jumprelu": (0.0, 0.999),  # Rajamanoharan et al. 2024b
-}
-# relu/gated: L0 ≈ 75 and ≈ 55 at SmolLM2 resid.6 (pareto.json); topk/batchtopk: k; jumprelu: λ of the L0 penalty
-DEFAULT_COEFFICIENT = {"relu": 1.0, "gated": 2.0, "topk": 64.0, "batchtopk": 64.0, "jumprelu": 0.3}
+# Which architectures train, their lr, Adam betas, default coefficient, whether it is k, and whether dead features
+# are resampled: each class declares them (``training``, ``resamples_dead``, ``for_training``) and the trainer
+# asks :mod:`circuitsae.dictionaries.registry`. relu/gated defaults give L0 ≈ 75 and ≈ 55 at SmolLM2 resid.6
+# (pareto.json); topk/batchtopk: k; jumprelu: λ of the L0 penalty.
+
 #: TopK's auxiliary loss: a latent is dead when it has not fired for this many tokens (Gao et al.: 10M) or a
 #: tenth of training, whichever is shorter
 AUX_DEAD_TOKENS = 10_000_000
@@ -135,7 +127,9 @@ class TrainConfig:
     out: str = option("runs/saes", "output folder: one sub-folder per trained SAE, plus checkpoint and log")
     sites: tuple[str, ...] = option((), "sites to train on (default: every site in the store)")
     arch: tuple[str, ...] = option(
-        ("relu", "gated"), "architectures: relu (Cunningham et al.), gated, topk, batchtopk, jumprelu (any of them)"
+        ("relu", "gated"),
+        "architectures: relu (Cunningham et al.), gated, topk, batchtopk, jumprelu (any of them)",
+        choices=registry.TRAINABLE_NAMES,
     )
     coefficients: tuple[float, ...] = option(
         (),
@@ -182,9 +176,11 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        unknown = [a for a in self.arch if a not in TRAINABLE]
+        unknown = [a for a in self.arch if a not in registry.TRAINABLE_NAMES]
         if unknown or not self.arch:
-            raise CircuitSAEError(f"unknown architecture {unknown or '(none)'}: choose from {', '.join(TRAINABLE)}")
+            raise CircuitSAEError(
+                f"unknown architecture {unknown or '(none)'}: choose from {', '.join(registry.TRAINABLE_NAMES)}"
+            )
         if any(c < 0 for c in self.coefficients):
             raise CircuitSAEError("sparsity coefficients must be >= 0")
         self.arch_coefficients = tuple(str(a) for a in self.arch_coefficients)
@@ -227,10 +223,10 @@ class TrainConfig:
                 parsed = tuple(float(v) for v in values.split(",")) if sep and values else None
             except ValueError:
                 parsed = None
-            if parsed is None or arch not in TRAINABLE or arch in out:
+            if parsed is None or arch not in registry.TRAINABLE_NAMES or arch in out:
                 raise CircuitSAEError(
                     f"--arch-coefficients {spec!r}: write ARCH=C1,C2,... once per architecture, ARCH one of "
-                    f"{', '.join(TRAINABLE)}"
+                    f"{', '.join(registry.TRAINABLE_NAMES)}"
                 )
             out[arch] = parsed
         return out
@@ -253,7 +249,7 @@ class Run:
     arch: str
     coefficient: float
     lr: float
-    sae: Dictionary
+    sae: TrainableDictionary
     optimizer: torch.optim.Optimizer
     last_fired: torch.Tensor  # [d_sae] step at which each feature last fired
     generator: torch.Generator  # draws this run's resampling inputs (CPU), one per run: runs split across ranks
@@ -269,8 +265,9 @@ def plan_runs(cfg: TrainConfig, store: ActivationStore) -> list[tuple[str, str, 
     runs = []
     per_arch = cfg.per_arch_coefficients()
     for site, arch in itertools.product(sites, cfg.arch):
-        for c in per_arch.get(arch) or cfg.coefficients or (DEFAULT_COEFFICIENT[arch],):
-            if arch in K_ARCHS and (c != int(c) or c < 1):
+        defaults = registry.get_trainable(arch).training
+        for c in per_arch.get(arch) or cfg.coefficients or (defaults.coefficient,):
+            if defaults.k and (c != int(c) or c < 1):
                 raise CircuitSAEError(f"{arch}: the coefficient is k, the features kept per token: a whole number "
                                       f">= 1, not {c:g}")  # fmt: skip
             runs.append((site, arch, float(c)))
@@ -292,21 +289,11 @@ def input_scale(store: ActivationStore, site: str) -> float:
 def _make_run(
     cfg: TrainConfig, store: ActivationStore, site: str, arch: str, coef: float, device: torch.device, index: int
 ) -> Run:
-    d = store.d
-    width = max(1, round(cfg.expansion * d))
-    if arch == "relu":
-        sae: Dictionary = ReluSAE(d, width, tied=cfg.tied, decoder_bias=cfg.decoder_bias)
-    elif arch == "gated":
-        sae = GatedSAE(d, max(1, round((cfg.gated_expansion or cfg.expansion) * d)))
-    elif arch in K_ARCHS:
-        if coef > width:
-            raise CircuitSAEError(f"{arch}: k={coef:g} is more than the {width} features of the dictionary")
-        sae = TRAINABLE[arch](d, width, k=int(coef))
-    else:
-        sae = JumpReLUSAE(d, width)
+    cls = registry.get_trainable(arch)
+    sae: TrainableDictionary = cls.for_training(store.d, coef, vars(cfg))
     sae.to(device)
-    lr = cfg.lr or DEFAULT_LR[arch]
-    kwargs: dict[str, Any] = {"lr": lr, "betas": DEFAULT_BETAS[arch]}
+    lr = cfg.lr or cls.training.lr
+    kwargs: dict[str, Any] = {"lr": lr, "betas": cls.training.betas}
     if device.type in ("cpu", "cuda"):
         kwargs["fused"] = True
     optimizer = torch.optim.Adam(sae.param_groups(), **kwargs)
@@ -694,7 +681,7 @@ class Trainer:
                 training={
                     "coefficient": run.coefficient,
                     "lr": run.lr,
-                    "betas": list(DEFAULT_BETAS[run.arch]),
+                    "betas": list(registry.get_trainable(run.arch).training.betas),
                     "batch_size": self.cfg.batch_size,
                     "steps": self.total_steps,
                     "activations": self.total_steps * self.cfg.batch_size,
