@@ -353,6 +353,19 @@ def test_batchtopk_keeps_batch_times_k_values_in_training_and_thresholds_at_infe
     torch.testing.assert_close(sae.encode_features(x, feats), sae.encode(x)[:, feats])
 
 
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_batchtopk_refuses_a_batch_that_is_not_tokens_by_d(mode):
+    """[B, T, d] used to keep k·B values, not k per token, silently; now it is one line (3-D encode is fine)."""
+    sae = _randomise(BatchTopKSAE(D, 96, k=4))
+    x = torch.randn(5, 6, D)
+    for loss in (lambda: sae.loss(x, mode=mode), lambda: sae.loss_reference(x)):
+        with pytest.raises(CircuitSAEError, match=r"batchtopk keeps k per token of a \[tokens, d\] batch") as e:
+            loss()
+        assert "\n" not in str(e.value)
+    assert (sae.loss(x.reshape(-1, D), mode=mode).codes > 0).sum() == 30 * 4  # flattened: k per token
+    assert sae.encode(x).shape == (5, 6, 96)
+
+
 def test_jumprelu_loss_and_its_straight_through_gradients_are_the_papers():
     """L = ||x − x̂||² + λ Σ H(pre − θ); ∂/∂θ of JumpReLU −(θ/ε)K, of H −(1/ε)K, K the rectangle (REFERENCE §2b)."""
     sae = _randomise(JumpReLUSAE(D, 48, bandwidth=0.5))
