@@ -126,10 +126,10 @@ class TrainConfig:
     store: str = option("runs/acts", "activation store folder (from `circuitsae harvest`)")
     out: str = option("runs/saes", "output folder: one sub-folder per trained SAE, plus checkpoint and log")
     sites: tuple[str, ...] = option((), "sites to train on (default: every site in the store)")
+    # checked against the registry in __post_init__ (not argparse choices: a bad name gets the same one-line error
+    # from the API and the command line, and a class registered later is accepted)
     arch: tuple[str, ...] = option(
-        ("relu", "gated"),
-        "architectures: relu (Cunningham et al.), gated, topk, batchtopk, jumprelu (any of them)",
-        choices=registry.TRAINABLE_NAMES,
+        ("relu", "gated"), "architectures: relu (Cunningham et al.), gated, topk, batchtopk, jumprelu (any of them)"
     )
     coefficients: tuple[float, ...] = option(
         (),
