@@ -79,23 +79,23 @@ def main() -> None:
     }
     for mode, stem in (("paper", "causal_tree"), ("shared", "causal_tree_shared")):
         t0 = time.perf_counter()
-        graph = causal_tree(model, dicts, (site, pick["feature"]), depth=args.depth, branching=args.branching,
-                            contexts=args.contexts, mode=mode)  # fmt: skip
+        tree = causal_tree(model, dicts, (site, pick["feature"]), depth=args.depth, branching=args.branching,
+                           contexts=args.contexts, mode=mode)  # fmt: skip
         t_tree = time.perf_counter() - t0
-        graph.graph["machine"] = describe()
-        files = {k: repo_path(v) for k, v in render(graph, RESULTS / stem).items()}
+        tree.extra["machine"] = describe()
+        files = {k: repo_path(v) for k, v in render(tree, RESULTS / stem).items()}
         timing["modes"][mode] = {
             "tree_seconds": t_tree,
-            "contexts": graph.graph["contexts"],
-            "nodes": graph.number_of_nodes(),
-            "edges": graph.number_of_edges(),
-            "engines": graph.graph["engines"],
+            "contexts": tree.contexts,
+            "nodes": tree.number_of_nodes(),
+            "edges": tree.number_of_edges(),
+            "engines": tree.engines,
             "edges_by_effect": sorted(
-                ({"from": u, "to": v, **e} for u, v, e in graph.edges(data=True)), key=lambda e: -e["effect"]
+                ({"from": u, "to": v, **e} for u, v, e in tree.edges(data=True)), key=lambda e: -e["effect"]
             ),
             "files": files,
         }
-        print(f"{mode}: {t_tree:.1f} s, {graph.number_of_nodes()} nodes")
+        print(f"{mode}: {t_tree:.1f} s, {tree.number_of_nodes()} nodes")
     (RESULTS / "causal_tree_timing.json").write_text(json.dumps(timing, indent=1, default=str))
     brief = {m: {k: v for k, v in r.items() if k != "edges_by_effect"} for m, r in timing["modes"].items()}
     print(json.dumps({**timing, "modes": brief}, indent=1, default=str))

@@ -139,7 +139,7 @@ def test_causal_tree_on_cuda_equals_the_cpu(tiny_llama, wired, fast, monkeypatch
     with fake_cuda():
         got = circuitsae.causal_tree(_cuda_model(), dicts, ("resid.2", 7), **kw)
         assert all(_on_cuda(d.W_dec) for d in dicts.values())
-    assert got.graph["engines"] == want.graph["engines"]
+    assert got.engines == want.engines
     assert sorted(got.edges) == sorted(want.edges)
     for u, v, e in want.edges(data=True):
         assert got.edges[u, v]["effect"] == pytest.approx(e["effect"], rel=1e-4, abs=1e-6)

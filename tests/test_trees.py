@@ -11,11 +11,11 @@ import torch
 import circuitsae
 from circuitsae import sites
 from circuitsae.circuits.features import ablate, site_hook
-from circuitsae.circuits.trees import causal_tree, record
+from circuitsae.circuits.trees import CausalTree, causal_tree, record
 from circuitsae.commands.cli import main
 from circuitsae.errors import CircuitSAEError
 from circuitsae.interventions.splice import check_dictionary
-from circuitsae.viz.render import MISSING_DOT, render, to_dot
+from circuitsae.viz.render import MISSING_DOT, TARGET_FILL, render, to_dot
 
 
 def _copy(d, **meta):
@@ -32,19 +32,18 @@ def tree(tiny_llama, wired):
 
 
 def test_the_wired_edge_comes_first_with_a_positive_effect(tree):
-    parents = sorted(tree.in_edges("resid.1:3", data=True), key=lambda e: -e[2]["effect"])
+    parents = sorted(tree.graph.in_edges("resid.1:3", data=True), key=lambda e: -e[2]["effect"])
     assert parents[0][0] == "resid.0:5" and parents[0][2]["effect"] > 0
     assert parents[0][2]["effect"] > 3 * parents[1][2]["effect"]
-    top = max(tree.in_edges("resid.2:7", data=True), key=lambda e: e[2]["effect"])
+    top = max(tree.graph.in_edges("resid.2:7", data=True), key=lambda e: e[2]["effect"])
     assert top[0] == "resid.1:3" and top[2]["relative"] > 0.5
     for u, v, e in tree.edges(data=True):  # parents are upstream, effects positive, relative = effect / mean
         assert sites.Site.parse(tree.nodes[u]["site"]).layer + 1 == sites.Site.parse(tree.nodes[v]["site"]).layer
         assert e["effect"] > 0
         assert e["relative"] == pytest.approx(e["effect"] / tree.nodes[v]["mean_activation"])
-    assert tree.in_degree("resid.1:3") <= 3
-    a = tree.graph
-    assert a["target"] == "resid.2:7" and a["contexts"] == 8 and a["seconds"] > 0
-    assert set(a["engines"].values()) == {"downstream+at_p"}
+    assert tree.graph.in_degree("resid.1:3") <= 3
+    assert tree.target == "resid.2:7" and tree.contexts == 8 and tree.seconds > 0
+    assert set(tree.engines.values()) == {"downstream+at_p"}
     for _, n in tree.nodes(data=True):
         assert {"site", "layer", "feature", "label", "max_activation", "mean_activation"} <= set(n)
 
@@ -58,7 +57,7 @@ def test_effects_equal_full_model_ablations(tiny_llama, wired):
     best = acts.view(-1, 15).max(-1)
     ok = (best.values >= acts.max() / 2).nonzero().flatten()
     chosen = ok[torch.randperm(len(ok), generator=torch.Generator().manual_seed(0))[:5]].sort().values
-    for u, _, e in g.in_edges("resid.1:3", data=True):
+    for u, _, e in g.graph.in_edges("resid.1:3", data=True):
         i, total = g.nodes[u]["feature"], 0.0
         for c in chosen.tolist():
             p = 1 + int(best.indices[c])
@@ -74,7 +73,7 @@ def test_hook_engine_gives_the_same_tree(tiny_llama, wired, tree, monkeypatch):
     store, dicts = wired
     monkeypatch.setattr("circuitsae.circuits.trees.Blocks.supports", staticmethod(lambda m, s: False))
     g = causal_tree(tiny_llama, dicts, ("resid.2", 7), depth=2, branching=3, contexts=8, progress=False)
-    assert set(g.graph["engines"].values()) == {"hook"}
+    assert set(g.engines.values()) == {"hook"}
     assert set(g.edges) == set(tree.edges)
     for u, v, e in g.edges(data=True):
         assert e["effect"] == pytest.approx(tree.edges[u, v]["effect"], rel=1e-4, abs=1e-7)
@@ -106,7 +105,7 @@ def test_fewer_contexts_in_range_are_used_and_reported(tiny_llama, wired):
     store, dicts = wired
     with pytest.warns(UserWarning, match=r"only \d+ contexts have resid.1:3 in \[M/2, M\]"):
         g = causal_tree(tiny_llama, dicts, ("resid.1", 3), depth=1, contexts=1000, progress=False)
-    assert g.graph["contexts"] == g.graph["contexts_in_range"] < 1000 and g.graph["contexts_requested"] == 1000
+    assert g.contexts == g.contexts_in_range < 1000 and g.contexts_requested == 1000
 
 
 def test_bad_input_is_one_line(tiny_llama, wired):
@@ -132,30 +131,30 @@ def test_bad_input_is_one_line(tiny_llama, wired):
 def test_paper_mode_studies_each_parent_on_its_own_contexts(tiny_llama, wired, tree):
     """A parent's subtree is the tree it would have as a root: its own M, its own contexts, q at its own p."""
     store, dicts = wired
-    assert tree.graph["mode"] == "paper"
+    assert tree.mode == "paper"
     for _, a in tree.nodes(data=True):
         with torch.no_grad():
             d = dicts[a["site"]]
             acts = d.encode(store.activations(a["site"], "train").to(d.W_dec.device))[:, a["feature"]].cpu()
         assert a["context_max"] == pytest.approx(float(acts.max()), rel=1e-5) and 1 <= a["contexts"] <= 8
-    for parent in [u for u, _ in tree.in_edges("resid.2:7")]:
+    for parent in [u for u, _ in tree.graph.in_edges("resid.2:7")]:
         site, feature = parent.split(":")
         alone = causal_tree(tiny_llama, dicts, (site, int(feature)), depth=1, branching=3, contexts=8, progress=False)
         assert alone.nodes[parent]["mean_activation"] == pytest.approx(tree.nodes[parent]["mean_activation"], rel=1e-6)
-        assert set(alone.in_edges(parent)) == set(tree.in_edges(parent))
-        for u, v in alone.in_edges(parent):
+        assert set(alone.graph.in_edges(parent)) == set(tree.graph.in_edges(parent))
+        for u, v in alone.graph.in_edges(parent):
             assert tree.edges[u, v]["effect"] == pytest.approx(alone.edges[u, v]["effect"], rel=1e-6)
 
 
 def test_shared_mode_reuses_the_root_contexts_and_is_named(tiny_llama, wired, tree):
     store, dicts = wired
     g = causal_tree(tiny_llama, dicts, ("resid.2", 7), depth=2, branching=3, contexts=8, mode="shared", progress=False)
-    assert g.graph["mode"] == "shared" and "contexts" not in g.nodes["resid.1:3"]
+    assert g.mode == "shared" and "contexts" not in g.nodes["resid.1:3"]
     # the first level is the same quantity in both modes
-    assert set(g.in_edges("resid.2:7")) == set(tree.in_edges("resid.2:7"))
-    for u, v in g.in_edges("resid.2:7"):
+    assert set(g.graph.in_edges("resid.2:7")) == set(tree.graph.in_edges("resid.2:7"))
+    for u, v in g.graph.in_edges("resid.2:7"):
         assert g.edges[u, v]["effect"] == pytest.approx(tree.edges[u, v]["effect"], rel=1e-6)
-    top = max(g.in_edges("resid.1:3", data=True), key=lambda e: e[2]["effect"])
+    top = max(g.graph.in_edges("resid.1:3", data=True), key=lambda e: e[2]["effect"])
     assert top[0] == "resid.0:5"
     with pytest.raises(CircuitSAEError, match="mode must be 'paper'"):
         causal_tree(tiny_llama, dicts, ("resid.2", 7), mode="recursive", progress=False)
@@ -244,6 +243,51 @@ def test_render_writes_svg_png_dot_and_json(tree, tmp_path):
     assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     back = nx.node_link_graph(json.load(open(paths["json"])), edges="edges")
     assert set(back.edges) == set(tree.edges) and back.graph["target"] == "resid.2:7"
+
+
+def test_the_tree_round_trips_through_json(tree):
+    data = json.loads(json.dumps(tree.to_json()))
+    back = CausalTree.from_json(data)
+    assert back.to_json() == tree.to_json()
+    assert back.target == "resid.2:7" and back.mode == "paper" and back.engines == tree.engines
+    assert sorted(back.edges(data=True)) == sorted(tree.edges(data=True))
+    assert dict(back.nodes(data=True)) == dict(tree.nodes(data=True))
+    # node-link data as networkx writes it, with the run's settings as the graph's attributes
+    plain = nx.node_link_graph(data, edges="edges")
+    assert plain.graph["sites"] == tree.sites and set(plain.edges) == set(tree.edges)
+    older = {**{k: v for k, v in data.items() if k != "edges"}, "links": data["edges"]}  # networkx < 3.4's key
+    assert CausalTree.from_json(older).to_json() == data
+
+
+def test_render_writes_the_json_the_bare_graph_gave(tree, tmp_path):
+    """stem.json is what rendering the tree as a networkx graph with its settings as attributes wrote."""
+    old = tree.graph.copy()
+    old.graph.update(tree.to_json()["graph"])
+    paths = render(tree, tmp_path / "t")
+    assert open(paths["json"]).read() == json.dumps(nx.node_link_data(old, edges="edges"), indent=1)
+    assert CausalTree.from_graph(old).to_json() == tree.to_json() and not tree.graph.graph
+    assert to_dot(old).source == to_dot(tree).source  # a graph with attributes draws as its tree
+
+
+def test_prune_keeps_the_target_and_the_strongest_nodes_connected_to_it(tree):
+    small = tree.prune(max_nodes=3)
+    assert small.target == tree.target and small.number_of_nodes() == 3 and tree.target in small
+    strongest = max(tree.edges(data=True), key=lambda e: e[2]["effect"])
+    assert (strongest[0], strongest[1]) in small.edges
+    for v in small.nodes:
+        assert v == tree.target or nx.has_path(small.graph, v, tree.target)
+    cut = tree.prune(min_effect=float("inf"))
+    assert list(cut.nodes) == [tree.target] and tree.number_of_edges() > 0  # the tree itself is unchanged
+    assert tree.prune().to_json() == tree.to_json()
+
+
+def test_the_report_finds_the_target_by_the_fill_render_gives_it(tree):
+    from circuitsae.viz import report
+
+    src = to_dot(tree).source
+    node = re.escape(tree.target.replace(":", "_"))
+    assert re.search(rf"^\s*\"?{node}\"? \[.*fillcolor=\"{re.escape(TARGET_FILL)}\"", src, re.M)
+    assert src.count(TARGET_FILL) == 1 and f'[fill="{TARGET_FILL}"]' in report._TREE_JS
 
 
 def test_render_caps_nodes(tree):

@@ -94,13 +94,16 @@ for kind, path in paths.items():
 # of the target's activation. Keep the `branching` largest positive drops as
 # parents, and recurse from each parent into the site before it. Edge width is
 # the causal effect. (Only the blocks between two sites rerun, and each
-# candidate only on the contexts where it fires.)
+# candidate only on the contexts where it fires.) The result is a `CausalTree`:
+# the graph (`tree.graph`, a networkx DiGraph; `tree.nodes` and `tree.edges`
+# read it) and the run's settings as fields (`tree.target`, `tree.contexts`,
+# `tree.seconds`, ...).
 
 # %%
-graph = circuitsae.causal_tree(lm, saes, (site, feature), depth=len(SITES) - 1, branching=3, contexts=20)
-print(f"{graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges in {graph.graph['seconds']:.1f} s")
-for parent, child, e in sorted(graph.edges(data=True), key=lambda t: -t[2]["effect"]):
-    label = graph.nodes[parent].get("label", "")
+tree = circuitsae.causal_tree(lm, saes, (site, feature), depth=len(SITES) - 1, branching=3, contexts=20)
+print(f"{tree.number_of_nodes()} nodes, {tree.number_of_edges()} edges in {tree.seconds:.1f} s")
+for parent, child, e in sorted(tree.edges(data=True), key=lambda t: -t[2]["effect"]):
+    label = tree.nodes[parent].get("label", "")
     print(f"  {parent:>14} -> {child:<14} effect {e['effect']:.3g}   (parent fires on {label})")
 
 # %% [markdown]
@@ -110,6 +113,6 @@ for parent, child, e in sorted(graph.edges(data=True), key=lambda t: -t[2]["effe
 # networkx node-link JSON. One rank per site, the target highlighted.
 
 # %%
-files = circuitsae.render_tree(graph, OUT / "tree" / "causal_tree")
+files = circuitsae.render_tree(tree, OUT / "tree" / "causal_tree")
 for kind, path in files.items():
     print(f"{kind}: {path}")

@@ -29,7 +29,9 @@ a target feature t at ``s_L``:
      changed the site, so the mass that carried its effect on the child.
 
 Edges point parent → child and carry ``effect`` (the mean decrease above) and
-``relative`` (effect / the child's mean clean q).
+``relative`` (effect / the child's mean clean q). The result is a :class:`CausalTree`: the graph, the
+run's settings as typed fields, :meth:`~CausalTree.prune` and node-link JSON; drawing is in
+:mod:`circuitsae.viz.render`.
 
 **One computation path.** The clean q of the child is computed in the same
 batch, by the same code, as the ablated ones (the clean context is row 0 of
@@ -52,7 +54,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import networkx as nx
@@ -336,6 +338,117 @@ def _contexts(model: Any, hf: Any, dicts: Mapping, store: ActivationStore, picke
     return _Contexts(ids, pos, xs, codes)
 
 
+@dataclass
+class CausalTree:
+    """The ablation tree of one feature (:func:`causal_tree`): a graph and what it was built from.
+
+    ``graph`` is a ``networkx.DiGraph`` whose node ids are ``"site:feature"``. Every node carries
+
+    * ``site`` (str), ``layer`` (int) and ``feature`` (int);
+    * ``label`` (str): the most frequent tokens among its top store activations ("" when its site is not in
+      the store);
+    * ``max_activation`` (float | None): its largest code over the first ``label_rows`` stored rows;
+    * ``mean_activation`` (float | None): its clean q over the contexts it was studied on;
+    * in paper mode also ``contexts`` (int) and ``context_max`` (float, the M its contexts were sampled below).
+
+    Edges point parent → child and carry ``effect`` (float: mean decrease of the child's q when the parent is
+    ablated, an exact ablation, not an estimate) and ``relative`` (float | None: effect / the child's mean
+    clean q). The other fields describe the run; each is None only for a tree read from a graph made
+    elsewhere (:meth:`from_graph`). :meth:`to_json` is networkx node-link data with these fields as its
+    ``graph`` attributes, so other tools read it as a plain graph.
+    """
+
+    graph: nx.DiGraph
+    target: "str | None" = None
+    """The root, ``"site:feature"``."""
+    model: "str | None" = None
+    """The model's name."""
+    mode: "str | None" = None
+    """``"paper"`` (each parent on its own contexts) or ``"shared"`` (the root's contexts throughout)."""
+    target_max_activation: "float | None" = None
+    """M of the target: its largest code over the store's split; contexts have it in [M/2, M]."""
+    contexts: "int | None" = None
+    """Contexts the target was studied on."""
+    contexts_requested: "int | None" = None
+    """Contexts asked for."""
+    contexts_in_range: "int | None" = None
+    """Contexts of the store with the target in [M/2, M]."""
+    depth: "int | None" = None
+    """Levels of parents asked for."""
+    branching: "int | None" = None
+    """Parents kept per node."""
+    sites: "list[str] | None" = None
+    """The sites of the tree, forward order, ending at the target's."""
+    engines: "dict[str, str] | None" = None
+    """How each segment ``"src->dst"`` was run: ``downstream+at_p``, ``downstream`` or ``hook``."""
+    seconds: "float | None" = None
+    """Wall time of :func:`causal_tree`."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Other graph attributes, kept as given (e.g. the machine a benchmark ran on); written after the others."""
+
+    # reading the graph, as on a networkx graph
+    @property
+    def nodes(self) -> Any:
+        """The graph's node view: ``tree.nodes[v]`` is node v's attributes."""
+        return self.graph.nodes
+
+    @property
+    def edges(self) -> Any:
+        """The graph's edge view: ``tree.edges(data=True)``, ``tree.edges[u, v]["effect"]``."""
+        return self.graph.edges
+
+    def number_of_nodes(self) -> int:
+        return self.graph.number_of_nodes()
+
+    def number_of_edges(self) -> int:
+        return self.graph.number_of_edges()
+
+    def __contains__(self, node: object) -> bool:
+        return node in self.graph
+
+    def _meta(self) -> dict[str, Any]:
+        """The fields other than ``graph`` that are set, in order, then ``extra``."""
+        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("graph", "extra")}
+        return {**{k: v for k, v in meta.items() if v is not None}, **self.extra}
+
+    def prune(self, max_nodes: int = 40, min_effect: float = 0.0) -> "CausalTree":
+        """The target plus at most ``max_nodes − 1`` nodes ranked by their strongest edge, still connected to it.
+
+        Edges with an effect below ``min_effect`` go first; the same metadata, a smaller graph.
+        """
+        g = self.graph.copy()
+        g.remove_edges_from([(u, v) for u, v, e in self.graph.edges(data=True) if e["effect"] < min_effect])
+        strength = {v: max((e["effect"] for *_, e in g.out_edges(v, data=True)), default=0.0) for v in g}
+        if self.target in strength:
+            strength[self.target] = float("inf")
+        keep = sorted(strength, key=strength.get, reverse=True)[:max_nodes]
+        g = g.subgraph(keep).copy()
+        if self.target in g:
+            g = g.subgraph(nx.ancestors(g, self.target) | {self.target}).copy()
+        return replace(self, graph=g, extra=dict(self.extra))
+
+    def to_json(self) -> dict[str, Any]:
+        """networkx node-link data (``edges`` key) with the fields as graph attributes; :meth:`from_json` reads it."""
+        data = nx.node_link_data(self.graph, edges="edges")
+        data["graph"] = self._meta()
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "CausalTree":
+        """The tree from :meth:`to_json`'s data (or node-link data written by older networkx, with ``links``)."""
+        graph = nx.node_link_graph(dict(data), directed=True, edges="edges" if "edges" in data else "links")
+        return cls.from_graph(graph)
+
+    @classmethod
+    def from_graph(cls, graph: nx.DiGraph) -> "CausalTree":
+        """A tree of a graph with the fields as graph attributes (as :func:`causal_tree` once returned)."""
+        g = graph.copy()
+        attrs, g.graph = dict(g.graph), {}
+        names = {f.name for f in fields(cls)} - {"graph", "extra"}
+        known = {k: attrs.pop(k) for k in list(attrs) if k in names}
+        return cls(graph=g, **known, extra=attrs)
+
+
 @torch.no_grad()
 def causal_tree(
     model: Any,
@@ -352,18 +465,15 @@ def causal_tree(
     token_budget: int = 8192,
     label_rows: int = 200_000,
     progress: bool = True,
-) -> nx.DiGraph:
+) -> CausalTree:
     """The ablation tree of ``target = (site, feature)``; see the module docstring for the definition.
 
     ``dictionaries`` maps sites (forward order) to dictionaries; ``store``
     defaults to the target dictionary's training store. ``mode`` is ``"paper"``
     (each parent studied on its own contexts) or ``"shared"`` (the root's
-    contexts throughout). Node ids are ``"site:feature"``; nodes carry ``site,
-    layer, feature, label`` (the most frequent tokens among its top store
-    activations), ``max_activation`` (over the first ``label_rows`` stored
-    rows) and ``mean_activation`` (its clean q over the contexts it was studied
-    on); in paper mode also ``contexts`` and ``context_max`` (the M its contexts
-    were sampled below).
+    contexts throughout). Returns a :class:`CausalTree` (its docstring lists the
+    node and edge attributes); ``label_rows`` stored rows are read for each node's
+    ``label`` and ``max_activation``.
     """
     t0 = time.perf_counter()
     chain = _check(model, dictionaries, target)
@@ -436,7 +546,8 @@ def causal_tree(
     if mode == "paper":  # the last level's parents were never studied as targets: their q at their own p
         _fill_means(graph, dicts, store, split, contexts, seed, progress)
     _label(graph, dicts, store, split, label_rows, model.tokenizer, progress)
-    graph.graph.update(
+    return CausalTree(
+        graph,
         target=f"{site}:{feature}",
         model=model_name(model),
         mode=mode,
@@ -450,7 +561,6 @@ def causal_tree(
         engines=engines,
         seconds=time.perf_counter() - t0,
     )
-    return graph
 
 
 def _own_contexts(

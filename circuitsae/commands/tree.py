@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import networkx as nx
-
-from circuitsae.circuits.trees import causal_tree
+from circuitsae.circuits.trees import CausalTree, causal_tree
 from circuitsae.config import model_dtype_option, option
 from circuitsae.dictionaries.folders import select_dictionaries
 from circuitsae.errors import CircuitSAEError
@@ -63,8 +61,8 @@ class TreeConfig:
             raise CircuitSAEError(f"--mode must be paper or shared, not {self.mode!r}")
 
 
-def run_tree(cfg: TreeConfig, model: Any = None, progress: bool = True) -> tuple[nx.DiGraph, dict[str, str]]:
-    """Load what ``cfg`` names, build the tree and render it; return the graph and the written paths."""
+def run_tree(cfg: TreeConfig, model: Any = None, progress: bool = True) -> tuple[CausalTree, dict[str, str]]:
+    """Load what ``cfg`` names, build the tree and render it; return the tree and the written paths."""
     target = parse_target(cfg.target)
     dicts = select_dictionaries(cfg.dictionaries, cfg.arch, cfg.coefficient)
     if target[0] not in dicts:
@@ -72,7 +70,7 @@ def run_tree(cfg: TreeConfig, model: Any = None, progress: bool = True) -> tuple
     models = {d.meta.get("model") for d in dicts.values()} - {None}
     name = cfg.model or (min(models) if models else "smollm2-135m")
     model = model or load_model(name, device=cfg.device, dtype=cfg.model_dtype)
-    graph = causal_tree(
+    tree = causal_tree(
         model,
         dicts,
         target,
@@ -84,26 +82,25 @@ def run_tree(cfg: TreeConfig, model: Any = None, progress: bool = True) -> tuple
         mode=cfg.mode,
         progress=progress,
     )
-    return graph, render(graph, cfg.out, max_nodes=cfg.max_nodes)
+    return tree, render(tree, cfg.out, max_nodes=cfg.max_nodes)
 
 
 Config = TreeConfig
 
 
-def run(cfg: TreeConfig, *, model: Any = None, progress: bool = True) -> tuple[nx.DiGraph, dict[str, str]]:
+def run(cfg: TreeConfig, *, model: Any = None, progress: bool = True) -> tuple[CausalTree, dict[str, str]]:
     """The command's work: :func:`run_tree`."""
     return run_tree(cfg, model, progress)
 
 
-def show(result: tuple[nx.DiGraph, dict[str, str]]) -> str:
+def show(result: tuple[CausalTree, dict[str, str]]) -> str:
     """What ``circuitsae tree`` prints."""
-    graph, paths = result
-    a = graph.graph
+    tree, paths = result
     lines = [
-        f"causal tree of {a['target']}: {graph.number_of_nodes()} features, {graph.number_of_edges()} edges, "
-        f"{a['contexts']} contexts, {a['seconds']:.1f} s"
+        f"causal tree of {tree.target}: {tree.number_of_nodes()} features, {tree.number_of_edges()} edges, "
+        f"{tree.contexts} contexts, {tree.seconds:.1f} s"
     ]
-    for u, v, e in sorted(graph.edges(data=True), key=lambda t: -t[2]["effect"])[:10]:
-        lines.append(f"  {u:>14s} -> {v:<14s} effect {e['effect']:.3g}  {graph.nodes[u].get('label', '')}")
+    for u, v, e in sorted(tree.edges(data=True), key=lambda t: -t[2]["effect"])[:10]:
+        lines.append(f"  {u:>14s} -> {v:<14s} effect {e['effect']:.3g}  {tree.nodes[u].get('label', '')}")
     lines.append("wrote " + ", ".join(paths.values()))
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 from circuitsae.io import atomic_write
+from circuitsae.viz.render import TARGET_FILL
 
 SECTIONS = ("Run", "Sparse autoencoders", "IOI feature patching", "Feature", "Causal tree")
 
@@ -41,7 +42,7 @@ _TREE_JS = """
   if (!svg) return;
   var natural = svg.width.baseVal.value;
   if (natural > box.clientWidth) box.classList.add('wide');
-  var target = svg.querySelector('g.node [fill="#ffe9a8"]');  // render.py's fill for the tree's target
+  var target = svg.querySelector('g.node [fill="TARGET_FILL"]');  // render.py's fill for the tree's target
   function centre() {  // start with the target (the tree's root, at the bottom) in view
     if (!target) return;
     var t = target.getBoundingClientRect(), b = box.getBoundingClientRect();
@@ -68,7 +69,7 @@ _TREE_JS = """
     box.scrollTop = drag.top - (e.clientY - drag.y);
   });
 })();
-"""
+""".replace("TARGET_FILL", TARGET_FILL)
 
 
 def _img(path: "str | Path | None", alt: str) -> str:
