@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from circuitsae.commands.cli import main
+from circuitsae.training.evaluate import Evaluation, format_table
 
 
 def _err(capsys, argv):
@@ -153,6 +154,9 @@ def test_harvest_train_eval_cli(capsys, tmp_path, text_corpus, tiny_llama):
     report = json.loads((tmp_path / "saes" / "eval.json").read_text())
     for r in report["results"].values():
         assert r["ce_zero"] > 0 and r["ce_clean"] > 0 and r["contexts"] == 4 and 0 <= r["dead_fraction"] <= 1
+    ev = Evaluation.read(tmp_path / "saes" / "eval.json")  # the file is the typed result's JSON, key for key
+    assert json.dumps(ev.to_json(), indent=1) == (tmp_path / "saes" / "eval.json").read_text()
+    assert format_table(ev) == format_table(report["results"]) and format_table(ev) in out
     # IOI curves from the same SAEs, with the PCA baseline fitted on their store
     curves = tmp_path / "ioi"
     argv = ["ioi", saes, "--prompts", "4", "--thresholds", "5", "--no-attribution", "--out", str(curves)]

@@ -88,12 +88,12 @@ def test_harvest_evaluate_and_fidelity(half, tiny_llama, sae_path, tmp_path):
     xa, xb = a.activations(SITE, "train"), b.activations(SITE, "train")
     assert (xb - xa).norm() / xa.norm() < _eps(dtype)
     ev = dict(dictionaries=(str(sae_path),), contexts=4, progress=False)
-    want = circuitsae.evaluate(model=tiny_llama, out=str(tmp_path / "a.json"), **ev)["results"]
-    got = circuitsae.evaluate(model=half, out=str(tmp_path / "b.json"), **ev)["results"]
+    want = circuitsae.evaluate(model=tiny_llama, out=str(tmp_path / "a.json"), **ev).results
+    got = circuitsae.evaluate(model=half, out=str(tmp_path / "b.json"), **ev).results
     (name,) = want
     for k in ("ce_clean", "ce_spliced", "ce_zero"):
-        assert got[name][k] == pytest.approx(want[name][k], rel=_eps(dtype) / 8), k
-    assert got[name]["kl"] == pytest.approx(want[name]["kl"], abs=2e-3)
+        assert getattr(got[name], k) == pytest.approx(getattr(want[name], k), rel=_eps(dtype) / 8), k
+    assert got[name].kl == pytest.approx(want[name].kl, abs=2e-3)
 
 
 def test_cross_entropy_and_kl_accumulate_in_float32():

@@ -95,14 +95,15 @@ def _train(cfg: DemoConfig, store: Any, out: Path, progress: bool) -> None:
     train(out=str(out / "saes-gated"), arch=("gated",), coefficients=(2.0,), expansion=3.0, **common)
 
 
-def _evaluate(out: Path, model: Any, device: "str | None", progress: bool) -> dict:
-    """Evaluate every dictionary, or read eval.json back when it is newer than all of them."""
-    from circuitsae.training.evaluate import evaluate
+def _evaluate(out: Path, model: Any, device: "str | None", progress: bool) -> Any:
+    """Evaluate every dictionary (an :class:`~circuitsae.training.evaluate.Evaluation`), or read eval.json back
+    when it is newer than all of them."""
+    from circuitsae.training.evaluate import Evaluation, evaluate
 
     folders = [p.parent for p in sorted(out.glob("saes*/*/cfg.json"))]
     done, stamp = out / "eval.json", out / "eval.sha1"
     if done.exists() and stamp.exists() and stamp.read_text() == digest(folders):
-        return json.loads(done.read_text())
+        return Evaluation.read(done)
     report = evaluate(
         dictionaries=tuple(map(str, folders)), out=str(done), model=model, device=device, progress=progress
     )
@@ -199,7 +200,7 @@ def run_demo(config: "DemoConfig | None" = None, *, progress: bool = True, **ove
     _timed(seconds, "train", _train, cfg, store, out, progress)
     ev = _timed(seconds, "evaluate", _evaluate, out, model, cfg.device, progress)
     if progress:
-        print(format_table(ev["results"]))
+        print(format_table(ev))
     ioi = _timed(seconds, "ioi", _ioi, cfg, model, out, progress)
     feature, tree = _timed(seconds, "feature+tree", _feature_and_tree, cfg, model, out, progress)
     seconds["total"] = time.perf_counter() - t_all
@@ -215,8 +216,8 @@ def run_demo(config: "DemoConfig | None" = None, *, progress: bool = True, **ove
         "heldout_tokens": store.n_rows("heldout"),
         "seconds": seconds,
         "saes": {
-            k: {m: v.get(m) for m in ("l0", "fvu", "gamma", "loss_recovered", "delta_ce", "dead_fraction")}
-            for k, v in ev["results"].items()
+            k: {m: getattr(v, m) for m in ("l0", "fvu", "gamma", "loss_recovered", "delta_ce", "dead_fraction")}
+            for k, v in ev.results.items()
         },  # fmt: skip
         "ioi": ioi,
         "feature": feature,

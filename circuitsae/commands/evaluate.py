@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from circuitsae.training.evaluate import EvalConfig, evaluate, format_table
+from circuitsae.training.evaluate import EvalConfig, Evaluation, evaluate, format_table
 
 NAME = "eval"
 HELP = "L0, FVU, gamma, loss recovered of saved dictionaries"
@@ -19,11 +19,11 @@ EXAMPLES = (
 Config = EvalConfig
 
 
-def run(cfg: EvalConfig, *, model: Any = None, progress: bool = True) -> dict:
+def run(cfg: EvalConfig, *, model: Any = None, progress: bool = True) -> Evaluation:
     """The command's work: :func:`circuitsae.training.evaluate.evaluate`."""
     return evaluate(cfg, model=model, progress=progress)
 
 
-def show(report: dict) -> str:
+def show(report: Evaluation) -> str:
     """What ``circuitsae eval`` prints."""
-    return format_table(report["results"]) + f"\nwrote {report['path']}"
+    return format_table(report) + f"\nwrote {report.path}"

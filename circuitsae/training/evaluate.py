@@ -15,7 +15,9 @@ BOS token when the store skipped it), on the same tokens for all three runs.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,118 @@ class EvalConfig:
         if self.contexts < 1 or self.rows < 1 or self.batch_size < 1:
             raise CircuitSAEError("contexts, rows and batch_size must be >= 1")
         self.dictionaries = tuple(self.dictionaries)
+
+
+@dataclass
+class DictionaryMetrics:
+    """One dictionary's evaluation: a row of ``eval.json``'s ``results`` (same keys, same order).
+
+    Reconstruction metrics are over held-out activations of its store; CE, KL and loss recovered over
+    ``contexts`` held-out contexts with the dictionary spliced in (``tokens`` predicted tokens).
+    """
+
+    path: str
+    """The dictionary's folder."""
+    store: str
+    """The activation store it was evaluated on."""
+    architecture: str
+    """Its architecture (relu, gated, pca, ...)."""
+    site: str
+    """The site it reads and writes."""
+    d_dict: int
+    """Number of features."""
+    coefficient: "float | None"
+    """The sparsity coefficient it was trained with (None for dictionaries not trained here)."""
+    tokens: int
+    """Tokens whose next-token CE and KL were measured (as ``fidelity`` counts them)."""
+    l0: float
+    """Mean number of active features per activation."""
+    fvu: float
+    """Fraction of variance unexplained, ‖x − x̂‖² summed / the variance of x summed."""
+    explained_variance: float
+    """1 − FVU."""
+    mse: float
+    """Mean over activations of ‖x − x̂‖²."""
+    gamma: float
+    """Shrinkage γ: ‖x̂‖² / ⟨x̂, x⟩ summed (γ < 1 means x̂ is too short)."""
+    dead_fraction: float
+    """Fraction of features that never fired on the held-out activations."""
+    dense_fraction: float
+    """Fraction of features active on more than ``metrics.DENSE_THRESHOLD`` of the held-out activations."""
+    density_histogram: dict[str, Any]
+    """Histogram of log10 feature density (``log10_edges``, ``counts``, ``dead``)."""
+    ce_clean: float
+    """Next-token cross-entropy of the clean model."""
+    ce_spliced: float
+    """The same with the dictionary spliced in."""
+    ce_zero: float
+    """The same with the site zero-ablated."""
+    delta_ce: float
+    """ce_spliced − ce_clean."""
+    loss_recovered: float
+    """(ce_zero − ce_spliced) / (ce_zero − ce_clean)."""
+    kl: float
+    """Mean per token of KL(clean ‖ spliced)."""
+    contexts: int
+    """Held-out contexts of the CE and KL."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "DictionaryMetrics":
+        missing = [f.name for f in fields(cls) if f.name not in data]
+        if missing:
+            raise CircuitSAEError(f"an evaluation row lacks {', '.join(missing)}")
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` measured: one :class:`DictionaryMetrics` per dictionary, by folder name.
+
+    :meth:`to_json` is the content of ``eval.json``; ``path`` (where it was written) is not part of it.
+    """
+
+    model: str
+    """The model the dictionaries were spliced into."""
+    model_dtype: str
+    """Its dtype."""
+    results: dict[str, DictionaryMetrics]
+    """Per dictionary, keyed by its folder's name, in the order evaluated."""
+    path: "str | None" = None
+    """The ``eval.json`` written or read (None for an evaluation not on disk)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "model_dtype": self.model_dtype,
+            "results": {name: r.to_json() for name, r in self.results.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], path: "str | None" = None) -> "Evaluation":
+        results = {name: DictionaryMetrics.from_json(r) for name, r in data["results"].items()}
+        return cls(model=data["model"], model_dtype=data["model_dtype"], results=results, path=path)
+
+    @classmethod
+    def read(cls, path: "str | Path") -> "Evaluation":
+        """The evaluation in an ``eval.json``."""
+        return cls.from_json(json.loads(Path(path).read_text()), path=str(path))
+
+    def write(self, path: "str | Path") -> None:
+        """Write :meth:`to_json` to ``path`` (atomically) and remember it as :attr:`path`."""
+        atomic_write(Path(path), json.dumps(self.to_json(), indent=1).encode())
+        self.path = str(path)
+
+    def __getitem__(self, key: str) -> Any:
+        """The report as :func:`evaluate` returned it before (a dict): ``ev["results"][name]["l0"]``. Deprecated."""
+        warnings.warn(
+            f"Evaluation[{key!r}] is deprecated: read the fields (ev.results[name].l0, ev.path)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return {**self.to_json(), "path": self.path}[key]
 
 
 @torch.no_grad()
@@ -127,8 +241,10 @@ def fidelity(
     return results
 
 
-def evaluate(config: "EvalConfig | None" = None, *, model: Any = None, progress: bool = True, **overrides: Any) -> dict:
-    """Evaluate saved dictionaries; returns ``{name: metrics}`` and writes it as JSON."""
+def evaluate(
+    config: "EvalConfig | None" = None, *, model: Any = None, progress: bool = True, **overrides: Any
+) -> Evaluation:
+    """Evaluate saved dictionaries; returns an :class:`Evaluation` and writes it as JSON (``eval.json``)."""
     from circuitsae.models import dtype_name, load_model, model_name
 
     cfg = EvalConfig(**{**(vars(config) if config else {}), **overrides})
@@ -171,14 +287,19 @@ def evaluate(config: "EvalConfig | None" = None, *, model: Any = None, progress:
         for (name, _), fid in zip(members, fidelity(model, [p for _, p in members], ids, cfg.batch_size, progress)):
             results[name].update(fid)
     out = Path(cfg.out) if cfg.out else folders[0].parent / "eval.json"
-    report = {"model": model_name(model), "model_dtype": dtype_name(model), "results": results}
-    atomic_write(out, json.dumps(report, indent=1).encode())
-    report["path"] = str(out)
+    rows = {name: DictionaryMetrics.from_json(r) for name, r in results.items()}
+    report = Evaluation(model=model_name(model), model_dtype=dtype_name(model), results=rows)
+    report.write(out)
     return report
 
 
-def format_table(results: dict) -> str:
-    """A plain-text table of the headline metrics, one row per dictionary."""
+def format_table(results: "Evaluation | Mapping[str, DictionaryMetrics | Mapping[str, Any]]") -> str:
+    """A plain-text table of the headline metrics, one row per dictionary.
+
+    ``results``: an :class:`Evaluation`, or its rows by name (as :class:`DictionaryMetrics` or as the dicts of
+    ``eval.json``'s ``results``).
+    """
+    rows_in = results.results if isinstance(results, Evaluation) else results
     cols = [
         ("name", "{}"),
         ("l0", "{:.1f}"),
@@ -191,7 +312,8 @@ def format_table(results: dict) -> str:
         ("dense_fraction", "{:.3f}"),
     ]
     rows = [[c for c, _ in cols]]
-    for name, r in results.items():
+    for name, r in rows_in.items():
+        r = r.to_json() if isinstance(r, DictionaryMetrics) else r
         rows.append([name] + [fmt.format(r[c]) if r.get(c) is not None else "-" for c, fmt in cols[1:]])
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     return "\n".join(
