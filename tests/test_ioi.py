@@ -13,7 +13,16 @@ from circuitsae.circuits.curves import halving
 from circuitsae.commands.ioi import IOIRun
 from circuitsae.errors import CircuitSAEError
 from circuitsae.models import start_token_id
-from circuitsae.tasks import TEMPLATES, final_logits, ioi_performance, logit_diff, make_ioi, single_token_names
+from circuitsae.tasks import (
+    TEMPLATES,
+    IOIDataset,
+    PromptPairs,
+    final_logits,
+    ioi_performance,
+    logit_diff,
+    make_ioi,
+    single_token_names,
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +101,17 @@ def test_subset(ds):
     assert len(sub) == 2 and sub.texts == [ds.texts[3], ds.texts[0]] and sub.orders == [ds.orders[3], ds.orders[0]]
     assert sub.base.shape[1] == int(sub.lengths.max())
     assert torch.equal(sub.base[0, : sub.lengths[0]], ds.base[3, : ds.lengths[3]])
+
+
+def test_an_ioi_dataset_is_prompt_pairs_that_know_their_answers(ds):
+    assert isinstance(ds, PromptPairs) and isinstance(ds.subset([1]), IOIDataset)
+    io, s = ds.answer_tokens
+    assert torch.equal(io, ds.io_token) and torch.equal(s, ds.s_token)
+    pairs = PromptPairs(ds.base, ds.target, ds.lengths)
+    assert pairs.answer_tokens is None and len(pairs) == len(ds) and torch.equal(pairs.end_position, ds.end_position)
+    sub = pairs.subset([3, 0])
+    assert type(sub) is PromptPairs and torch.equal(sub.base, ds.subset([3, 0]).base)
+    assert torch.equal(sub.target, ds.subset([3, 0]).target) and torch.equal(sub.lengths, ds.lengths[[3, 0]])
 
 
 def test_logit_diff_and_final_logits(ds):

@@ -11,6 +11,7 @@ from circuitsae.errors import CircuitSAEError
 from circuitsae.interventions.patching import feature_deltas, patch_features
 from circuitsae.interventions.replay import DownstreamEvaluator, HookEvaluator
 from circuitsae.metrics import kl_divergence
+from circuitsae.tasks import PromptPairs
 
 SITE = "resid.1"
 _ORIG_UPDATE = __import__("circuitsae.interventions.replay", fromlist=["KeyValueWindow"]).KeyValueWindow.update
@@ -162,6 +163,20 @@ def test_acdc_on_a_model_without_the_fast_path_uses_hooks_and_agrees(gpt64, prom
     ref = acdc_reference(gpt64, d, "resid.1", base, target, lengths=lengths, thresholds=TAUS)
     assert fast.engine == "hook"
     assert fast.removed_at == ref.removed_at
+
+
+def test_acdc_reads_prompt_pairs_as_it_reads_their_tensors(llama64, prompts):
+    base, target, lengths = prompts
+    d = _dicts(llama64, prompts)["relu"]
+    want = acdc(llama64, d, SITE, base, target, lengths=lengths, thresholds=TAUS, progress=False)
+    got = acdc(llama64, d, SITE, PromptPairs(base, target, lengths), thresholds=TAUS, progress=False)
+    assert got.order == want.order and got.records == want.records and "logit_diff" not in got.records[0]
+    answers = (base[:, 1], base[:, 2])  # any two tokens per prompt: their logit difference is recorded
+    with_answers = acdc(llama64, d, SITE, PromptPairs(base, target, lengths), thresholds=TAUS, progress=False,
+                        answer_tokens=answers)  # fmt: skip
+    assert all("logit_diff" in r for r in with_answers.records)
+    with pytest.raises(CircuitSAEError, match="not both"):
+        acdc(llama64, d, SITE, PromptPairs(base, target, lengths), target, progress=False)
 
 
 def test_acdc_curves_are_monotone_as_acdc_guarantees(llama64, prompts):

@@ -67,6 +67,7 @@ from circuitsae.interventions.replay import Evaluator, make_evaluator
 from circuitsae.interventions.splice import check_dictionary
 from circuitsae.io import atomic_write
 from circuitsae.metrics import kl_divergence
+from circuitsae.tasks.pairs import PromptPairs
 
 
 def default_thresholds() -> np.ndarray:
@@ -102,10 +103,12 @@ class ACDCResult:
 
 
 def _unpack(base: Any, target: Any, lengths: Any, answer_tokens: Any) -> tuple:
-    """Accept an IOI dataset (anything with base/target/lengths/io_token/s_token) in place of tensors."""
-    if target is None and hasattr(base, "target"):
-        ds = base
-        return ds.base, ds.target, ds.lengths, (ds.io_token, ds.s_token) if answer_tokens is None else answer_tokens
+    """Prompt pairs (an IOI dataset, say) in place of base and target tensors: their prompts, lengths and
+    answer tokens (``answer_tokens``, when given, wins)."""
+    if isinstance(base, PromptPairs):
+        if target is not None:
+            raise CircuitSAEError("give prompt pairs (an IOI dataset) as base, or base and target prompts, not both")
+        return base.base, base.target, base.lengths, base.answer_tokens if answer_tokens is None else answer_tokens
     if target is None:
         raise CircuitSAEError("give target prompts, or an IOI dataset as base")
     return base, target, lengths, answer_tokens
@@ -291,8 +294,8 @@ def acdc(
 ) -> ACDCResult:
     """Order the dictionary's features for patching target into base (see the module docstring).
 
-    ``base`` may be an IOI dataset (then ``target``, ``lengths`` and the IO/S
-    answer tokens come from it). Each base prompt and its target must have the
+    ``base`` may be :class:`~circuitsae.tasks.pairs.PromptPairs`, e.g. an IOI dataset (then ``target``,
+    ``lengths`` and the answer tokens, IO/S for IOI, come from it). Each base prompt and its target must have the
     same real length (``target_lengths``, if not ``lengths``; see
     :func:`~circuitsae.interventions.patching.check_pair`). ``order`` is ``"acdc"`` (exact) or
     ``"attribution"`` (linear estimate, one backward pass). ``engine`` picks the

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from circuitsae.errors import CircuitSAEError
 from circuitsae.models import input_device, start_token_id
+from circuitsae.tasks.pairs import PromptPairs
 
 # fmt: off
 #: Common English first names; ``single_token_names`` keeps those that are one token with a leading space.
@@ -97,19 +98,15 @@ def single_token_names(tokenizer: Any, names: Sequence[str] = NAMES) -> list[str
 
 
 @dataclass(frozen=True, eq=False)
-class IOIDataset:
-    """Base IOI prompts with their counterfactual targets, tokenised and right-padded.
+class IOIDataset(PromptPairs):
+    """Base IOI prompts with their counterfactual targets, tokenised and right-padded: :class:`PromptPairs`
+    with what IOI knows about each prompt.
 
     Position 0 of every row is the start token; ``lengths`` counts it. The target prompt is the base with
-    the IO name replaced by ``target_token``'s name, at ``io_position``; everything else is identical.
+    the IO name replaced by ``target_token``'s name, at ``io_position``; everything else is identical. The
+    answers are IO (right) and S (wrong): :attr:`answer_tokens` is ``(io_token, s_token)``.
     """
 
-    base: torch.Tensor
-    """Base prompts' token ids, LongTensor [N, T]."""
-    target: torch.Tensor
-    """Target prompts' token ids (IO replaced by T), LongTensor [N, T]."""
-    lengths: torch.Tensor
-    """Real (unpadded) length of each prompt, start token included, LongTensor [N]."""
     io_token: torch.Tensor
     """Id of " IO" (the correct answer on the base prompt), LongTensor [N]."""
     s_token: torch.Tensor
@@ -134,28 +131,9 @@ class IOIDataset:
     """The seed the dataset was generated from."""
 
     @property
-    def end_position(self) -> torch.Tensor:
-        """The last real position of each prompt, whose next-token prediction should be IO, LongTensor [N]."""
-        return self.lengths - 1
-
-    def __len__(self) -> int:
-        return int(self.base.shape[0])
-
-    def subset(self, indices: Sequence[int] | torch.Tensor) -> IOIDataset:
-        """A new dataset holding the prompts at ``indices`` (in that order), padding trimmed to fit."""
-        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        width = int(self.lengths[idx].max()) if len(idx) else 0
-        values: dict[str, Any] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                v = v[idx]
-                values[f.name] = v[:, :width] if v.dim() == 2 else v
-            elif isinstance(v, list):
-                values[f.name] = [v[i] for i in idx.tolist()]
-            else:
-                values[f.name] = v
-        return IOIDataset(**values)
+    def answer_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(io_token, s_token)``: the logit difference IO − S is IOI's measure."""
+        return self.io_token, self.s_token
 
 
 def make_ioi(
