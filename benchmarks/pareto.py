@@ -116,10 +116,10 @@ def main() -> None:
     times["eval_s"] = time.perf_counter() - t
 
     runs = []
-    for name, r in report["results"].items():
+    for name, r in report.results.items():
         runs.append(
             {
-                k: r[k]
+                k: getattr(r, k)
                 for k in (
                     "architecture",
                     "coefficient",

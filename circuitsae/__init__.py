@@ -12,15 +12,15 @@ The public API::
     PCADictionary,              save(path) / load_dictionary(path)
     IdentityDictionary
     train(...)                  train many SAEs in one pass over a store (resumable)
-    evaluate(...)               L0, FVU, γ, dead/dense, loss recovered
+    evaluate(...)               L0, FVU, γ, dead/dense, loss recovered: an Evaluation of DictionaryMetrics
     run_spliced(model, ids, {site: dictionary})   logits with reconstructions spliced in
-    make_ioi / ioi_performance  IOI prompts with counterfactual targets; the model's logit diff
+    make_ioi / ioi_performance  IOI prompts (PromptPairs) with counterfactual targets; the model's logit diff
     patch_features(...)         patch chosen features of the target run into the base run: KL, edit size
     acdc(...)                   order features by ACDC (or attribution): KL vs features / edit curves
-    run_ioi(...)                the whole IOI experiment for many dictionaries + PCA, JSON and PNG
+    run_ioi(...)                the whole IOI experiment for many dictionaries + PCA: an IOIRun, JSON and PNG
     analyse_feature(...)        one feature: top/random contexts, token histogram, logit effect, unembedding
-    causal_tree(model, {site: dictionary}, (site, feature))   ablation tree of a feature: a networkx DiGraph
-    render_tree(graph, stem)    draw it: stem.dot, .svg, .png (graphviz) and node-link .json
+    causal_tree(model, {site: dictionary}, (site, feature))   ablation tree of a feature: a CausalTree
+    render_tree(tree, stem)     draw it: stem.dot, .svg, .png (graphviz) and node-link .json
     find_token_feature(...)     the feature that best picks out a token such as " the" or ")"
     run_demo(...)               everything above end to end, with summary.json and report.html
 
@@ -45,10 +45,13 @@ _PUBLIC: dict[str, "str | tuple[str, str]"] = {
     "analyse_feature": "circuitsae.circuits.features",
     "BatchTopKSAE": "circuitsae.dictionaries",
     "causal_tree": "circuitsae.circuits.trees",
+    "CausalTree": "circuitsae.circuits.trees",
     "contexts": "circuitsae.data.corpora",
     "DemoConfig": "circuitsae.commands.demo",
     "Dictionary": "circuitsae.dictionaries",
+    "DictionaryMetrics": "circuitsae.training.evaluate",
     "evaluate": "circuitsae.training.evaluate",
+    "Evaluation": "circuitsae.training.evaluate",
     "FeatureReport": "circuitsae.circuits.features",
     "find_token_feature": "circuitsae.circuits.features",
     "GatedSAE": "circuitsae.dictionaries",
@@ -57,6 +60,7 @@ _PUBLIC: dict[str, "str | tuple[str, str]"] = {
     "IdentityDictionary": "circuitsae.dictionaries",
     "ioi_performance": "circuitsae.tasks",
     "IOIConfig": "circuitsae.commands.ioi",
+    "IOIRun": "circuitsae.commands.ioi",
     "JumpReLUSAE": "circuitsae.dictionaries",
     "load_corpus": "circuitsae.data.corpora",
     "load_dictionary": "circuitsae.dictionaries",
@@ -65,6 +69,7 @@ _PUBLIC: dict[str, "str | tuple[str, str]"] = {
     "patch_features": "circuitsae.interventions.patching",
     "PatchResult": "circuitsae.interventions.patching",
     "PCADictionary": "circuitsae.dictionaries",
+    "PromptPairs": "circuitsae.tasks.pairs",
     "ReluSAE": "circuitsae.dictionaries",
     "render_tree": ("circuitsae.viz.render", "render"),
     "resolve_sites": ("circuitsae.sites", "resolve"),
@@ -98,9 +103,9 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what static tools and IDEs see
     from circuitsae.circuits.acdc import acdc, acdc_reference
     from circuitsae.circuits.features import FeatureReport, analyse_feature, find_token_feature
-    from circuitsae.circuits.trees import causal_tree
+    from circuitsae.circuits.trees import CausalTree, causal_tree
     from circuitsae.commands.demo import DemoConfig, run_demo
-    from circuitsae.commands.ioi import IOIConfig, run_ioi
+    from circuitsae.commands.ioi import IOIConfig, IOIRun, run_ioi
     from circuitsae.data.corpora import contexts, load_corpus
     from circuitsae.data.harvest import HarvestConfig, harvest
     from circuitsae.data.store import ActivationStore
@@ -121,7 +126,8 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from circuitsae.sites import Site
     from circuitsae.sites import resolve as resolve_sites
     from circuitsae.tasks import ioi_performance, make_ioi
-    from circuitsae.training.evaluate import evaluate
+    from circuitsae.tasks.pairs import PromptPairs
+    from circuitsae.training.evaluate import DictionaryMetrics, Evaluation, evaluate
     from circuitsae.training.trainer import TrainConfig, train
     from circuitsae.viz.render import render as render_tree
 
@@ -132,11 +138,14 @@ __all__ = [
     "analyse_feature",
     "BatchTopKSAE",
     "causal_tree",
+    "CausalTree",
     "CircuitSAEError",
     "contexts",
     "DemoConfig",
     "Dictionary",
+    "DictionaryMetrics",
     "evaluate",
+    "Evaluation",
     "FeatureReport",
     "find_token_feature",
     "GatedSAE",
@@ -145,6 +154,7 @@ __all__ = [
     "IdentityDictionary",
     "ioi_performance",
     "IOIConfig",
+    "IOIRun",
     "JumpReLUSAE",
     "load_corpus",
     "load_dictionary",
@@ -153,6 +163,7 @@ __all__ = [
     "patch_features",
     "PatchResult",
     "PCADictionary",
+    "PromptPairs",
     "ReluSAE",
     "render_tree",
     "resolve_sites",

@@ -25,14 +25,14 @@ def test_dictionaries_of_two_stores_are_each_measured_on_their_own_heldout_text(
     stores, saes = two_stores
     ev = dict(model=tiny_llama, contexts=3, progress=False)
     alone = {
-        c: circuitsae.evaluate(dictionaries=(p,), out=str(tmp_path / f"{c}.json"), **ev)["results"][f"{c}-relu"]
+        c: circuitsae.evaluate(dictionaries=(p,), out=str(tmp_path / f"{c}.json"), **ev).results[f"{c}-relu"]
         for c, p in saes.items()
     }
     assert alone["sotu"]["ce_clean"] != alone["bbc"]["ce_clean"]  # different text, different clean loss
     for order in (("sotu", "bbc"), ("bbc", "sotu")):
         both = circuitsae.evaluate(dictionaries=tuple(saes[c] for c in order), out=str(tmp_path / "both.json"), **ev)
         for c in order:
-            got = both["results"][f"{c}-relu"]
-            assert got["store"] == str(stores[c].root)
+            got = both.results[f"{c}-relu"]
+            assert got.store == str(stores[c].root)
             for k in ("ce_clean", "ce_zero", "ce_spliced", "loss_recovered", "kl", "fvu", "l0"):
-                assert got[k] == pytest.approx(alone[c][k], rel=1e-6, abs=1e-9), (c, k)
+                assert getattr(got, k) == pytest.approx(getattr(alone[c], k), rel=1e-6, abs=1e-9), (c, k)

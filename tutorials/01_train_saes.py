@@ -95,18 +95,16 @@ for name, sae in saes.items():
 #
 # The Gated paper's headline is a Pareto improvement: more loss recovered at
 # the same L0. With one coefficient per architecture the two land at
-# different L0s, so compare them along a sweep (see the README's table for
+# different L0s, so compare them along a sweep (see docs/measured/architectures.md for
 # resid.6 at 1M tokens).
 
 # %%
 report = circuitsae.evaluate(dictionaries=(f"{OUT}/saes",), out=f"{OUT}/eval.json", model=lm)
-results = report["results"]
-print(format_table(results))
+results = report.results
+print(format_table(report))
 for name, r in results.items():
-    print(
-        f"{name}: L0 {r['l0']:.1f}, FVU {r['fvu']:.3f}, gamma {r['gamma']:.3f}, loss recovered {r['loss_recovered']:.3f}"
-    )
-print("written to", report["path"])
+    print(f"{name}: L0 {r.l0:.1f}, FVU {r.fvu:.3f}, gamma {r.gamma:.3f}, loss recovered {r.loss_recovered:.3f}")
+print("written to", report.path)
 
 # %% [markdown]
 # ## 4. Load a saved SAE and splice it into the model

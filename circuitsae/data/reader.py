@@ -7,8 +7,8 @@ shards' row counts; :func:`shuffled_batches` turns them into batches on the trai
 **What a seed decides.** Each epoch visits the shards in a seeded random order and pools them
 until the pool holds ``buffer_rows`` rows; the pool is permuted and its first half (in whole
 batches) handed out; the rest stays for the next round, and what is left at the end of the
-epoch is handed out last. :func:`reference_batches` is that procedure written plainly, as it
-was before this module existed (concatenate, permute, slice, convert); :func:`shuffled_batches`
+epoch is handed out last. :func:`reference_batches` is that procedure written plainly
+(concatenate, permute, slice, convert); :func:`shuffled_batches`
 yields exactly the same batches, bit for bit (tested), while moving each activation far less:
 
 * **The pool is a buffer of slots on the device**, in the storage dtype (fp16/bf16/fp32). A
@@ -18,7 +18,7 @@ yields exactly the same batches, bit for bit (tested), while moving each activat
   CPU index), so no row is moved when the pool is re-shuffled.
 * **Finiteness is checked on the device** as a shard enters the pool, with one min/max
   reduction (the harvest already refuses non-finite values; this catches a store written
-  otherwise). The error names the file and row, as before.
+  otherwise). The error names the file and row.
 * **A read-ahead thread** runs the seeded schedule and loads the next shards — checksums
   (verified once per process, see :mod:`circuitsae.data.store`), memory maps, the copy into pinned
   memory — while the caller trains on the current batch. At most ``prefetch`` shards wait.
@@ -31,8 +31,8 @@ What runs where on a GPU: the read-ahead thread does host work only (hashing, pa
 the copy into pinned memory); the device work (host-to-device copies, the finiteness
 reduction, scatter into slots, gathers, dtype conversion) is queued from the caller's thread
 on its current stream, asynchronously except for the one finiteness check per shard. Tests
-run this on the CPU and on the fake CUDA device of ``tests/fake_cuda.py``; no GPU was lent to
-this project, so the pinned-memory path has not run on real hardware.
+run this on the CPU and on the fake CUDA device of ``tests/fake_cuda.py``; the pinned-memory path has not
+run on a real GPU.
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ autograd functions over the same :class:`OpenUnits`.
 On a GPU the same selection is what a kernel needs: the CSR pattern feeds
 cuSPARSE through the same ``torch.sparse`` calls (``torch.nonzero`` instead of
 NumPy's finds the units there), or a fused gather/scatter kernel as in sparsify's
-TopK decoder. This is written but not measured: no GPU was at hand (README,
-"Training throughput"); the trainer's CUDA default, bf16 autocast, takes the dense reference path anyway.
+TopK decoder. This GPU path is unmeasured (docs/measured/throughput.md measures the CPU); the trainer's CUDA
+default, bf16 autocast, takes the dense reference path anyway.
 
 Used in float32/float64; under autocast the classes fall back to the
 reference autograd path (``ReluSAE.loss_reference`` / ``GatedSAE.loss_reference``),

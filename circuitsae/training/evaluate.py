@@ -15,7 +15,6 @@ BOS token when the store skipped it), on the same tokens for all three runs.
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -158,15 +157,6 @@ class Evaluation:
         """Write :meth:`to_json` to ``path`` (atomically) and remember it as :attr:`path`."""
         atomic_write(Path(path), json.dumps(self.to_json(), indent=1).encode())
         self.path = str(path)
-
-    def __getitem__(self, key: str) -> Any:
-        """The report as :func:`evaluate` returned it before (a dict): ``ev["results"][name]["l0"]``. Deprecated."""
-        warnings.warn(
-            f"Evaluation[{key!r}] is deprecated: read the fields (ev.results[name].l0, ev.path)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return {**self.to_json(), "path": self.path}[key]
 
 
 @torch.no_grad()
