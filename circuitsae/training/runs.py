@@ -1,0 +1,84 @@
+"""The runs of one training pass: which (site, architecture, coefficient) train, and each run's SAE and optimiser.
+
+Every run is built from :mod:`circuitsae.dictionaries.registry`: the class's ``for_training``, its lr and Adam
+betas, and a resampling generator of its own (seeded by the run's index in :func:`plan_runs`'s order).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from circuitsae.data.store import ActivationStore
+from circuitsae.dictionaries import TrainableDictionary, registry
+from circuitsae.errors import CircuitSAEError
+from circuitsae.training.config import TrainConfig
+
+SCALE_ROWS = 1 << 17
+
+
+@dataclass
+class Run:
+    """One SAE being trained: its dictionary, optimiser and bookkeeping."""
+
+    name: str
+    site: str
+    arch: str
+    coefficient: float
+    lr: float
+    sae: TrainableDictionary
+    optimizer: torch.optim.Optimizer
+    last_fired: torch.Tensor  # [d_sae] step at which each feature last fired
+    generator: torch.Generator  # draws this run's resampling inputs (CPU), one per run: runs split across ranks
+    # draw what they would draw in one process
+
+
+def plan_runs(cfg: TrainConfig, store: ActivationStore) -> list[tuple[str, str, float]]:
+    """The (site, arch, coefficient) of every run, in a fixed order."""
+    sites = cfg.sites or tuple(store.sites)
+    for s in sites:
+        if s not in store.sites:
+            raise CircuitSAEError(f"site {s} is not in store {store.root} (it has {', '.join(store.sites)})")
+    runs = []
+    per_arch = cfg.per_arch_coefficients()
+    for site, arch in itertools.product(sites, cfg.arch):
+        defaults = registry.get_trainable(arch).training
+        for c in per_arch.get(arch) or cfg.coefficients or (defaults.coefficient,):
+            if defaults.k and (c != int(c) or c < 1):
+                raise CircuitSAEError(f"{arch}: the coefficient is k, the features kept per token: a whole number "
+                                      f">= 1, not {c:g}")  # fmt: skip
+            runs.append((site, arch, float(c)))
+    return runs
+
+
+def run_name(site: str, arch: str, coefficient: float) -> str:
+    """Folder name of one trained SAE: ``<site>-<arch>-c<coefficient>``, e.g. ``resid.4-gated-c2``."""
+    return f"{site}-{arch}-c{coefficient:g}"
+
+
+@torch.no_grad()
+def input_scale(store: ActivationStore, site: str) -> float:
+    """s = sqrt(d / E||x||²) over up to ``SCALE_ROWS`` training rows (store order, deterministic)."""
+    x = store.activations(site, "train", max_rows=SCALE_ROWS, dtype=torch.float64)
+    return math.sqrt(store.d / float(x.pow(2).sum(-1).mean()))
+
+
+def make_run(
+    cfg: TrainConfig, store: ActivationStore, site: str, arch: str, coef: float, device: torch.device, index: int
+) -> Run:
+    """Run ``index`` of the plan: its SAE on ``device``, fused Adam where available, a generator of its own."""
+    cls = registry.get_trainable(arch)
+    sae: TrainableDictionary = cls.for_training(store.d, coef, vars(cfg))
+    sae.to(device)
+    lr = cfg.lr or cls.training.lr
+    kwargs: dict[str, Any] = {"lr": lr, "betas": cls.training.betas}
+    if device.type in ("cpu", "cuda"):
+        kwargs["fused"] = True
+    optimizer = torch.optim.Adam(sae.param_groups(), **kwargs)
+    last_fired = torch.zeros(sae.d_dict, dtype=torch.long, device=device)
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1 + index)
+    return Run(run_name(site, arch, coef), site, arch, coef, lr, sae, optimizer, last_fired, generator)
