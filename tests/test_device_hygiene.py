@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "circuitsae"
 HOT = [
     "interventions/splice.py", "interventions/patching.py", "interventions/replay.py", "circuits/acdc.py",
     "circuits/trees.py", "circuits/features.py", "training/evaluate.py", "data/harvest.py", "training/trainer.py",
-    "metrics.py", "data/store.py", "tasks/ioi.py", "dictionaries/fused.py",
+    "training/runs.py", "training/resampling.py", "metrics.py", "data/store.py", "tasks/ioi.py", "dictionaries/fused.py",
 ]  # fmt: skip
 FACTORIES = {"arange", "zeros", "ones", "full", "empty", "tensor", "eye", "linspace", "randn", "rand", "randint",
              "randperm"}  # fmt: skip
