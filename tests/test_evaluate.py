@@ -28,7 +28,7 @@ def test_dictionaries_of_two_stores_are_each_measured_on_their_own_heldout_text(
         c: circuitsae.evaluate(dictionaries=(p,), out=str(tmp_path / f"{c}.json"), **ev).results[f"{c}-relu"]
         for c, p in saes.items()
     }
-    assert alone["sotu"]["ce_clean"] != alone["bbc"]["ce_clean"]  # different text, different clean loss
+    assert alone["sotu"].ce_clean != alone["bbc"].ce_clean  # different text, different clean loss
     for order in (("sotu", "bbc"), ("bbc", "sotu")):
         both = circuitsae.evaluate(dictionaries=tuple(saes[c] for c in order), out=str(tmp_path / "both.json"), **ev)
         for c in order:

@@ -1,7 +1,6 @@
 """evaluate()'s typed result: Evaluation and DictionaryMetrics read and write eval.json as it always was."""
 
 import json
-import warnings
 
 import pytest
 
@@ -69,10 +68,7 @@ def test_a_row_missing_a_metric_is_one_line():
         Evaluation.from_json(bad)
 
 
-def test_indexing_as_the_old_dict_still_reads_but_warns():
+def test_the_fields_are_the_file_s_values():
     ev = Evaluation.from_json(OLD, path="eval.json")
-    with pytest.warns(DeprecationWarning, match=r"ev.results\[name\].l0"):
-        assert ev["results"]["resid.2-relu-c0.5"]["l0"] == 12.5
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        assert ev["path"] == "eval.json" and ev["model"] == "tiny-llama"
+    assert ev.results["resid.2-relu-c0.5"].l0 == 12.5
+    assert ev.path == "eval.json" and ev.model == "tiny-llama"
