@@ -9,7 +9,7 @@ from circuitsae.dictionaries import Dictionary
 from circuitsae.training.trainer import TrainConfig, train
 
 NAME = "train"
-HELP = "train baseline and/or Gated SAEs on a store, many in one pass"
+HELP = "train SAEs (relu, gated, topk, batchtopk, jumprelu) on a store, many in one pass"
 DESCRIPTION = (
     "Train every (site, architecture, coefficient) combination in one pass over the store; checkpointed and resumable."
 )
