@@ -22,7 +22,7 @@ def dictionary_folders(paths: "tuple[str, ...] | list[str]") -> list[Path]:
         else:
             raise CircuitSAEError(f"{p} is neither a saved dictionary nor a folder of them")
     if not found:
-        raise CircuitSAEError("no dictionary given to evaluate")
+        raise CircuitSAEError("no dictionary given")
     return found
 
 
