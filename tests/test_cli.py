@@ -22,8 +22,8 @@ def _err(capsys, argv):
         (["harvest", "--model", "tiny-llama", "--sites", "resid.9", "--out", "{tmp}/o"], "out of range"),
         (["harvest", "--model", "tiny-llama", "--sites", "layer3", "--out", "{tmp}/o"], "unknown site"),
         (["harvest", "--model", "tiny-llama", "--corpus", "{tmp}/empty", "--out", "{tmp}/o"], "holds no text"),
-        (["harvest", "--model", "tiny-llama", "--tokens", "0", "--out", "{tmp}/o"], "tokens must be > 0"),
-        (["harvest", "--model", "tiny-llama", "--tokens", "-5", "--out", "{tmp}/o"], "tokens must be > 0"),
+        (["harvest", "--model", "tiny-llama", "--tokens", "0", "--out", "{tmp}/o"], "tokens must be >= 1, got 0"),
+        (["harvest", "--model", "tiny-llama", "--tokens", "-5", "--out", "{tmp}/o"], "tokens must be >= 1, got -5"),
         (["harvest", "--model", "tiny-llama", "--tokens", "many"], "invalid int value"),
         (
             ["harvest", "--model", "tiny-llama", "--tokens", "100", "--out", "{tmp}/file/sub"],
@@ -180,7 +180,7 @@ def test_harvest_train_eval_cli(capsys, tmp_path, text_corpus, tiny_llama):
         (["eval", "{tmp}"], "neither a saved dictionary nor a folder of them"),
         (["eval"], "the following arguments are required: DICTIONARY"),
         (["ioi", "{tmp}"], "neither a saved dictionary nor a folder of them"),
-        (["ioi", "x", "--engine", "warp"], "engine must be auto, downstream or hook"),
+        (["ioi", "x", "--engine", "warp"], "argument --engine: invalid choice"),
     ],
 )
 def test_train_and_eval_bad_input(capsys, tmp_path, argv, match):

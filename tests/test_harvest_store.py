@@ -173,7 +173,11 @@ def test_batches_cover_each_row_once_per_epoch_shuffled(tiny_llama, text_corpus,
 
 def test_config_validation():
     for bad, match in [
-        (dict(tokens=0), "tokens must be > 0"),
+        (dict(tokens=0), "tokens must be >= 1, got 0"),
+        (dict(heldout_tokens=-1), "heldout_tokens must be >= 0, got -1"),
+        (dict(heldout_fraction=0.0), "heldout_fraction must be > 0"),
+        (dict(batch_size=float("nan")), "batch_size must be a finite number"),
+        (dict(ctx_len=1 << 40), "ctx_len must be <= "),
         (dict(dtype="int8"), "dtype must be one of"),
         (dict(sites=()), "at least one site"),
         (dict(sites=("foo.1",)), "unknown site"),

@@ -322,7 +322,7 @@ def test_tree_cli(tiny_llama, wired, tmp_path, capsys, device):
     assert "is not SITE:FEATURE" in capsys.readouterr().err
     assert main(["tree", "resid.2:7", "--dictionaries", str(tmp_path / "saes"), "--mode", "deep"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--mode must be paper or shared, not 'deep'" in err and len(err.splitlines()) == 1
+    assert "argument --mode: invalid choice: 'deep'" in err and len(err.splitlines()) == 1
     (tmp_path / "saes" / "resid.1-relu-c2").rename(tmp_path / "spare")
     shared = [*argv[:-1], "8", "--mode", "shared", "--depth", "2", "--out", str(out), "--device", device]
     assert main(shared) == 0

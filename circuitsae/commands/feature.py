@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from circuitsae.circuits.features import FeatureReport, analyse_feature
-from circuitsae.config import model_dtype_option, option
+from circuitsae.config import model_dtype_option, option, validate
 from circuitsae.data.store import ActivationStore
 from circuitsae.dictionaries.folders import select_dictionaries
 from circuitsae.errors import CircuitSAEError
@@ -34,19 +34,17 @@ class FeatureConfig:
     target: str = option("", "SITE:FEATURE, e.g. resid.4:123", positional="SITE:ID")
     dictionaries: tuple[str, ...] = option((), "dictionary folders or a training output folder")
     arch: "str | None" = option(None, "keep only dictionaries of this architecture (relu, gated, ...)")
-    coefficient: "float | None" = option(None, "keep only dictionaries trained with this sparsity coefficient")
+    coefficient: "float | None" = option(None, "keep only dictionaries trained with this sparsity coefficient", min=0)
     store: "str | None" = option(None, "activation store (default: the one the dictionary was trained on)")
     model: "str | None" = option(None, "model (default: the one the dictionary was trained on)")
-    contexts: int = option(10, "top and random contexts to show and to measure the logit effect on")
-    split: str = option("train", "store split to read: train or heldout")
+    contexts: int = option(10, "top and random contexts to show and to measure the logit effect on", min=1, max=100_000)
+    split: str = option("train", "store split to read: train or heldout", choices=("train", "heldout"))
     out: str = option("runs/feature", "output folder: JSON and PNGs")
     device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
     model_dtype: "str | None" = model_dtype_option()
 
     def __post_init__(self) -> None:
-        self.dictionaries = tuple(self.dictionaries)
-        if self.contexts < 1:
-            raise CircuitSAEError("contexts must be >= 1")
+        validate(self)
         if not self.dictionaries:
             raise CircuitSAEError("name the dictionaries with --dictionaries")
 

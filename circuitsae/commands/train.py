@@ -43,9 +43,9 @@ def show(result: Trained) -> str:
     lines = []
     for name, sae in saved.items():
         m = sae.meta["metrics"]
-        lines.append(
-            f"{name}: L0 {m.get('l0', float('nan')):.1f}, FVU {m.get('fvu', float('nan')):.3f}, "
-            f"gamma {m.get('gamma', float('nan')):.3f} -> {cfg.out}/{name}"
-        )
+        if not m:  # a store without held-out rows (harvest --heldout-tokens 0)
+            lines.append(f"{name}: no held-out rows in the store, so no held-out metrics -> {cfg.out}/{name}")
+            continue
+        lines.append(f"{name}: L0 {m['l0']:.1f}, FVU {m['fvu']:.3f}, gamma {m['gamma']:.3f} -> {cfg.out}/{name}")
     lines.append(f"next: circuitsae eval {cfg.out}")
     return "\n".join(lines)

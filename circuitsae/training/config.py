@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 
-from circuitsae.config import option
+from circuitsae.config import option, validate
 from circuitsae.dictionaries import registry
 from circuitsae.errors import CircuitSAEError
 
 PARALLEL_MODES = ("data", "runs")
+#: bounds of the sizes and counts a training takes (the memory a run needs is checked separately, once the
+#: activations' width is known: :func:`circuitsae.training.runs.memory_plan`)
+MAX_EXPANSION = 4096.0
+MAX_COEFFICIENT = 1e6
+MAX_ROWS = 1 << 30
+MAX_COUNT = 1 << 40
+MAX_SEED = (1 << 63) - 1
 
 
 @dataclass
@@ -29,15 +37,25 @@ class TrainConfig:
         (),
         "sparsity coefficients: α for relu, λ for gated and jumprelu, k (features per token) for topk and "
         "batchtopk; one run each per architecture (default: the per-arch default)",
+        min=0,
+        max=MAX_COEFFICIENT,
     )
     arch_coefficients: tuple[str, ...] = option(
         (),
         "per-architecture coefficients, ARCH=C1,C2,... (e.g. topk=32,64 jumprelu=0.3): those architectures "
         "take these instead of --coefficients, so a relu sweep and a TopK sweep train in one pass",
     )
-    expansion: float = option(8.0, "dictionary size as a multiple of d for every run but gated (d_sae = expansion·d)")
+    expansion: float = option(
+        8.0,
+        "dictionary size as a multiple of d for every run but gated (d_sae = expansion·d)",
+        above=0,
+        max=MAX_EXPANSION,
+    )
     gated_expansion: "float | None" = option(
-        None, "expansion for gated runs (default: same as relu; the Gated paper uses 3/4 for equal compute)"
+        None,
+        "expansion for gated runs (default: same as relu; the Gated paper uses 3/4 for equal compute)",
+        above=0,
+        max=MAX_EXPANSION,
     )
     tied: bool = option(False, "relu: tie encoder and decoder (with --no-decoder-bias: Cunningham et al.'s exact form)")
     decoder_bias: bool = option(
@@ -45,68 +63,62 @@ class TrainConfig:
         "relu: learn b_dec, subtracted before the encoder and added after the decoder (the Gated paper's baseline)",
     )
     lr: "float | None" = option(
-        None, "learning rate (default: 1e-3 relu, 3e-4 gated, the papers'; for short runs 1e-3 suits both)"
+        None,
+        "learning rate (default: 1e-3 relu, 3e-4 gated, the papers'; for short runs 1e-3 suits both)",
+        above=0,
     )
-    batch_size: int = option(4096, "activations per step")
-    epochs: int = option(1, "passes over the training split")
-    lr_warmup: float = option(0.01, "fraction of steps over which the learning rate ramps up linearly")
-    coef_warmup: float = option(0.05, "fraction of steps over which the sparsity coefficient ramps up linearly")
+    batch_size: int = option(4096, "activations per step", min=1, max=MAX_ROWS)
+    epochs: int = option(1, "passes over the training split", min=1, max=MAX_COUNT)
+    lr_warmup: float = option(0.01, "fraction of steps over which the learning rate ramps up linearly", min=0, max=1)
+    coef_warmup: float = option(
+        0.05, "fraction of steps over which the sparsity coefficient ramps up linearly", min=0, max=1
+    )
     resample_every: int = option(
-        0, "resample dead features every N steps (0: every quarter of training if that is >= 50 steps; -1: never)"
+        0,
+        "resample dead features every N steps (0: every quarter of training if that is >= 50 steps; -1: never)",
+        min=0,
+        max=MAX_COUNT,
+        special=(-1,),
     )
-    checkpoint_every: int = option(200, "steps between checkpoints")
-    log_every: int = option(25, "steps between log lines (JSONL) and divergence checks")
-    eval_rows: int = option(65536, "held-out activations used for the final L0/FVU/γ of each run")
+    checkpoint_every: int = option(200, "steps between checkpoints", min=1, max=MAX_COUNT)
+    log_every: int = option(25, "steps between log lines (JSONL) and divergence checks", min=1, max=MAX_COUNT)
+    eval_rows: int = option(65536, "held-out activations used for the final L0/FVU/γ of each run", min=1, max=MAX_ROWS)
     device: "str | None" = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
     autocast: "bool | None" = option(
         None, "train under bfloat16 autocast (default: on for CUDA, off for the CPU; weights stay float32)"
     )
-    seed: int = option(0, "seed for initialisation, batch order and resampling")
-    stop_after: "int | None" = option(None, "stop (with a checkpoint) after this many steps; re-run to continue")
+    seed: int = option(0, "seed for initialisation, batch order and resampling", min=0, max=MAX_SEED)
+    stop_after: "int | None" = option(
+        None, "stop (with a checkpoint) after this many steps; re-run to continue", min=1, max=MAX_COUNT
+    )
     parallel: str = option(
         "data",
         "with several processes (torchrun): data (each rank trains every run on its share of every batch) "
         "or runs (the runs are split across ranks, no communication)",
+        choices=PARALLEL_MODES,
     )
 
     def __post_init__(self) -> None:
+        validate(self)
         unknown = [a for a in self.arch if a not in registry.TRAINABLE_NAMES]
         if unknown or not self.arch:
             raise CircuitSAEError(
                 f"unknown architecture {unknown or '(none)'}: choose from {', '.join(registry.TRAINABLE_NAMES)}"
             )
-        if any(c < 0 for c in self.coefficients):
-            raise CircuitSAEError("sparsity coefficients must be >= 0")
-        self.arch_coefficients = tuple(str(a) for a in self.arch_coefficients)
-        for arch, values in self.per_arch_coefficients().items():
+        per_arch = self.per_arch_coefficients()
+        for arch in per_arch:
             if arch not in self.arch:
                 raise CircuitSAEError(
                     f"--arch-coefficients names {arch}, which is not among the architectures trained "
                     f"({', '.join(self.arch)})"
                 )
-            if any(c < 0 for c in values):
-                raise CircuitSAEError("sparsity coefficients must be >= 0")
-        for name in ("batch_size", "epochs", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise CircuitSAEError(f"{name} must be >= 1")
-        if self.expansion <= 0 or (self.gated_expansion is not None and self.gated_expansion <= 0):
-            raise CircuitSAEError("expansion must be > 0")
-        if self.parallel not in PARALLEL_MODES:
-            raise CircuitSAEError(f"unknown --parallel {self.parallel!r}: use {' or '.join(PARALLEL_MODES)}")
-        if self.lr is not None and self.lr <= 0:
-            raise CircuitSAEError("lr must be > 0")
-        if not (0 <= self.lr_warmup <= 1 and 0 <= self.coef_warmup <= 1):
-            raise CircuitSAEError("lr_warmup and coef_warmup are fractions of training in [0, 1]")
-        self.sites, self.arch = tuple(self.sites), tuple(self.arch)
-        # one canonical type per field, so an API call and the same CLI command resume each other
-        self.expansion, self.lr_warmup, self.coef_warmup = (
-            float(self.expansion),
-            float(self.lr_warmup),
-            float(self.coef_warmup),
-        )
-        self.gated_expansion = None if self.gated_expansion is None else float(self.gated_expansion)
-        self.lr = None if self.lr is None else float(self.lr)
-        self.coefficients = tuple(float(c) for c in self.coefficients)
+        for arch in self.arch:
+            defaults = registry.get_trainable(arch).training
+            for c in per_arch.get(arch) or self.coefficients:
+                if defaults.k and (c != int(c) or c < 1):
+                    raise CircuitSAEError(
+                        f"{arch}: the coefficient is k, the features kept per token: a whole number >= 1, not {c:g}"
+                    )
 
     def per_arch_coefficients(self) -> dict[str, tuple[float, ...]]:
         """``arch_coefficients`` parsed: architecture -> its coefficients."""
@@ -117,6 +129,10 @@ class TrainConfig:
                 parsed = tuple(float(v) for v in values.split(",")) if sep and values else None
             except ValueError:
                 parsed = None
+            if parsed is not None and not all(math.isfinite(c) and 0 <= c <= MAX_COEFFICIENT for c in parsed):
+                raise CircuitSAEError(
+                    f"--arch-coefficients {spec!r}: each coefficient must be a finite number in [0, {MAX_COEFFICIENT:g}]"
+                )
             if parsed is None or arch not in registry.TRAINABLE_NAMES or arch in out:
                 raise CircuitSAEError(
                     f"--arch-coefficients {spec!r}: write ARCH=C1,C2,... once per architecture, ARCH one of "

@@ -16,6 +16,7 @@ import torch
 from circuitsae.data.store import ActivationStore
 from circuitsae.dictionaries import TrainableDictionary, registry
 from circuitsae.errors import CircuitSAEError
+from circuitsae.memory import MemoryPlan
 from circuitsae.training.config import TrainConfig
 
 SCALE_ROWS = 1 << 17
@@ -47,10 +48,7 @@ def plan_runs(cfg: TrainConfig, store: ActivationStore) -> list[tuple[str, str, 
     per_arch = cfg.per_arch_coefficients()
     for site, arch in itertools.product(sites, cfg.arch):
         defaults = registry.get_trainable(arch).training
-        for c in per_arch.get(arch) or cfg.coefficients or (defaults.coefficient,):
-            if defaults.k and (c != int(c) or c < 1):
-                raise CircuitSAEError(f"{arch}: the coefficient is k, the features kept per token: a whole number "
-                                      f">= 1, not {c:g}")  # fmt: skip
+        for c in per_arch.get(arch) or cfg.coefficients or (defaults.coefficient,):  # TrainConfig checked them
             runs.append((site, arch, float(c)))
     return runs
 
@@ -65,6 +63,37 @@ def input_scale(store: ActivationStore, site: str) -> float:
     """s = sqrt(d / E||x||²) over up to ``SCALE_ROWS`` training rows (store order, deterministic)."""
     x = store.activations(site, "train", max_rows=SCALE_ROWS, dtype=torch.float64)
     return math.sqrt(store.d / float(x.pow(2).sum(-1).mean()))
+
+
+def memory_plan(
+    cfg: TrainConfig, d: int, plan: list[tuple[str, str, float]], n_sites: int, heldout_rows: int
+) -> MemoryPlan:
+    """What training ``plan`` on width-``d`` activations holds in memory at once, item by item.
+
+    The SAEs are built on the ``meta`` device (no memory) to count their parameters exactly. Float32 weights,
+    their gradients, Adam's two moments, and the checkpoint's serialised copy of weights and moments; the
+    batches of every site (one in use, one read ahead); one run's step at a time (its codes, pre-activations and
+    their gradients, ``4 · batch · d_dict`` floats); the held-out rows evaluated at the end.
+    """
+    weights, widest = 0, 0
+    for _site, arch, coef in plan:
+        cls = registry.get_trainable(arch)
+        with torch.device("meta"):
+            sae = cls.for_training(d, coef, vars(cfg))
+        weights += 4 * sum(t.numel() for t in itertools.chain(sae.parameters(), sae.buffers()))
+        widest = max(widest, sae.d_dict)
+    batch = 4 * cfg.batch_size * d * n_sites
+    return MemoryPlan(f"training {len(plan)} SAE{'s' * (len(plan) > 1)} on {n_sites} site(s) of width {d}").extend(
+        [
+            ("weights", weights),
+            ("gradients", weights),
+            ("optimiser state", 2 * weights),
+            ("checkpoint copy", 3 * weights),
+            ("batches", 2 * batch),
+            ("one step", 4 * 4 * cfg.batch_size * widest),
+            ("held-out rows", 4 * heldout_rows * d * n_sites),
+        ]
+    )
 
 
 def make_run(
