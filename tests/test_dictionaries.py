@@ -264,7 +264,10 @@ def test_load_errors_are_one_line(tmp_path):
     (tmp_path / "shape" / "sae.safetensors").write_bytes((tmp_path / "ok" / "sae.safetensors").read_bytes())
     with pytest.raises(CircuitSAEError, match=r"W_dec has shape \(16, 8\) but cfg.json implies \(17, 8\)"):
         load_dictionary(tmp_path / "shape")
-    (tmp_path / "ok" / "sae.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CircuitSAEError, match=r"sae.safetensors: 22 bytes but manifest.json says"):
+        (tmp_path / "ok" / "sae.safetensors").write_bytes(b"not a safetensors file")
+        load_dictionary(tmp_path / "ok")
+    (tmp_path / "ok" / "manifest.json").unlink()  # a folder without a manifest: the file itself is refused
     with pytest.raises(CircuitSAEError, match="not a readable safetensors"):
         load_dictionary(tmp_path / "ok")
     (tmp_path / "keys").mkdir()

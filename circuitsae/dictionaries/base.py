@@ -85,6 +85,8 @@ class Dictionary(nn.Module):
     """
 
     architecture: ClassVar[str]
+    #: saved tensors that may hold −inf (a JumpReLU's log θ where θ = 0); NaN and +inf are refused in all
+    minus_infinity_allowed: ClassVar[tuple[str, ...]] = ()
     #: parameters that carry activation units (divided by s when the input scale s is folded in)
     _bias_names: ClassVar[tuple[str, ...]] = ()
 
@@ -173,7 +175,8 @@ class Dictionary(nn.Module):
 
     # -- save / load -------------------------------------------------------------
     def save(self, path: "str | Path", format: str = "circuitsae", architecture: "str | None" = None) -> Path:
-        """Write ``path/sae.safetensors`` then ``path/cfg.json`` (the commit marker), atomically.
+        """Write ``path/sae.safetensors``, ``path/manifest.json`` (sizes and sha256), then ``path/cfg.json`` (the
+        commit marker), each atomically.
 
         ``format="saelens"`` writes a SAE Lens v6 folder instead (``cfg.json`` + ``sae_weights.safetensors``),
         with ``architecture`` choosing among the forms this dictionary can take there (a Gated SAE:

@@ -13,6 +13,7 @@ from circuitsae.dictionaries import fused
 from circuitsae.dictionaries.base import Loss, TrainingDefaults
 from circuitsae.dictionaries.encoder import AffineEncoderSAE
 from circuitsae.dictionaries.writers import SAELensForm
+from circuitsae.errors import CircuitSAEError
 
 if TYPE_CHECKING:
     from circuitsae.dictionaries.formats.core import Parts
@@ -92,8 +93,11 @@ class JumpReLUSAE(AffineEncoderSAE):
         "dictionary_learning": ("JumpReluAutoEncoder",),
     }
     saelens_writes: ClassVar[tuple[str, ...]] = ("jumprelu",)
+    minus_infinity_allowed: ClassVar[tuple[str, ...]] = ("log_threshold",)
 
     def __init__(self, d: int, d_dict: int, bandwidth: "float | None" = None) -> None:
+        if bandwidth is not None and not (math.isfinite(bandwidth) and bandwidth > 0):
+            raise CircuitSAEError(f"jumprelu: bandwidth must be a finite number > 0, got {bandwidth}")
         super().__init__(d, d_dict, encoder_scale=min(1.0, 2 * d / d_dict))
         self.bandwidth = float(bandwidth) if bandwidth is not None else BANDWIDTH_PER_SQRT_D * math.sqrt(d)
         self.log_threshold = nn.Parameter(torch.full((d_dict,), math.log(INITIAL_THRESHOLD_PER_SQRT_D * math.sqrt(d))))

@@ -66,6 +66,8 @@ class TopKSAE(AffineEncoderSAE):
         super().__init__(d, d_dict)
         if int(k) != k or not 1 <= k <= d_dict:
             raise CircuitSAEError(f"{self.architecture}: k must be an integer in [1, d_dict={d_dict}], got {k}")
+        if k_aux is not None and (int(k_aux) != k_aux or k_aux < 1):
+            raise CircuitSAEError(f"{self.architecture}: k_aux must be an integer >= 1, got {k_aux}")
         self.k = int(k)
         self.k_aux = int(k_aux) if k_aux is not None else max(1, d // 2)
         self.register_buffer("dead", torch.zeros(d_dict, dtype=torch.bool), persistent=False)

@@ -6,11 +6,11 @@ forms its class declares (``saelens_writes``, ``saelens_form``) — so this modu
 class: ``base`` imports it, and :mod:`circuitsae.dictionaries.formats` (whose readers need the classes)
 re-exports :func:`write_saelens` beside the SAE Lens reader.
 
-circuitsae: ``sae.safetensors`` (the state dict, CPU, contiguous) then ``cfg.json`` (``format``,
-``architecture``, the constructor arguments, ``meta``), each written atomically, ``cfg.json`` last: it
-marks the folder complete.
+circuitsae: ``sae.safetensors`` (the state dict, CPU, contiguous), ``manifest.json`` (bytes and sha256 of
+both files, :mod:`circuitsae.dictionaries.integrity`), then ``cfg.json`` (``format``, ``architecture``, the
+constructor arguments, ``meta``), each written atomically, ``cfg.json`` last: it marks the folder complete.
 
-SAE Lens v6: ``sae_weights.safetensors`` then ``cfg.json`` with ``architecture``, ``d_in``, ``d_sae``,
+SAE Lens v6: ``sae_weights.safetensors``, ``manifest.json`` (SAE Lens ignores it), then ``cfg.json`` with ``architecture``, ``d_in``, ``d_sae``,
 ``dtype: float32``, ``device: cpu``, ``apply_b_dec_to_input: true``, ``normalize_activations: none``,
 ``reshape_activations: none``, the form's own settings (topk: ``k``, ``rescale_acts_by_decoder_norm:
 false``: the rows are unit), and ``metadata`` (``model_name``, ``hook_name`` from the site,
@@ -28,8 +28,8 @@ from typing import Any, NamedTuple
 import safetensors.torch
 import torch
 
+from circuitsae.dictionaries.integrity import write_folder
 from circuitsae.errors import CircuitSAEError
-from circuitsae.io import atomic_write
 from circuitsae.sites import site_to_hook
 
 #: the circuitsae folder layout's name and version, in every ``cfg.json`` it writes
@@ -56,13 +56,16 @@ def json_default(o: Any) -> Any:
 
 
 def write_circuitsae(dictionary: Any, path: "str | Path") -> Path:
-    """Write ``path/sae.safetensors`` then ``path/cfg.json`` (the commit marker), atomically."""
+    """Write ``path/sae.safetensors``, ``path/manifest.json``, then ``path/cfg.json`` (the commit marker)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in dictionary.state_dict().items()}
-    atomic_write(path / "sae.safetensors", safetensors.torch.save(tensors))
     cfg = {"format": FORMAT, "architecture": dictionary.architecture, **dictionary.config(), **dictionary.meta}
-    atomic_write(path / "cfg.json", json.dumps(cfg, indent=1, default=json_default).encode())
+    files = {
+        "sae.safetensors": safetensors.torch.save(tensors),
+        "cfg.json": json.dumps(cfg, indent=1, default=json_default).encode(),
+    }
+    write_folder(path, files, last="cfg.json")
     return path
 
 
@@ -127,8 +130,11 @@ def write_saelens(dictionary: Any, path: "str | Path", architecture: "str | None
     cfg["metadata"] = metadata
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / "sae_weights.safetensors", safetensors.torch.save(tensors))
-    atomic_write(path / "cfg.json", json.dumps(cfg, indent=1, default=json_default).encode())
+    files = {
+        "sae_weights.safetensors": safetensors.torch.save(tensors),
+        "cfg.json": json.dumps(cfg, indent=1, default=json_default).encode(),
+    }
+    write_folder(path, files, last="cfg.json")
     return path
 
 

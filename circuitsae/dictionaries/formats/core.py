@@ -92,7 +92,6 @@ in the package itself, which dispatches to them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,6 +101,7 @@ import torch
 
 from circuitsae.dictionaries import registry
 from circuitsae.dictionaries.base import Dictionary
+from circuitsae.dictionaries.integrity import check_arguments, check_finite, positive_int, read_json
 from circuitsae.dictionaries.writers import FORMAT
 from circuitsae.errors import CircuitSAEError
 
@@ -157,13 +157,6 @@ def _holds_dictionaries(p: Path) -> bool:
     return looks_like_dictionary(p) or any(q.is_dir() and looks_like_dictionary(q) for q in p.iterdir())
 
 
-def read_json(p: Path) -> Any:
-    try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CircuitSAEError(f"{p} is not valid JSON ({e})") from None
-
-
 # -- the weights every reader produces ---------------------------------------------------------------------
 @dataclass
 class Parts:
@@ -191,8 +184,8 @@ class Parts:
 
 
 def check_tensors(where: str, tensors: dict[str, "Tensor"], expected: dict[str, tuple], what: str) -> None:
-    """Missing, unexpected and mis-shaped tensors, NaN/inf: one sentence each."""
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    """Missing, unexpected and mis-shaped tensors, integers where floats belong, NaN/inf: one sentence each."""
+    missing, extra = sorted(set(expected) - set(tensors), key=str), sorted(set(tensors) - set(expected), key=str)
     if missing or extra:
         raise CircuitSAEError(
             f"{where} does not hold a {what}: missing {missing}, unexpected {extra} (expected {sorted(expected)})"
@@ -202,9 +195,9 @@ def check_tensors(where: str, tensors: dict[str, "Tensor"], expected: dict[str, 
         if got != tuple(shape):
             hint = " (transposed?)" if len(got) == 2 and got == tuple(shape)[::-1] else ""
             raise CircuitSAEError(f"{where}: {k} has shape {got} but a {what} of these sizes has {tuple(shape)}{hint}")
-        t = tensors[k]
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CircuitSAEError(f"{where}: {k} holds NaN or inf")
+        if tensors[k].is_complex():
+            raise CircuitSAEError(f"{where}: {k} holds complex numbers ({tensors[k].dtype})")
+    check_finite(where, tensors)
 
 
 def load_safetensors(p: Path) -> dict[str, "Tensor"]:
@@ -212,13 +205,6 @@ def load_safetensors(p: Path) -> dict[str, "Tensor"]:
         return safetensors.torch.load_file(p)
     except Exception as e:  # safetensors raises several types for a bad header
         raise CircuitSAEError(f"{p} is not a readable safetensors file ({e})") from None
-
-
-def positive_int(cfg: dict, key: str, where: str) -> int:
-    v = cfg.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
-        raise CircuitSAEError(f"{where}: {key!r} must be a positive integer, got {v!r}")
-    return int(v)
 
 
 def f32(t: "Tensor") -> "Tensor":
@@ -286,8 +272,10 @@ def build(
             meta.setdefault("source", {})["folded_into"] = "jumprelu (a global threshold times each decoder norm)"
     if cls is None or p.kind != kind:  # a fold may make it another architecture (BatchTopK's θ·n_i: a JumpReLU)
         cls = registry.get(p.kind)
+    chosen = restore if isinstance(restore, dict) and restore and cls.architecture == restore_for else {}
+    chosen = check_arguments(cls, chosen, f"{where}: its recorded circuitsae config", partial=True)
     try:
-        sae = cls.from_parts(p, restore if restore and cls.architecture == restore_for else {})
+        sae = cls.from_parts(p, chosen)
     except CircuitSAEError as e:
         raise CircuitSAEError(f"{where}: {e}") from None
     sae.meta = meta

@@ -15,6 +15,7 @@ import torch
 from circuitsae.dictionaries import registry
 from circuitsae.dictionaries.base import Dictionary
 from circuitsae.dictionaries.formats.core import Parts, build, check_tensors, f32, positive_int, read_json
+from circuitsae.dictionaries.integrity import optional
 from circuitsae.errors import CircuitSAEError
 from circuitsae.sites import dictionary_learning_site
 
@@ -50,13 +51,20 @@ def read_dictionary_learning(path: "str | Path") -> Dictionary:
             f"{cfg_path}: dictionary_learning class {cls!r} is not supported (supported: {', '.join(supported)})"
         )
     d, m = positive_int(trainer, "activation_dim", str(cfg_path)), positive_int(trainer, "dict_size", str(cfg_path))
+    for key, kind in {"lm_name": str, "submodule_name": str, "layer": int}.items():
+        optional(trainer, key, f"{cfg_path}: trainer", kind)
+    buffer = optional(config, "buffer", str(cfg_path), dict, {})
+    optional(buffer, "io", f"{cfg_path}: buffer", str)
+    optional(buffer, "ctx_len", f"{cfg_path}: buffer", int)
     try:
         sd = torch.load(ae, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle and zip errors of several types; weights_only refuses arbitrary objects
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CircuitSAEError(f"{ae} is not a state dict torch.load(weights_only=True) can read ({first})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise CircuitSAEError(f"{ae} is not a state dict of tensors")
+    groups = sd.get("group_sizes")
+    groups = (groups.shape[0],) if groups is not None and groups.ndim == 1 else (1,)
     what = f"dictionary_learning {cls} (activation_dim={d}, dict_size={m})"
     linear = {"encoder.weight": (m, d), "decoder.weight": (d, m)}  # nn.Linear stores [out, in]
     raw_params = {"W_enc": (d, m), "b_enc": (m,), "W_dec": (m, d), "b_dec": (d,)}
@@ -66,8 +74,7 @@ def read_dictionary_learning(path: "str | Path") -> Dictionary:
         "GatedAutoEncoder": linear | {"decoder_bias": (d,), "r_mag": (m,), "gate_bias": (m,), "mag_bias": (m,)},
         "AutoEncoderTopK": linear | {"encoder.bias": (m,), "b_dec": (d,), "k": (), "threshold": ()},
         "BatchTopKSAE": linear | {"encoder.bias": (m,), "b_dec": (d,), "k": (), "threshold": ()},
-        "MatryoshkaBatchTopKSAE": raw_params
-        | {"k": (), "threshold": (), "group_sizes": tuple(sd["group_sizes"].shape) if "group_sizes" in sd else (1,)},
+        "MatryoshkaBatchTopKSAE": raw_params | {"k": (), "threshold": (), "group_sizes": groups},
         "JumpReluAutoEncoder": raw_params | {"threshold": (m,)},
     }[cls]
     check_tensors(str(ae), sd, shapes, what)
@@ -81,10 +88,12 @@ def read_dictionary_learning(path: "str | Path") -> Dictionary:
     buffers: dict[str, Any] = {}
     k = None
     if "k" in sd:
+        if sd["k"].is_complex() or float(sd["k"]) != int(sd["k"]):
+            raise CircuitSAEError(f"{ae}: the k buffer holds {float(sd['k'])!r}, not a whole number")
         k = int(sd["k"])
         buffers["k"] = k
         if trainer.get("k") is not None and trainer["k"] != k:
-            raise CircuitSAEError(f"{path}: config.json says k={trainer['k']} but ae.pt's k buffer holds {k}")
+            raise CircuitSAEError(f"{path}: config.json says k={trainer['k']!r} but ae.pt's k buffer holds {k}")
     if "threshold" in sd and sd["threshold"].ndim == 0:
         buffers["threshold"] = float(sd["threshold"])
     if cls == "MatryoshkaBatchTopKSAE":
@@ -112,7 +121,6 @@ def read_dictionary_learning(path: "str | Path") -> Dictionary:
         parts.b_enc, parts.b_dec = t["b_enc"], t["b_dec"]
         parts.threshold = t["threshold"]
         parts.centred = cls != "JumpReluAutoEncoder"
-    buffer = config.get("buffer") if isinstance(config.get("buffer"), dict) else {}
     meta: dict[str, Any] = {}
     if trainer.get("lm_name"):
         meta["model"] = trainer["lm_name"]

@@ -24,6 +24,7 @@ from circuitsae.dictionaries.formats.core import (
     positive_int,
     read_json,
 )
+from circuitsae.dictionaries.integrity import flag, optional
 from circuitsae.dictionaries.writers import SAELENS_LAYOUT_VERSION, write_saelens
 from circuitsae.errors import CircuitSAEError
 from circuitsae.sites import module_site, transformer_lens_site
@@ -48,6 +49,17 @@ _SAELENS_META = (
 )
 
 
+#: the types of the metadata keys the reader uses
+_META_TYPES = {
+    "model_name": str,
+    "hook_name": str,
+    "hook_head_index": int,
+    "context_size": int,
+    "model_from_pretrained_kwargs": dict,
+    "circuitsae": dict,
+}
+
+
 def _major(version: Any) -> int:
     m = re.match(r"\s*(\d+)", str(version or ""))
     return int(m.group(1)) if m else 0
@@ -55,12 +67,10 @@ def _major(version: Any) -> int:
 
 def _saelens_cfg(cfg: dict, where: str) -> tuple[dict, dict]:
     """(settings, metadata) of a v6 nested or a pre-6 flat SAE Lens config, as SAE Lens 6 normalises them."""
-    version = cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version")
+    nested = optional(cfg, "metadata", where, dict, {})
+    version = cfg.get("sae_lens_version") or nested.get("sae_lens_version")
     if _major(version) >= 6:
-        meta = cfg.get("metadata") or {}
-        if not isinstance(meta, dict):
-            raise CircuitSAEError(f"{where}: 'metadata' must be an object")
-        return dict(cfg), dict(meta)
+        return dict(cfg), dict(nested)
     renames = {
         "hook_point": "hook_name",
         "hook_point_head_index": "hook_head_index",
@@ -72,14 +82,16 @@ def _saelens_cfg(cfg: dict, where: str) -> tuple[dict, dict]:
     c.setdefault("reshape_activations", "hook_z" if "hook_z" in str(c.get("hook_name", "")) else "none")
     act = c.get("activation_fn") or "relu"
     if act == "topk":
-        k = (c.get("activation_fn_kwargs") or {}).get("k")
+        k = optional(c, "activation_fn_kwargs", where, dict, {}).get("k")
         if k is None:
             raise CircuitSAEError(f"{where}: activation_fn 'topk' without activation_fn_kwargs.k")
         c["architecture"], c["k"] = "topk", k
     elif act != "relu":
         raise CircuitSAEError(f"{where}: activation_fn {act!r} is not supported (relu and topk are)")
     norm = c.get("normalize_activations")
-    c["normalize_activations"] = "none" if not norm else "expected_average_only_in" if norm is True else norm
+    c["normalize_activations"] = (
+        "none" if norm in (None, False) else "expected_average_only_in" if norm is True else norm
+    )
     return c, {k: c[k] for k in _SAELENS_META if k in c}
 
 
@@ -108,7 +120,10 @@ def read_saelens(path: "str | Path") -> Dictionary:
             f"{cfg_path}: SAE Lens architecture {arch!r} is not supported{kind} (supported: {', '.join(supported)})"
         )
     d, m = positive_int(c, "d_in", str(cfg_path)), positive_int(c, "d_sae", str(cfg_path))
-    norm = c.get("normalize_activations", "none")
+    centred = flag(c, "apply_b_dec_to_input", str(cfg_path), True)
+    norm = optional(c, "normalize_activations", str(cfg_path), str, "none")
+    for key, kind in _META_TYPES.items():
+        optional(smeta, key, str(cfg_path), kind)
     if norm != "none":
         why = {
             "expected_average_only_in": "its scaling factor is not in the folder (fold it first with SAE Lens's "
@@ -157,11 +172,11 @@ def read_saelens(path: "str | Path") -> Dictionary:
         r_mag=t.get("r_mag"),
         b_mag=t.get("b_mag"),
         threshold=t.get("threshold"),
-        centred=bool(c.get("apply_b_dec_to_input", True)),
+        centred=centred,
     )
     if arch == "topk":
         parts.k = positive_int(c, "k", str(cfg_path))
-        parts.rescale = bool(c.get("rescale_acts_by_decoder_norm", False))
+        parts.rescale = flag(c, "rescale_acts_by_decoder_norm", str(cfg_path), False)
     stored = dict(raw)  # the file's config, less circuitsae's own block (restored into meta below)
     if isinstance(raw.get("metadata"), dict):
         stored["metadata"] = {k: v for k, v in raw["metadata"].items() if k != "circuitsae"}
@@ -187,7 +202,8 @@ def read_saelens(path: "str | Path") -> Dictionary:
     if smeta.get("context_size") is not None:
         meta["context_size"] = smeta["context_size"]
     meta["source"] = source
-    return build(parts, str(weights), meta, cls, ours.get("config") or {}, ours.get("architecture"))
+    restore = ours.get("config") if isinstance(ours.get("config"), dict) else {}
+    return build(parts, str(weights), meta, cls, restore, ours.get("architecture"))
 
 
 __all__ = ["SAELENS_ARCHITECTURES", "SAELENS_LAYOUT_VERSION", "read_saelens", "write_saelens"]

@@ -21,6 +21,7 @@ from circuitsae.dictionaries.formats.core import (
     positive_int,
     read_json,
 )
+from circuitsae.dictionaries.integrity import flag, optional
 from circuitsae.errors import CircuitSAEError
 from circuitsae.sites import module_site
 
@@ -33,20 +34,26 @@ def read_sparsify(path: "str | Path") -> Dictionary:
     where = str(cfg_path)
     if not isinstance(cfg, dict):
         raise CircuitSAEError(f"{where} is not a sparsify config (a JSON object expected)")
-    if cfg.get("transcode"):
+    if flag(cfg, "transcode", where, False):
         raise CircuitSAEError(f"{where}: a sparsify transcoder (transcode: true) maps a module's input to its output; "
                               "a dictionary reconstructs its input")  # fmt: skip
-    if cfg.get("skip_connection"):
+    if flag(cfg, "skip_connection", where, False):
         raise CircuitSAEError(f"{where}: a sparsify coder with a skip connection (W_skip) is not supported")
     supported = registry.read_names("sparsify")
-    if cfg.get("activation", "topk") not in supported:
+    activation = optional(cfg, "activation", where, str, "topk")
+    if activation not in supported:
         raise CircuitSAEError(
-            f"{where}: sparsify activation {cfg.get('activation')!r} is not supported (supported: {', '.join(supported)})"
+            f"{where}: sparsify activation {activation!r} is not supported (supported: {', '.join(supported)})"
         )
-    if cfg.get("signed"):
+    if flag(cfg, "signed", where, False):
         raise CircuitSAEError(f"{where}: a signed sparsify TopK (signed: true) is not supported")
     d, k = positive_int(cfg, "d_in", where), positive_int(cfg, "k", where)
-    m = int(cfg.get("num_latents") or 0) or d * positive_int(cfg, "expansion_factor", where)
+    n = cfg.get("num_latents")  # 0 (sparsify's default): expansion_factor · d_in
+    m = (
+        d * positive_int(cfg, "expansion_factor", where)
+        if n is None or n == 0
+        else positive_int(cfg, "num_latents", where)
+    )
     tensors = load_safetensors(weights)
     if "W_skip" in tensors:
         raise CircuitSAEError(f"{weights}: a sparsify coder with a skip connection (W_skip) is not supported")
@@ -54,7 +61,7 @@ def read_sparsify(path: "str | Path") -> Dictionary:
     shapes = {"encoder.weight": (m, d), "encoder.bias": (m,), "W_dec": (m, d), "b_dec": (d,)}
     check_tensors(str(weights), tensors, shapes, f"sparsify TopK coder (d_in={d}, num_latents={m})")
     t = {k_: f32(v) for k_, v in tensors.items()}
-    kind = registry.reader("sparsify", cfg.get("activation", "topk")).architecture
+    kind = registry.reader("sparsify", activation).architecture
     parts = Parts(
         kind, d, m, W_enc=t["encoder.weight"], W_dec=t["W_dec"], b_dec=t["b_dec"], b_enc=t["encoder.bias"], k=k
     )
@@ -63,6 +70,8 @@ def read_sparsify(path: "str | Path") -> Dictionary:
         hookpoint, run = run.name, run.parent
     run_cfg = read_json(run / "config.json") if (run / "config.json").is_file() else {}
     run_cfg = run_cfg if isinstance(run_cfg, dict) else {}
+    optional(run_cfg, "model", str(run / "config.json"), str)
+    optional(run_cfg, "ctx_len", str(run / "config.json"), int)
     meta: dict[str, Any] = {}
     if run_cfg.get("model"):
         meta["model"] = run_cfg["model"]
