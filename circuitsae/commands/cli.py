@@ -19,6 +19,7 @@ from typing import Any
 from circuitsae import distributed
 from circuitsae.config import add_arguments, from_arguments
 from circuitsae.errors import CircuitSAEError
+from circuitsae.io import disk_full
 
 #: the commands, in the order ``circuitsae --help`` lists them: each module has NAME, HELP, DESCRIPTION,
 #: EXAMPLES, Config (the dataclass its flags come from), run(cfg, *, model, progress) and show(result)
@@ -88,7 +89,8 @@ def _run(module: ModuleType, args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; return 0, 2 on a usage error or bad input (one line on stderr), 130 on Ctrl-C."""
+    """Run one command; return 0, 2 on a usage error, bad input or a full disk (one line on stderr), 130 on
+    Ctrl-C."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -101,6 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             distributed.shutdown()
     except CircuitSAEError as e:
         print(f"circuitsae: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk wherever it strikes (a log line, a plot) is one line, not a traceback
+        full = disk_full(e)
+        if full is None:
+            raise
+        print(f"circuitsae: error: {full}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("circuitsae: interrupted; re-run the same command to resume", file=sys.stderr)

@@ -1,4 +1,9 @@
-"""The files of one training folder: the checkpoint, the JSONL log and ``train.json``.
+"""The files of one training folder: its configuration, the checkpoint, the JSONL log and ``train.json``.
+
+**One training per folder.** At its start a training records its configuration (``train-config.json``: the
+fingerprint and every setting) and refuses a folder that holds another one, before any step, naming the settings
+that differ (a folder written before this record existed is compared with its ``train.json``, and its checkpoint
+by fingerprint).
 
 **Checkpoints and resume.** Every ``checkpoint_every`` steps all runs' weights, optimiser moments, dead-feature
 counters and RNG state are written atomically to ``out/checkpoint.pt``. Re-running the same command resumes
@@ -13,6 +18,7 @@ keeps its own checkpoint, log and ``train.json`` (suffix ``-rank{r}of{N}``), and
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -24,12 +30,41 @@ import torch
 
 from circuitsae import distributed
 from circuitsae.errors import CircuitSAEError
-from circuitsae.io import atomic_write
+from circuitsae.io import append_bytes, atomic_write
 from circuitsae.training.runs import Run
+
+#: the configuration a training folder holds (written at the start of the training)
+CONFIG_NAME = "train-config.json"
 
 
 class TrainingDiverged(CircuitSAEError):
     """A run's loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(_shown, value)) if value else "()"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "default" if value is None else str(value)
+
+
+def differing_settings(cfg: Any, recorded: dict[str, Any]) -> list[str]:
+    """The settings of ``cfg`` (a TrainConfig) whose ``recorded`` values would make another training (another
+    fingerprint); settings that do not (the output folder, the device, logging) are left out."""
+    now = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    mine = cfg.fingerprint()
+    names = []
+    for name, value in recorded.items():
+        if name not in now or now[name] == value:
+            continue
+        try:
+            other = dataclasses.replace(cfg, **{name: value}).fingerprint() != mine
+        except (CircuitSAEError, TypeError, ValueError):  # a value this version refuses: another training
+            other = True
+        if other:
+            names.append(name)
+    return names
 
 
 class Checkpoints:
@@ -65,6 +100,51 @@ class Checkpoints:
     @property
     def summary_path(self) -> Path:
         return self.out / f"train{self.rank_suffix}.json"
+
+    @property
+    def config_path(self) -> Path:
+        return self.out / CONFIG_NAME
+
+    def _recorded(self) -> "tuple[dict[str, Any], str | None] | None":
+        """The configuration the folder holds and its fingerprint (None: from an older ``train.json``), if any."""
+        for path, key in ((self.config_path, "config"), (self.summary_path, "config")):
+            if not path.is_file():
+                continue
+            try:
+                held = json.loads(path.read_text())
+                config = held[key]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise CircuitSAEError(
+                    f"{path} is unreadable: delete the folder {self.out} to start over, or use another --out"
+                ) from None
+            if isinstance(config, dict):
+                return config, held.get("fingerprint") if path == self.config_path else None
+        return None
+
+    def check_config(self, cfg: Any) -> None:
+        """Refuse, in one line naming the settings that differ, a folder that holds another training than
+        ``cfg``'s (with or without a checkpoint there)."""
+        recorded = self._recorded()
+        if recorded is None:
+            return
+        config, fingerprint = recorded
+        names = differing_settings(cfg, config)
+        if not names and fingerprint in (None, self.fingerprint):
+            return
+        now = dataclasses.asdict(cfg)
+        there = ", ".join(f"{n}={_shown(config[n])}" for n in names) or f"fingerprint {fingerprint}"
+        here = ", ".join(f"{n}={_shown(now[n])}" for n in names) or f"fingerprint {self.fingerprint}"
+        raise CircuitSAEError(
+            f"{self.out} holds a different training command, with {there} (this one: {here}): use another --out, "
+            "or delete the folder to start over"
+        )
+
+    def claim(self, cfg: Any) -> None:
+        """At the start of a training: :meth:`check_config`, then record ``cfg`` in the folder (rank 0)."""
+        self.check_config(cfg)
+        if self.world.main and not self.config_path.is_file():
+            record = {"fingerprint": self.fingerprint, "config": dataclasses.asdict(cfg)}
+            atomic_write(self.config_path, json.dumps(record, indent=1, default=str).encode())
 
     def save(self, step: int, scales: dict[str, float], parallel: str, runs: list[Run]) -> None:
         """Write every run's state atomically; refuses (TrainingDiverged) if a weight is not finite."""
@@ -144,14 +224,20 @@ class Checkpoints:
         """Drop log lines written after ``step``, the checkpoint we resume from."""
         if not self.writes or not self.log_path.is_file():
             return
-        keep = [ln for ln in self.log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        keep = []
+        for ln in self.log_path.read_text().splitlines():
+            try:
+                record = json.loads(ln)
+            except ValueError:  # a line cut short (by a crash): its step is re-run and logged again
+                continue
+            if record["step"] <= step:
+                keep.append(ln)
         atomic_write(self.log_path, ("\n".join(keep) + "\n" if keep else "").encode())
 
     def append_log(self, records: list[dict[str, Any]]) -> None:
-        """One JSONL line per record (this process writes only if :attr:`writes`)."""
+        """One JSONL line per record (this process writes only if :attr:`writes`), appended whole or not at all."""
         if self.writes:
-            with open(self.log_path, "a") as f:
-                f.write("\n".join(json.dumps(rec) for rec in records) + "\n")
+            append_bytes(self.log_path, ("\n".join(json.dumps(rec) for rec in records) + "\n").encode())
 
     def check_finite(self, runs: list[Run], losses: list[Any], step: int) -> None:
         """Stop with the last good checkpoint kept if any run's loss is NaN or inf."""
