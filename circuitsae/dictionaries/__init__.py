@@ -43,6 +43,7 @@ from circuitsae.dictionaries.relu import ReluSAE
 from circuitsae.dictionaries.topk import TopKSAE
 from circuitsae.dictionaries.writers import FORMAT
 from circuitsae.errors import CircuitSAEError
+from circuitsae.memory import MemoryPlan
 
 
 def load_dictionary(path: "str | Path", device: "str | torch.device" = "cpu", verify: bool = True) -> Dictionary:
@@ -80,7 +81,8 @@ def _read_circuitsae(path: Path) -> Dictionary:
         raise CircuitSAEError(f"{path} {what}: not a saved dictionary (expected sae.safetensors + cfg.json)")
     cfg = read_json(cfg_path)
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        raise CircuitSAEError(f"{cfg_path} is not a circuitsae dictionary config (format {FORMAT!r} expected)")
+        other = "" if isinstance(cfg, dict) and "format" in cfg else ", nor a SAE Lens or sparsify config"
+        raise CircuitSAEError(f"{cfg_path} is not a circuitsae dictionary config (format {FORMAT!r} expected){other}")
     for key in ("architecture", "d", "d_dict"):
         if key not in cfg:
             raise CircuitSAEError(f"{cfg_path} lacks the key {key!r}")
@@ -109,14 +111,15 @@ def _read_circuitsae(path: Path) -> Dictionary:
                 raise CircuitSAEError(
                     f"{weights}: {k} is stored as {dtype} but a {cls.__name__} holds {expected[k][1]}"
                 )
-        _check_memory(path, nbytes + sum(math.prod(s) * t.itemsize for s, t in expected.values()))
+        stored_bytes = sum(math.prod(s) * t.itemsize for s, t in expected.values())
+        MemoryPlan(f"loading {path}").add("the dictionary", nbytes).add("its file's tensors", stored_bytes).check()
         try:
             tensors = safetensors.torch.load_file(weights)
         except Exception as e:  # safetensors raises several types for a bad file
             raise CircuitSAEError(f"{weights} is not a readable safetensors file ({e})") from None
         check_finite(str(weights), tensors, cls.minus_infinity_allowed)
     else:
-        _check_memory(path, nbytes)
+        MemoryPlan(f"loading {path}").add("the dictionary", nbytes).check()
     dictionary = cls(**args)
     dictionary.load_state_dict(tensors)
     dictionary.meta = {k: v for k, v in cfg.items() if k not in ("format", "architecture", *args)}
@@ -144,23 +147,6 @@ def _planned(
     tensors = {id(t): t for t in (*probe.parameters(), *probe.buffers())}
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     return {k: (tuple(v.shape), v.dtype) for k, v in probe.state_dict().items()}, nbytes
-
-
-def _check_memory(path: Path, nbytes: int) -> None:
-    """Refuse, in one line, a dictionary whose tensors would not fit in the memory available."""
-    try:
-        with open("/proc/meminfo") as f:
-            found = [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    except (OSError, ValueError, IndexError):
-        return
-    if not found:
-        return
-    available = found[0]
-    if nbytes > available:
-        raise CircuitSAEError(
-            f"{path}: loading it would need {nbytes / 2**30:.3g} GiB of memory, more than the "
-            f"{available / 2**30:.3g} GiB available"
-        )
 
 
 __all__ = [
