@@ -628,6 +628,14 @@ def _sparse_skip(p):
     return p
 
 
+def _sparse_inf(p):
+    _sparsify_coder(p)
+    t = safetensors.torch.load_file(p / "sae.safetensors")
+    t["encoder.bias"][0] = float("inf")
+    safetensors.torch.save_file(t, p / "sae.safetensors")
+    return p
+
+
 def _bad_safetensors(p):
     _saelens_folder(p, "standard", _saelens_tensors("standard"))
     (p / "sae_weights.safetensors").write_bytes(b"garbage")
@@ -703,6 +711,25 @@ REFUSALS = {
     "sparsify-skip": (_sparse(skip_connection=True), r"skip connection"),
     "sparsify-w-skip": (_sparse_skip, r"skip connection \(W_skip\)"),
     "sparsify-groupmax": (_sparse(activation="groupmax"), r"activation 'groupmax' is not supported"),
+    # config values of the wrong type or size, and non-finite tensors: one line each, before any allocation
+    "lens-d-sae-string": (_lens(d_sae="32"), r"'d_sae' must be a positive integer, got '32'"),
+    "lens-d-in-huge": (_lens(d_in=10**9), r"W_enc has shape \(12, 32\) but a SAE Lens standard SAE \(d_in=1000000000,"),
+    "lens-flag-string": (_lens(apply_b_dec_to_input="false"), r"'apply_b_dec_to_input' must be true or false"),
+    "lens-hook-name-list": (_lens(metadata={"hook_name": ["blocks.1"]}), r"'hook_name' must be a string"),
+    "lens-recorded-junk": (
+        _lens(metadata={"circuitsae": {"architecture": "relu", "config": {"tied": "yes"}}}),
+        r"its recorded circuitsae config: 'tied' must be true or false, got 'yes'",
+    ),
+    "dl-nan": (_dl(state=lambda c: _edit(_dl_state(c), bias=torch.full((D,), float("nan")))), r"bias holds NaN or inf"),
+    "dl-dict-size-huge": (_dl(dict_size=10**12), r"has shape \(32, 12\) but a dictionary_learning AutoEncoder"),
+    "dl-layer-string": (_dl(layer="3"), r"'layer' must be an integer, got '3'"),
+    "dl-k-fractional": (
+        _dl("AutoEncoderTopK", state=lambda c: _edit(_dl_state(c), k=torch.tensor(2.5))),
+        r"the k buffer holds 2.5, not a whole number",
+    ),
+    "sparsify-inf": (_sparse_inf, r"encoder.bias holds NaN or inf"),
+    "sparsify-num-latents-string": (_sparse(num_latents="32"), r"'num_latents' must be a positive integer, got '32'"),
+    "sparsify-flag-string": (_sparse(transcode="no"), r"'transcode' must be true or false, got 'no'"),
     "sparsify-free-norms": (
         _sparse(norms=_spread(F, torch.Generator().manual_seed(5)), normalize_decoder=False),
         r"would change which k features fire",
