@@ -143,7 +143,7 @@ def _planned(
     except (RuntimeError, ValueError, TypeError, OverflowError) as e:
         sizes = ", ".join(f"{k}={v!r}" for k, v in args.items() if isinstance(v, int) and not isinstance(v, bool))
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CircuitSAEError(f"{where}: {sizes} describe tensors too large to exist ({first})") from None
+        raise CircuitSAEError(f"{where}: a {cls.__name__} with {sizes} cannot be built ({first})") from None
     tensors = {id(t): t for t in (*probe.parameters(), *probe.buffers())}
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     return {k: (tuple(v.shape), v.dtype) for k, v in probe.state_dict().items()}, nbytes
