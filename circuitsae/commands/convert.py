@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from circuitsae.config import option
+from circuitsae.config import option, validate
 from circuitsae.dictionaries import Dictionary, load_dictionary, registry
 from circuitsae.dictionaries.formats import write_saelens
 from circuitsae.errors import CircuitSAEError
+from circuitsae.io import LOCK_NAME, lock_folder, probe_folder
 
 NAME = "convert"
 HELP = "read a dictionary in any format; write it as circuitsae or SAE Lens"
@@ -41,6 +43,7 @@ class ConvertConfig:
     )
 
     def __post_init__(self) -> None:
+        validate(self)
         if self.to not in ("circuitsae", "saelens"):
             raise CircuitSAEError(f"convert needs --to circuitsae or --to saelens, got {self.to!r}")
         if self.architecture is not None and self.to != "saelens":
@@ -50,15 +53,34 @@ class ConvertConfig:
 
 
 def convert(cfg: ConvertConfig) -> tuple[Path, Dictionary]:
-    """Read ``cfg.source`` in whatever format it is and write it to the new folder ``cfg.out``."""
-    out = Path(cfg.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    """Read ``cfg.source`` in whatever format it is and write it to the new folder ``cfg.out``.
+
+    The output is locked against other writers and probed before the dictionary is read; a write that fails (a
+    full disk) leaves nothing behind: the files written are removed, and the folder too if convert made it.
+    """
+    source, out = Path(cfg.source), Path(cfg.out)
+    if source.exists() and (out.resolve() == source.resolve() or source.resolve() in out.resolve().parents):
+        where = "is the input folder" if out.resolve() == source.resolve() else f"is inside the input folder {source}"
+        raise CircuitSAEError(f"{out} {where}: convert writes a new folder, name one outside {source}")
+    if out.exists() and not out.is_dir():
         raise CircuitSAEError(f"{out} exists and is not empty: convert never overwrites, name a new folder")
-    dictionary = load_dictionary(cfg.source)
-    if cfg.to == "saelens":
-        write_saelens(dictionary, out, cfg.architecture)
-    else:
-        dictionary.save(out)
+    with lock_folder(out, "convert"):
+        if any(p.name != LOCK_NAME for p in out.iterdir()):
+            raise CircuitSAEError(f"{out} exists and is not empty: convert never overwrites, name a new folder")
+        probe_folder(out)
+        dictionary = load_dictionary(cfg.source)
+        try:
+            if cfg.to == "saelens":
+                write_saelens(dictionary, out, cfg.architecture)
+            else:
+                dictionary.save(out)
+        except BaseException:
+            for p in out.iterdir():
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                elif p.name != LOCK_NAME:
+                    p.unlink(missing_ok=True)
+            raise
     return out, dictionary
 
 

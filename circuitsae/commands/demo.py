@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from circuitsae.config import model_dtype_option, option
+from circuitsae.config import model_dtype_option, option, validate
 from circuitsae.errors import CircuitSAEError
-from circuitsae.io import atomic_write, digest
+from circuitsae.io import atomic_write, digest, lock_folder, probe_folder
 
 
 @dataclass
@@ -46,23 +46,24 @@ class DemoConfig:
         "default: the four ending three blocks before the last (SmolLM2: resid.24-27, Gemma 3: resid.12-15)",
     )
     scale: float = option(
-        1.0, "multiplies tokens, IOI prompts and thresholds (5: the paper's 50 prompts and thresholds)"
+        1.0,
+        "multiplies tokens, IOI prompts and thresholds (5: the paper's 50 prompts and thresholds)",
+        above=0,
+        max=1e4,
     )
-    tokens: int = option(200_000, "training tokens per site at scale 1")
-    ioi_prompts: int = option(10, "IOI prompt pairs at scale 1 (at most 50)")
-    ioi_thresholds: int = option(10, "ACDC thresholds at scale 1 (at most 50)")
+    tokens: int = option(200_000, "training tokens per site at scale 1", min=1, max=1 << 40)
+    ioi_prompts: int = option(10, "IOI prompt pairs at scale 1 (at most 50)", min=1, max=50)
+    ioi_thresholds: int = option(10, "ACDC thresholds at scale 1 (at most 50)", min=1, max=50)
     ioi_dense_acdc: bool = option(
         False, "exact ACDC for the dense baselines (α = 0, PCA) too, not only attribution: hours on a 2-core CPU"
     )
-    tree_contexts: int = option(20, "contexts of the causal tree")
-    branching: int = option(3, "parents kept per node of the causal tree")
+    tree_contexts: int = option(20, "contexts of the causal tree", min=1, max=100_000)
+    branching: int = option(3, "parents kept per node of the causal tree", min=1, max=1000)
     device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
     model_dtype: "str | None" = model_dtype_option()
 
     def __post_init__(self) -> None:
-        self.sites = tuple(self.sites)
-        if self.scale <= 0:
-            raise CircuitSAEError("scale must be > 0")
+        validate(self)
         if len(self.sites) == 1:
             raise CircuitSAEError("the demo needs at least two successive sites (the tree goes upstream)")
 
@@ -182,13 +183,24 @@ def _feature_and_tree(cfg: DemoConfig, model: Any, out: Path, progress: bool) ->
 
 
 def run_demo(config: "DemoConfig | None" = None, *, progress: bool = True, **overrides: Any) -> dict:
-    """Run every step into ``config.out``; return the summary (also ``summary.json``, ``report.html``)."""
+    """Run every step into ``config.out``; return the summary (also ``summary.json``, ``report.html``).
+
+    The folder is locked against other writers for the whole run (each step's own lock nests inside) and probed
+    before the model loads.
+    """
+    cfg = DemoConfig(**{**(asdict(config) if config else {}), **overrides})
+    with lock_folder(cfg.out, "demo"):
+        probe_folder(cfg.out)
+        return _run_demo(cfg, progress)
+
+
+def _run_demo(cfg: DemoConfig, progress: bool) -> dict:
+    """:func:`run_demo` in its locked folder."""
     from circuitsae.data.harvest import HarvestConfig, harvest
     from circuitsae.models import dtype_name, input_device, load_model
     from circuitsae.training.evaluate import format_table
     from circuitsae.viz.report import write_report
 
-    cfg = DemoConfig(**{**(asdict(config) if config else {}), **overrides})
     out = Path(cfg.out)
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from circuitsae.circuits.trees import CausalTree, causal_tree
-from circuitsae.config import model_dtype_option, option
+from circuitsae.config import model_dtype_option, option, validate
 from circuitsae.dictionaries.folders import select_dictionaries
 from circuitsae.errors import CircuitSAEError
+from circuitsae.io import lock_folder, probe_folder
 from circuitsae.models import load_model
 from circuitsae.sites import parse_target
 from circuitsae.viz.render import render
@@ -34,35 +36,43 @@ class TreeConfig:
     target: str = option("", "SITE:FEATURE, e.g. resid.5:123", positional="SITE:ID")
     dictionaries: tuple[str, ...] = option((), "dictionary folders or a training output folder (one per site)")
     arch: "str | None" = option(None, "keep only dictionaries of this architecture (relu, gated, ...)")
-    coefficient: "float | None" = option(None, "keep only dictionaries trained with this sparsity coefficient")
-    depth: int = option(3, "levels of parents to search (sites upstream of the target)")
-    branching: int = option(3, "parents kept per node")
-    contexts: int = option(20, "contexts where the target is in [M/2, M]")
+    coefficient: "float | None" = option(None, "keep only dictionaries trained with this sparsity coefficient", min=0)
+    depth: int = option(3, "levels of parents to search (sites upstream of the target)", min=1, max=1000)
+    branching: int = option(3, "parents kept per node", min=1, max=1000)
+    contexts: int = option(20, "contexts where the target is in [M/2, M]", min=1, max=100_000)
     store: "str | None" = option(None, "activation store (default: the one the target dictionary was trained on)")
     model: "str | None" = option(None, "model (default: the one the dictionaries were trained on)")
-    seed: int = option(0, "seed of the context sample")
+    seed: int = option(0, "seed of the context sample", min=0, max=(1 << 63) - 1)
     mode: str = option(
         "paper",
         "paper: every parent is a target of its own, on its own contexts (Cunningham et al. §5.3); "
         "shared: every level on the root's contexts",
+        choices=("paper", "shared"),
     )
-    max_nodes: int = option(40, "draw at most this many nodes (the strongest)")
+    max_nodes: int = option(40, "draw at most this many nodes (the strongest)", min=1, max=100_000)
     out: str = option("runs/tree/causal_tree", "output path stem: writes .dot, .svg, .png and .json")
     device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
     model_dtype: "str | None" = model_dtype_option()
 
     def __post_init__(self) -> None:
-        self.dictionaries = tuple(self.dictionaries)
-        if min(self.depth, self.branching, self.contexts, self.max_nodes) < 1:
-            raise CircuitSAEError("depth, branching, contexts and max_nodes must be >= 1")
+        validate(self)
         if not self.dictionaries:
             raise CircuitSAEError("name the dictionaries with --dictionaries")
-        if self.mode not in ("paper", "shared"):
-            raise CircuitSAEError(f"--mode must be paper or shared, not {self.mode!r}")
 
 
 def run_tree(cfg: TreeConfig, model: Any = None, progress: bool = True) -> tuple[CausalTree, dict[str, str]]:
-    """Load what ``cfg`` names, build the tree and render it; return the tree and the written paths."""
+    """Load what ``cfg`` names, build the tree and render it; return the tree and the written paths.
+
+    The folder of ``cfg.out`` is locked against other writers and probed before anything loads.
+    """
+    folder = Path(cfg.out).parent
+    with lock_folder(folder, "tree"):
+        probe_folder(folder)
+        return _run_tree(cfg, model, progress)
+
+
+def _run_tree(cfg: TreeConfig, model: Any, progress: bool) -> tuple[CausalTree, dict[str, str]]:
+    """:func:`run_tree` with its folder locked."""
     target = parse_target(cfg.target)
     dicts = select_dictionaries(cfg.dictionaries, cfg.arch, cfg.coefficient)
     if target[0] not in dicts:
