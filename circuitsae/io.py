@@ -328,9 +328,11 @@ class FolderLock:
 
     @property
     def held(self) -> bool:
+        """Whether this object holds the folder (it may share the hold with a nested lock of this process)."""
         return self._held is not None
 
     def acquire(self) -> "FolderLock":
+        """Take the folder (a no-op if this object holds it); one-line error if another process holds it."""
         if self._held is not None:
             return self
         folder = self.folder
@@ -355,6 +357,7 @@ class FolderLock:
         return self
 
     def release(self) -> None:
+        """Let go of the folder; the last holder in this process removes the lock file and releases the lock."""
         held, self._held = self._held, None
         if held is None:
             return
