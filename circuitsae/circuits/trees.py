@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from circuitsae import sites as sites_mod
 from circuitsae.circuits.features import feature_activations, row_tokens, site_codes, site_hook
-from circuitsae.data.store import ActivationStore
+from circuitsae.data.store import ActivationStore, recorded_store
 from circuitsae.dictionaries import Dictionary
 from circuitsae.errors import CircuitSAEError
 from circuitsae.interventions.replay import Blocks, KeyValueWindow, tolerance
@@ -484,9 +484,8 @@ def causal_tree(
     hf = sites_mod._hf_module(model)
     dicts = {s: dictionaries[s] for s in chain}
     site, feature = chain[-1], int(target[1])
-    store = store if store is not None else dicts[site].meta.get("store")
     if store is None:
-        raise CircuitSAEError("the target dictionary does not name its activation store: pass store=")
+        store = recorded_store(dicts[site].meta, dicts[site].folder, f"the dictionary at {site}")
     store = ActivationStore(store) if not isinstance(store, ActivationStore) else store
     chain = chain[max(0, len(chain) - 1 - depth) :]
     if mode == "paper":

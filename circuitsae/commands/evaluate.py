@@ -26,4 +26,5 @@ def run(cfg: EvalConfig, *, model: Any = None, progress: bool = True) -> Evaluat
 
 def show(report: Evaluation) -> str:
     """What ``circuitsae eval`` prints."""
-    return format_table(report) + f"\nwrote {report.path}"
+    stores = ", ".join(dict.fromkeys(r.store for r in report.results.values()))
+    return format_table(report) + f"\nheld-out data from store {stores}\nwrote {report.path}"

@@ -7,7 +7,7 @@ from typing import Any
 
 from circuitsae.circuits.features import FeatureReport, analyse_feature
 from circuitsae.config import model_dtype_option, option, validate
-from circuitsae.data.store import ActivationStore
+from circuitsae.data.store import ActivationStore, recorded_store
 from circuitsae.dictionaries.folders import select_dictionaries
 from circuitsae.errors import CircuitSAEError
 from circuitsae.models import load_model
@@ -56,14 +56,10 @@ def run_feature(cfg: FeatureConfig, model: Any = None, progress: bool = True) ->
     if site not in dicts:
         raise CircuitSAEError(f"no dictionary at {site}: the dictionaries given are at {', '.join(dicts)}")
     d = dicts[site]
-    store_path = cfg.store or d.meta.get("store")
-    if store_path is None:
-        raise CircuitSAEError("the dictionary does not name its activation store: pass --store")
+    store = ActivationStore(cfg.store) if cfg.store else recorded_store(d.meta, d.folder, f"the dictionary at {site}")
     name = cfg.model or d.meta.get("model", "smollm2-135m")
     model = model or load_model(name, device=cfg.device, dtype=cfg.model_dtype)
-    report = analyse_feature(
-        model, d, ActivationStore(store_path), feature, site, k=cfg.contexts, split=cfg.split, progress=progress
-    )
+    report = analyse_feature(model, d, store, feature, site, k=cfg.contexts, split=cfg.split, progress=progress)
     write_feature_report(report, cfg.out)
     return report
 

@@ -31,12 +31,12 @@ import numpy as np
 
 from circuitsae.circuits.acdc import acdc, default_thresholds
 from circuitsae.circuits.curves import feature_sets, halving, label, score_sets, split_prompts, transfer
-from circuitsae.config import model_dtype_option, option
-from circuitsae.data.store import ActivationStore
+from circuitsae.config import model_dtype_option, option, validate
+from circuitsae.data.store import recorded_store
 from circuitsae.dictionaries import Dictionary, PCADictionary, load_dictionary
 from circuitsae.dictionaries.folders import dictionary_folders
 from circuitsae.errors import CircuitSAEError, NothingToPatch
-from circuitsae.io import atomic_write, digest
+from circuitsae.io import atomic_write, digest, lock_folder, probe_folder
 from circuitsae.models import dtype_name, input_device, load_model
 from circuitsae.tasks.ioi import ioi_performance, make_ioi
 from circuitsae.viz.plots import plot_curves, plot_transfer
@@ -53,6 +53,11 @@ EXAMPLES = (
 )
 
 
+ENGINES = ("auto", "downstream", "hook")
+#: IOI prompt pairs a run may ask for (each is a forward pass per evaluation)
+MAX_PROMPTS = 100_000
+
+
 @dataclass
 class IOIConfig:
     """Feature patching on IOI with ACDC ordering, for several dictionaries."""
@@ -61,11 +66,11 @@ class IOIConfig:
         (), "saved dictionary folders (or training output folders)", positional="DICTIONARY"
     )
     model: "str | None" = option(None, "model (default: the one the dictionaries were trained on)")
-    prompts: int = option(50, "IOI prompt pairs")
-    seed: int = option(0, "seed of the prompts and of ACDC's visiting order")
-    thresholds: int = option(50, "ACDC thresholds τ, log-spaced over [1e-5, 1]")
+    prompts: int = option(50, "IOI prompt pairs", min=1, max=MAX_PROMPTS)
+    seed: int = option(0, "seed of the prompts and of ACDC's visiting order", min=0, max=(1 << 63) - 1)
+    thresholds: int = option(50, "ACDC thresholds τ, log-spaced over [1e-5, 1]", min=1, max=10_000)
     pca: bool = option(True, "add a PCA baseline per site, fitted on the dictionaries' activation store")
-    pca_rows: int = option(200_000, "activations to fit PCA on")
+    pca_rows: int = option(200_000, "activations to fit PCA on", min=1, max=1 << 30)
     acdc: bool = option(True, "order by exact ACDC")
     acdc_dense: bool = option(
         True, "exact ACDC also for dense dictionaries (α = 0, PCA): every feature a candidate, slow on a CPU"
@@ -75,22 +80,20 @@ class IOIConfig:
         0,
         "also patch every chosen feature set into this many other prompts (the other half of the templates and "
         "names; the orderings then use the first half); 0: off",
+        min=0,
+        max=MAX_PROMPTS,
     )
-    engine: str = option("auto", "evaluator: auto, downstream (later layers only) or hook (full passes)")
+    engine: str = option(
+        "auto", "evaluator: auto, downstream (later layers only) or hook (full passes)", choices=ENGINES
+    )
     out: str = option("runs/ioi", "output folder: kl_vs_patches.json and .png")
     device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
     model_dtype: "str | None" = model_dtype_option()
 
     def __post_init__(self) -> None:
-        self.dictionaries = tuple(self.dictionaries)
-        if self.prompts < 1 or self.thresholds < 1:
-            raise CircuitSAEError("prompts and thresholds must be >= 1")
-        if self.heldout_prompts < 0:
-            raise CircuitSAEError("heldout_prompts must be >= 0")
+        validate(self)
         if not (self.acdc or self.attribution):
             raise CircuitSAEError("choose at least one ordering: ACDC or attribution")
-        if self.engine not in ("auto", "downstream", "hook"):
-            raise CircuitSAEError(f"engine must be auto, downstream or hook, not {self.engine!r}")
 
 
 @dataclass
@@ -183,13 +186,14 @@ class IOIRun:
 
 def _pca_for(site: str, dictionaries: list[Dictionary], rows: int) -> PCADictionary:
 
-    stores = {d.meta.get("store") for d in dictionaries} - {None}
-    if not stores:
+    recorded = [d for d in dictionaries if d.meta.get("store")]
+    if not recorded:
         raise CircuitSAEError(f"cannot fit PCA at {site}: the dictionaries do not record their store (use --no-pca)")
-    store = sorted(stores)[0]
-    if not Path(store).exists():
-        raise CircuitSAEError(f"cannot fit PCA at {site}: store {store} is missing (use --no-pca)")
-    pca = PCADictionary.fit(ActivationStore(store), site=site, max_rows=rows)
+    try:
+        store = recorded_store(recorded[0].meta, recorded[0].folder, f"the dictionary at {site}")
+    except CircuitSAEError as e:
+        raise CircuitSAEError(f"cannot fit PCA at {site}: {e} (or use --no-pca)") from None
+    pca = PCADictionary.fit(store, site=site, max_rows=rows)
     return pca
 
 
@@ -218,9 +222,18 @@ def _fingerprint(cfg: IOIConfig, path: str, d: Dictionary, thresholds: np.ndarra
 
 
 def run_ioi(config: "IOIConfig | None" = None, *, model: Any = None, progress: bool = True, **overrides: Any) -> IOIRun:
-    """Run the experiment; write ``kl_vs_patches.json`` and ``.png`` into ``config.out``; return the run."""
+    """Run the experiment; write ``kl_vs_patches.json`` and ``.png`` into ``config.out``; return the run.
 
+    The output folder is locked against other writers and probed before anything loads.
+    """
     cfg = IOIConfig(**{**(asdict(config) if config else {}), **overrides})
+    with lock_folder(cfg.out, "ioi"):
+        probe_folder(cfg.out)
+        return _run_ioi(cfg, model, progress)
+
+
+def _run_ioi(cfg: IOIConfig, model: Any, progress: bool) -> IOIRun:
+    """:func:`run_ioi` in its locked folder."""
     t_all = time.perf_counter()
     folders = dictionary_folders(cfg.dictionaries)
     # loaded on the CPU; each goes to its site's device when its curve starts (acdc places it), as PCA does

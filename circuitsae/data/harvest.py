@@ -10,9 +10,12 @@ exactly the store an uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
+import shutil
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,10 +24,12 @@ from tqdm.auto import tqdm
 
 from circuitsae import distributed
 from circuitsae import sites as sites_mod
-from circuitsae.config import model_dtype_option, option
+from circuitsae.config import model_dtype_option, option, validate
 from circuitsae.data import corpora
 from circuitsae.data.store import STORE_DTYPES, ActivationStore, StoreWriter, to_numpy
 from circuitsae.errors import CircuitSAEError
+from circuitsae.io import lock_folder, probe_folder
+from circuitsae.memory import MemoryPlan, format_bytes
 from circuitsae.models import (
     DEFAULT_MODEL,
     dtype_name,
@@ -35,6 +40,12 @@ from circuitsae.models import (
     start_token_id,
 )
 
+#: bounds of a harvest's sizes (the disk a store needs is checked once the model's width is known)
+MAX_TOKENS = 1 << 40
+MAX_CTX_LEN = 1 << 20
+MAX_BATCH = 1 << 20
+MAX_SEED = (1 << 63) - 1
+
 
 @dataclass
 class HarvestConfig:
@@ -42,42 +53,38 @@ class HarvestConfig:
 
     model: str = option(DEFAULT_MODEL, "model: built-in name, local HF folder or hub id")
     sites: tuple[str, ...] = option(("resid.3",), "sites to record, e.g. resid.3 mlp.3 attn.4")
-    tokens: int = option(100_000, "activation vectors (tokens) to store per site for training")
+    tokens: int = option(100_000, "activation vectors (tokens) to store per site for training", min=1, max=MAX_TOKENS)
     out: str = option("runs/activations", "output folder of the activation store")
     corpus: str = option(
         corpora.DEFAULT_CORPUS, "corpus: mix, sotu, bbc, a folder, a .txt/.jsonl file, or a HF dataset"
     )
-    ctx_len: int = option(128, "tokens per context, the start token included")
-    batch_size: int = option(16, "contexts per forward pass")
+    ctx_len: int = option(128, "tokens per context, the start token included", min=2, max=MAX_CTX_LEN)
+    batch_size: int = option(16, "contexts per forward pass", min=1, max=MAX_BATCH)
     dtype: str | None = option(
-        None, "storage dtype: float16, bfloat16 or float32 (default: float16; bfloat16 for families that overflow it)"
+        None,
+        "storage dtype: float16, bfloat16 or float32 (default: float16; bfloat16 for families that overflow it)",
+        choices=tuple(STORE_DTYPES),
     )
-    seed: int = option(0, "seed of the document and context order")
-    heldout_tokens: int | None = option(None, "tokens to store from the held-out split (default: 5%% of --tokens)")
-    heldout_fraction: float = option(0.05, "fraction of documents reserved for the held-out split")
+    seed: int = option(0, "seed of the document and context order", min=0, max=MAX_SEED)
+    heldout_tokens: int | None = option(
+        None,
+        "tokens to store from the held-out split: the SAEs' held-out metrics come from them; 0 stores none (default: "
+        "5%% of --tokens)",
+        min=0,
+        max=MAX_TOKENS,
+    )
+    heldout_fraction: float = option(
+        0.05, "fraction of documents reserved for the held-out split, in (0, 1)", above=0, max=0.99
+    )
     keep_bos: bool = option(False, "also store position 0 (the start token; a huge outlier)")
-    shard_contexts: int = option(128, "contexts per shard (the unit of resumption)")
+    shard_contexts: int = option(128, "contexts per shard (the unit of resumption)", min=1, max=MAX_BATCH)
     device: str | None = option(None, "device for the model: cpu, cuda, cuda:N (default: cuda if available)")
     model_dtype: str | None = model_dtype_option()
 
     def __post_init__(self) -> None:
-        self.sites = tuple(str(s) for s in self.sites)
-        checks = [
-            (self.tokens > 0, f"tokens must be > 0, got {self.tokens}"),
-            (self.ctx_len >= 2, f"ctx_len must be >= 2, got {self.ctx_len}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.shard_contexts >= 1, f"shard_contexts must be >= 1, got {self.shard_contexts}"),
-            (
-                self.dtype is None or self.dtype in STORE_DTYPES,
-                f"dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}",
-            ),
-            (self.heldout_tokens is None or self.heldout_tokens >= 0, "heldout_tokens must be >= 0"),
-            (0 <= self.heldout_fraction < 1, "heldout_fraction must be in [0, 1)"),
-            (len(self.sites) > 0, "name at least one site, e.g. resid.3"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise CircuitSAEError(msg)
+        validate(self)
+        if not self.sites:
+            raise CircuitSAEError("name at least one site, e.g. resid.3")
         for s in self.sites:
             sites_mod.Site.parse(s)
 
@@ -122,6 +129,39 @@ def _storable(x: torch.Tensor, site: str, dtype: str) -> torch.Tensor:
     return stored
 
 
+def check_resources(cfg: HarvestConfig, meta: dict, device: Any = "cpu") -> MemoryPlan:
+    """Refuse, in one line, a harvest whose memory or store would not fit, before anything is tokenised or written.
+
+    Memory: every context's token ids, one shard's buffers (every site, the storage dtype) and a forward pass
+    (a generous estimate: ``4 · batch · ctx · (32·d + 16·ctx)`` bytes, the residual stream's temporaries and
+    the attention scores of one layer). Disk: the store's shards, less what the output folder already holds
+    (a resumed harvest), against the free space of the file system it is on.
+    """
+    d, n_sites = int(meta["d"]), len(meta["sites"])
+    itemsize = np.dtype(STORE_DTYPES[meta["dtype"]][0]).itemsize
+    contexts = sum(info["contexts"] for info in meta["splits"].values())
+    rows = sum(info["rows"] for info in meta["splits"].values())
+    plan = MemoryPlan(f"harvesting {n_sites} site(s) of width {d}").extend(
+        [
+            ("token ids", 8 * contexts * cfg.ctx_len),
+            ("shard buffers", itemsize * cfg.shard_contexts * cfg.rows_per_context * d * n_sites),
+            ("forward pass", 4 * cfg.batch_size * cfg.ctx_len * (32 * d + 16 * cfg.ctx_len)),
+        ]
+    )
+    plan.check(device)
+    need = itemsize * rows * d * n_sites
+    out = Path(cfg.out)
+    have = sum(f.stat().st_size for f in out.glob("*.npy")) if out.is_dir() else 0
+    probe = next(p for p in (out, *out.absolute().parents) if p.exists())
+    free = shutil.disk_usage(probe).free
+    if need - have > free:
+        raise CircuitSAEError(
+            f"the store would take {format_bytes(need)} on disk ({format_bytes(need - have)} still to write) but "
+            f"{probe} has {format_bytes(free)} free: harvest fewer tokens or sites, or choose another --out"
+        )
+    return plan
+
+
 @torch.no_grad()
 def record(model: Any, sites: list[sites_mod.Site], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Activations ``[batch, seq, d]`` of ``sites`` (in forward order) on ``input_ids``.
@@ -150,12 +190,26 @@ def harvest(
 
     Re-running with the same settings resumes an interrupted harvest (or
     returns at once if it is complete); a folder holding a different store is
-    refused.
+    refused, and so is a folder another process is writing (checked, with the
+    folder's writability, before the model loads).
     """
     cfg = HarvestConfig(**{**(asdict(config) if config else {}), **overrides})
     world = distributed.init(resolve_device(cfg.device).type if model is None else input_device(model).type)
     if world.active and model is None and resolve_device(cfg.device) == torch.device("cuda"):
         cfg.device = f"cuda:{world.local_rank}"  # one GPU per rank
+    with contextlib.ExitStack() as held:
+
+        def claim() -> None:  # rank 0 holds the folder; if it cannot, every rank stops with its one line
+            if world.main:
+                held.enter_context(lock_folder(cfg.out, "harvest"))
+                probe_folder(cfg.out)
+
+        distributed.on_every_rank(claim, "taking the output folder")
+        return _harvest(cfg, world, model, progress)
+
+
+def _harvest(cfg: HarvestConfig, world: distributed.World, model: Any, progress: bool) -> ActivationStore:
+    """:func:`harvest` into the claimed folder."""
     if model is None:
         model = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     cfg.model = model_name(model)
@@ -180,6 +234,7 @@ def harvest(
             for s, n in n_ctx.items()
         },
     }
+    check_resources(cfg, meta, device=input_device(model))
     # Tokenise first: a corpus too small or empty fails before anything is written.
     ids = {
         split: corpora.contexts(tok, n, cfg.ctx_len, cfg.corpus, split, cfg.seed, cfg.heldout_fraction)

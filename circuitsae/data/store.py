@@ -28,6 +28,7 @@ the data itself is then memory-mapped, never copied whole. A failing check raise
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -41,7 +42,7 @@ import torch
 
 from circuitsae.data.reader import reference_batches, shuffled_batches
 from circuitsae.errors import CircuitSAEError
-from circuitsae.io import atomic_write, sha256_file, writer_tag
+from circuitsae.io import LOCK_NAME, atomic_write, sha256_file, writer_tag
 
 FORMAT = "circuitsae-activations/1"
 SPLITS = ("train", "heldout")
@@ -118,7 +119,7 @@ class StoreWriter:
         resuming = meta_path.is_file()
         if resuming:
             self._check_compatible(meta_path)
-        elif any(p for p in self.root.iterdir() if not p.name.startswith(".tmp-")):
+        elif any(p for p in self.root.iterdir() if not p.name.startswith(".tmp-") and p.name != LOCK_NAME):
             raise CircuitSAEError(
                 f"output folder {str(self.root)!r} is not empty and holds no activation store; "
                 "choose an empty or new folder"
@@ -278,6 +279,19 @@ class ActivationStore:
     @property
     def config(self) -> dict:
         return dict(self.meta["config"])
+
+    @property
+    def fingerprint(self) -> str:
+        """The store's identity: a digest of what was harvested and the sha256 of every file of every shard.
+
+        Two copies of one store (moved, copied to another machine) have the same fingerprint; any other store,
+        even one harvested with other settings into the same folder, has another.
+        """
+        h = hashlib.sha1(json.dumps([self.meta["config"], self.sites, self.d, self.dtype], sort_keys=True).encode())
+        for split in SPLITS:
+            for m in self.manifests[split]:
+                h.update("".join(f["sha256"] for f in m["files"].values()).encode())
+        return h.hexdigest()[:16]
 
     def n_rows(self, split: str = "train") -> int:
         """Number of stored activation vectors (tokens) per site in ``split``."""
@@ -542,3 +556,34 @@ def store_from_tensors(
             )
     writer.finish()
     return ActivationStore(root)
+
+
+def recorded_store(
+    meta: "dict[str, Any]", folder: "str | Path | None" = None, where: str = "the dictionary"
+) -> ActivationStore:
+    """The store a saved dictionary records in its ``meta``: ``store`` (a path relative to the dictionary's own
+    ``folder``, or for older dictionaries relative to where training ran) and ``store_fingerprint``.
+
+    The path is tried relative to ``folder`` first, then as written (from the working directory); a store found
+    there whose fingerprint differs from the recorded one is not the store the dictionary was trained on, and
+    is refused in one line.
+    """
+    recorded = meta.get("store")
+    if not recorded:
+        raise CircuitSAEError(f"{where} does not name its activation store: pass --store")
+    if not isinstance(recorded, str) or "\0" in recorded:
+        raise CircuitSAEError(f"{where} records its activation store as {recorded!r}, not a path: pass --store")
+    candidates = [Path(folder) / recorded] if folder is not None and not Path(recorded).is_absolute() else []
+    candidates.append(Path(recorded))
+    found = next((p for p in candidates if (p / "meta.json").is_file()), None)
+    if found is None:
+        tried = " or ".join(str(p) for p in dict.fromkeys(candidates))
+        raise CircuitSAEError(f"{where} was trained on store {recorded}, which is not at {tried}: pass --store")
+    store = ActivationStore(found)
+    expected = meta.get("store_fingerprint")
+    if expected and store.fingerprint != expected:
+        raise CircuitSAEError(
+            f"store {found} is not the one {where} was trained on (fingerprint {store.fingerprint}, recorded "
+            f"{expected}): pass the right one with --store"
+        )
+    return store

@@ -61,8 +61,11 @@ def load_dictionary(path: "str | Path", device: "str | torch.device" = "cpu", ve
     checked = check_manifest(path, verify)
     fmt = detect_format(path)
     if fmt != "circuitsae":
-        return read_foreign(path, fmt).to(device)
+        dictionary = read_foreign(path, fmt)
+        dictionary.folder = path
+        return dictionary.to(device)
     dictionary = _read_circuitsae(path)
+    dictionary.folder = path
     if not checked:
         warnings.warn(
             f"{path} has no {MANIFEST} (saved by an older circuitsae), so its bytes cannot be checked: "

@@ -96,6 +96,9 @@ class Dictionary(nn.Module):
             raise CircuitSAEError(f"dictionary sizes must be >= 1, got d={d}, d_dict={d_dict}")
         self.d, self.d_dict = int(d), int(d_dict)
         self.meta: dict[str, Any] = {}
+        #: the folder it was loaded from (:func:`~circuitsae.dictionaries.load_dictionary`), None if made here;
+        #: paths in ``meta`` (its activation store) are relative to it
+        self.folder: "Path | None" = None
 
     # -- the interface ---------------------------------------------------------
     # Subclasses set ``W_dec`` ([d_dict, d], unit-norm rows) and ``b_dec`` ([d] or None).

@@ -15,6 +15,7 @@ BOS token when the store skipped it), on the same tokens for all three runs.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -24,13 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitsae import metrics
-from circuitsae.config import model_dtype_option, option
-from circuitsae.data.store import ActivationStore
+from circuitsae.config import model_dtype_option, option, validate
+from circuitsae.data.store import ActivationStore, recorded_store
 from circuitsae.dictionaries import Dictionary, load_dictionary
 from circuitsae.dictionaries.folders import dictionary_folders
 from circuitsae.errors import CircuitSAEError
 from circuitsae.interventions.splice import check_dictionary, default_start, run_ablated, run_spliced
-from circuitsae.io import atomic_write
+from circuitsae.io import atomic_write, lock_folder, probe_file
 from circuitsae.models import input_device
 
 
@@ -43,17 +44,15 @@ class EvalConfig:
     )
     store: "str | None" = option(None, "activation store (default: the one each dictionary was trained on)")
     model: "str | None" = option(None, "model to splice into (default: the store's model)")
-    contexts: int = option(32, "held-out contexts for loss recovered")
-    rows: int = option(65536, "held-out activations for L0/FVU/γ")
-    batch_size: int = option(8, "contexts per forward pass")
+    contexts: int = option(32, "held-out contexts for loss recovered", min=1, max=1 << 24)
+    rows: int = option(65536, "held-out activations for L0/FVU/γ", min=1, max=1 << 30)
+    batch_size: int = option(8, "contexts per forward pass", min=1, max=1 << 20)
     out: "str | None" = option(None, "JSON file to write (default: eval.json beside the first dictionary)")
     device: "str | None" = option(None, "cpu, cuda, ... (default: cuda if available)")
     model_dtype: "str | None" = model_dtype_option()
 
     def __post_init__(self) -> None:
-        if self.contexts < 1 or self.rows < 1 or self.batch_size < 1:
-            raise CircuitSAEError("contexts, rows and batch_size must be >= 1")
-        self.dictionaries = tuple(self.dictionaries)
+        validate(self)
 
 
 @dataclass
@@ -234,27 +233,46 @@ def fidelity(
 def evaluate(
     config: "EvalConfig | None" = None, *, model: Any = None, progress: bool = True, **overrides: Any
 ) -> Evaluation:
-    """Evaluate saved dictionaries; returns an :class:`Evaluation` and writes it as JSON (``eval.json``)."""
-    from circuitsae.models import dtype_name, load_model, model_name
+    """Evaluate saved dictionaries; returns an :class:`Evaluation` and writes it as JSON (``eval.json``).
 
+    The JSON file is checked to be writable, and its folder locked against other writers, before any work.
+    """
     cfg = EvalConfig(**{**(vars(config) if config else {}), **overrides})
     folders = dictionary_folders(cfg.dictionaries)
+    out = Path(cfg.out) if cfg.out else folders[0].parent / "eval.json"
+    with lock_folder(out.parent, "evaluation"):
+        probe_file(out)
+        return _evaluate(cfg, folders, out, model, progress)
+
+
+def _evaluate(cfg: EvalConfig, folders: list[Path], out: Path, model: Any, progress: bool) -> Evaluation:
+    """:func:`evaluate` with its output checked and locked."""
+    from circuitsae.models import dtype_name, load_model, model_name
+
     loaded = [(f, load_dictionary(f)) for f in folders]
-    store_paths = {cfg.store or d.meta.get("store") for _, d in loaded}
-    if None in store_paths:
-        raise CircuitSAEError("a dictionary does not name its activation store: pass --store")
-    stores = {p: ActivationStore(p) for p in store_paths}
+    given = ActivationStore(cfg.store) if cfg.store else None
+    stores: dict[str, ActivationStore] = {}  # by the path each store is read from
+    store_of: dict[Path, str] = {}
+    for folder, d in loaded:
+        store = given or recorded_store(d.meta, folder, where=str(folder))
+        store_of[folder] = os.path.normpath(store.root)
+        stores.setdefault(store_of[folder], store)
     wanted = cfg.model or next(iter(stores.values())).config["model"]
     if model is None:
         model = load_model(wanted, device=cfg.device, dtype=cfg.model_dtype)
     results: dict[str, dict] = {}
     by_store: dict[str, list[tuple[str, tuple[str, Any]]]] = {}  # store -> [(name, (site, dictionary))]
     for folder, d in loaded:
-        store_path = cfg.store or d.meta["store"]
+        store_path = store_of[folder]
         store = stores[store_path]
         site = d.meta.get("site")
         if site is None or site not in store.sites:
             raise CircuitSAEError(f"{folder}: its site {site!r} is not in store {store.root}")
+        if not store.n_rows("heldout"):
+            raise CircuitSAEError(
+                f"store {store.root} has no held-out rows (harvested with --heldout-tokens 0): evaluate on a store "
+                "that has some (--store)"
+            )
         check_dictionary(model, site, d)  # on the site's device from here on: metrics are computed there
         x = store.activations(site, "heldout", max_rows=cfg.rows)
         rec = reconstruction(d, x)
@@ -276,7 +294,6 @@ def evaluate(
             raise CircuitSAEError(f"store {store_path} has no held-out contexts to measure loss recovered on")
         for (name, _), fid in zip(members, fidelity(model, [p for _, p in members], ids, cfg.batch_size, progress)):
             results[name].update(fid)
-    out = Path(cfg.out) if cfg.out else folders[0].parent / "eval.json"
     rows = {name: DictionaryMetrics.from_json(r) for name, r in results.items()}
     report = Evaluation(model=model_name(model), model_dtype=dtype_name(model), results=rows)
     report.write(out)

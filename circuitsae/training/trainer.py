@@ -75,13 +75,14 @@ from circuitsae import distributed
 from circuitsae.data.store import ActivationStore
 from circuitsae.dictionaries import Dictionary, registry
 from circuitsae.errors import CircuitSAEError
+from circuitsae.io import lock_folder, probe_folder
 from circuitsae.models import resolve_device
 from circuitsae.training import schedule
 from circuitsae.training.checkpoints import Checkpoints, TrainingDiverged
 from circuitsae.training.config import PARALLEL_MODES, TrainConfig
 from circuitsae.training.evaluate import reconstruction
 from circuitsae.training.resampling import resample_dead
-from circuitsae.training.runs import SCALE_ROWS, Run, input_scale, make_run, plan_runs, run_name
+from circuitsae.training.runs import SCALE_ROWS, Run, input_scale, make_run, memory_plan, plan_runs, run_name
 from circuitsae.training.schedule import AUX_DEAD_TOKENS, MIN_RESAMPLE_WINDOW
 
 __all__ = [
@@ -129,6 +130,7 @@ class Trainer:
             )
         self.out = Path(cfg.out)
         self.checkpoints = Checkpoints(self.out, cfg.fingerprint(), self.world, self.data_parallel)
+        distributed.on_every_rank(self._check_out, "checking the output folder")  # before any work
         self.plan = plan_runs(cfg, self.store)
         self.sites = sorted({s for s, _, _ in self.plan}, key=self.store.sites.index)
         self.total_steps = self.store.n_batches(cfg.batch_size, epochs=cfg.epochs, drop_last=True)
@@ -143,6 +145,8 @@ class Trainer:
         self.resample_every = schedule.resample_period(cfg.resample_every, self.dead_window)
         self.aux_dead_steps = schedule.aux_dead_steps(cfg.batch_size, self.total_steps)
         self.autocast = self.device.type == "cuda" if cfg.autocast is None else bool(cfg.autocast)
+        heldout_rows = min(cfg.eval_rows, self.store.n_rows("heldout"))
+        memory_plan(cfg, self.store.d, self.plan, len(self.sites), heldout_rows).check(self.device)
         torch.manual_seed(cfg.seed)
         self.scales = {s: input_scale(self.store, s) for s in self.sites}
         self.runs = [make_run(cfg, self.store, s, a, c, self.device, i) for i, (s, a, c) in enumerate(self.plan)]
@@ -157,6 +161,15 @@ class Trainer:
         self.allreduce_bytes = 0  # per step, data-parallel
         self.resampled: dict[str, int] = {}  # features resampled per run (this session)
         self.step_count = 0
+
+    def _check_out(self) -> None:
+        """The output folder can be written, no other process writes it, and it holds no other training."""
+        if self.world.main:
+            with lock_folder(self.out, "training"):
+                probe_folder(self.out)
+                self.checkpoints.check_config(self.cfg)
+        elif self.checkpoints.writes:
+            probe_folder(self.out)
 
     # -- one step -------------------------------------------------------------------
     def step(self, batch: dict[str, torch.Tensor]) -> list[Any]:
@@ -269,8 +282,22 @@ class Trainer:
     def fit(self) -> dict[str, Dictionary]:
         """Train (or resume) every run to the end, save each SAE and return them by name.
 
+        Rank 0 holds the output folder's lock throughout (a second writer is refused in one line) and, before
+        any step, refuses a folder that holds another training and records this one's configuration.
         Data-parallel, only rank 0 saves and returns the dictionaries; the other ranks return ``{}``.
         """
+        with contextlib.ExitStack() as held:
+
+            def claim() -> None:
+                if self.world.main:
+                    held.enter_context(lock_folder(self.out, "training"))
+                    self.checkpoints.claim(self.cfg)
+
+            distributed.on_every_rank(claim, "taking the output folder")
+            return self._train()
+
+    def _train(self) -> dict[str, Dictionary]:
+        """:meth:`fit`'s loop, in the claimed folder."""
         if self.checkpoints.writes:
             self.out.mkdir(parents=True, exist_ok=True)
         resumed = self.load_checkpoint()
@@ -348,7 +375,9 @@ class Trainer:
                 site=run.site,
                 first_position=int(self.store.meta["first_position"]),
                 input_scale=self.scales[run.site],
-                store=str(self.store.root),
+                # relative to the dictionary's own folder, so it resolves from any working directory
+                store=os.path.relpath(self.store.root.absolute(), (self.out / run.name).absolute()),
+                store_fingerprint=self.store.fingerprint,
                 training={
                     "coefficient": run.coefficient,
                     "lr": run.lr,
