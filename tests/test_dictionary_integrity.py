@@ -224,15 +224,16 @@ def test_huge_sizes_allocate_nothing(tmp_path):
     assert "would need" in messages[-1] and "of memory" in messages[-1], messages[-1]
 
 
-def test_an_old_folder_without_a_manifest_loads_with_a_note(tmp_path):
+def test_an_old_folder_without_a_manifest_loads_with_a_note(tmp_path, capsys):
     folder = _saved(tmp_path / "sae")
     (folder / "manifest.json").unlink()
     with pytest.warns(UserWarning, match=r"has no manifest.json .*cannot be checked.*circuitsae convert") as record:
         sae = load_dictionary(folder)
     assert isinstance(sae, ReluSAE) and len(record) == 1 and "\n" not in str(record[0].message)
-    # ... and convert writes a copy that has one
-    with pytest.warns(UserWarning, match="has no manifest.json"):
-        assert main(["convert", str(folder), str(tmp_path / "new"), "--to", "circuitsae"]) == 0
+    # ... and convert writes a copy that has one; the command line prints the note as one line
+    assert main(["convert", str(folder), str(tmp_path / "new"), "--to", "circuitsae"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("circuitsae: warning:") and "has no manifest.json" in err and len(err.splitlines()) == 1
     assert (tmp_path / "new" / "manifest.json").is_file()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

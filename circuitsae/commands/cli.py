@@ -35,14 +35,15 @@ class _Parser(argparse.ArgumentParser):
 
 @contextlib.contextmanager
 def _one_line_warnings() -> Any:
-    """Print each warning raised inside as one line, ``circuitsae: warning: ...``."""
-    with warnings.catch_warnings(record=True) as caught:
+    """Print each warning raised inside as one line, ``circuitsae: warning: ...``, as it is raised."""
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        print(f"circuitsae: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
-        try:
-            yield
-        finally:
-            for w in caught:
-                print(f"circuitsae: warning: {w.message}", file=sys.stderr)
+        warnings.showwarning = show
+        yield
 
 
 def command_modules() -> list[ModuleType]:
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(module: ModuleType, args: argparse.Namespace) -> None:
     cfg = from_arguments(module.Config, args)
-    with _one_line_warnings() if getattr(module, "WARNINGS_AS_LINES", False) else contextlib.nullcontext():
+    with _one_line_warnings():
         result = module.run(cfg)
     text = module.show(result)
     if text:

@@ -24,7 +24,6 @@ EXAMPLES = (
     "examples:\n  circuitsae feature resid.4:123 --dictionaries runs/saes --arch gated --out runs/feature\n"
     "  circuitsae feature resid.4:123 --dictionaries runs/saes/resid.4-relu-c1 --contexts 20 --split heldout"
 )
-WARNINGS_AS_LINES = True
 
 
 @dataclass

@@ -26,7 +26,6 @@ EXAMPLES = (
     "  circuitsae tree resid.5:123 --dictionaries runs/saes/resid.3-relu-c1 runs/saes/resid.4-relu-c1 "
     "runs/saes/resid.5-relu-c1 --branching 2 --contexts 10"
 )
-WARNINGS_AS_LINES = True
 
 
 @dataclass
