@@ -65,7 +65,7 @@ def available(device: Any = "cpu") -> int:
         if torch.cuda.is_available():
             try:
                 return int(torch.cuda.mem_get_info(torch.device(name))[0])
-            except (RuntimeError, AssertionError):
+            except Exception:  # noqa: BLE001 - a device that cannot say (a test's fake CUDA): the host's memory
                 pass
     if name == "meta":
         return 1 << 62

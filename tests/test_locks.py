@@ -101,6 +101,10 @@ def test_second_harvest_train_convert_exit_2_naming_the_holder(tmp_path, store, 
         _train_argv(store, folder),
         ["convert", str(sae), str(folder), "--to", "circuitsae"],
         ["eval", str(sae), "--out", str(folder / "eval.json")],
+        ["ioi", str(sae), "--out", str(folder)],
+        ["feature", "resid.0:1", "--dictionaries", str(sae), "--out", str(folder)],
+        ["tree", "resid.0:1", "--dictionaries", str(sae), "--out", str(folder / "tree")],
+        ["demo", "--out", str(folder)],
     ):  # fmt: skip
         assert main(argv) == 2, argv
         err = _one_line(capsys)

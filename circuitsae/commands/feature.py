@@ -10,6 +10,7 @@ from circuitsae.config import model_dtype_option, option, validate
 from circuitsae.data.store import ActivationStore, recorded_store
 from circuitsae.dictionaries.folders import select_dictionaries
 from circuitsae.errors import CircuitSAEError
+from circuitsae.io import lock_folder, probe_folder
 from circuitsae.models import load_model
 from circuitsae.sites import parse_target
 from circuitsae.viz.plots import write_feature_report
@@ -49,7 +50,17 @@ class FeatureConfig:
 
 
 def run_feature(cfg: FeatureConfig, model: Any = None, progress: bool = True) -> FeatureReport:
-    """Load what ``cfg`` names, analyse the feature and write the report into ``cfg.out``."""
+    """Load what ``cfg`` names, analyse the feature and write the report into ``cfg.out``.
+
+    ``cfg.out`` is locked against other writers and probed before anything loads.
+    """
+    with lock_folder(cfg.out, "feature"):
+        probe_folder(cfg.out)
+        return _run_feature(cfg, model, progress)
+
+
+def _run_feature(cfg: FeatureConfig, model: Any, progress: bool) -> FeatureReport:
+    """:func:`run_feature` with its folder locked."""
     site, feature = parse_target(cfg.target)
     dicts = select_dictionaries(cfg.dictionaries, cfg.arch, cfg.coefficient)
     if site not in dicts:
