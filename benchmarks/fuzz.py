@@ -16,6 +16,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,8 @@ from machine import describe  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SUITES = ("tests/test_fuzz_cli.py", "tests/test_fuzz_folders.py")
+#: a temporary folder in a message (pytest's or tempfile's)
+TEMPORARY = re.compile(r"(?:/private)?/(?:tmp|var/folders/[^/\s]+/[^/\s]+/T)/[^/\s'\"]+")
 
 
 def main() -> None:
@@ -53,8 +56,9 @@ def main() -> None:
         by_suite[r["suite"]][r["outcome"]] += 1
         by_case[f"{r['suite']}: {case}"][r["outcome"]] += 1
         key = f"{r['suite']}/{r['outcome']}"
-        if r.get("message") and len(samples[key]) < 8 and r["message"] not in samples[key]:
-            samples[key].append(r["message"])
+        message = TEMPORARY.sub("{tmp}", r.get("message") or "")  # results hold no path of this machine
+        if message and len(samples[key]) < 8 and message not in samples[key]:
+            samples[key].append(message)
     summary = pytest_summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-300:]
     result = {
         "machine": describe(),

@@ -124,4 +124,4 @@ def test_training_trains_or_refuses_and_stays_under_the_memory_limit(
         assert err.count("circuitsae: error:") == 1, err
         err = last
     assert grew < LIMIT_BYTES, f"peak memory grew by {grew / 2**20:.0f} MiB for {' '.join(argv)}"
-    _record("train", f"train {flag}", "refused" if code else "trained", err or " ".join(argv[len(base) :]))
+    _record("train", f"train {flag}", "refused" if code else "trained", err if code else " ".join(argv[len(base) :]))
