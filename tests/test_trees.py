@@ -320,6 +320,9 @@ def test_tree_cli(tiny_llama, wired, tmp_path, capsys, device):
     assert "2 dictionaries at resid.1" in err and "--arch/--coefficient" in err and len(err.splitlines()) == 1
     assert main(["tree", "resid.2-7", "--dictionaries", str(tmp_path / "saes")]) == 2
     assert "is not SITE:FEATURE" in capsys.readouterr().err
+    assert main(["tree", "resid.2:7", "--dictionaries", str(tmp_path / "saes"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a folder, but it is the stem of the files written" in err and len(err.splitlines()) == 1
     assert main(["tree", "resid.2:7", "--dictionaries", str(tmp_path / "saes"), "--mode", "deep"]) == 2
     err = capsys.readouterr().err.strip()
     assert "argument --mode: invalid choice: 'deep'" in err and len(err.splitlines()) == 1

@@ -64,6 +64,11 @@ def run_tree(cfg: TreeConfig, model: Any = None, progress: bool = True) -> tuple
 
     The folder of ``cfg.out`` is locked against other writers and probed before anything loads.
     """
+    if Path(cfg.out).is_dir():
+        raise CircuitSAEError(
+            f"--out {cfg.out} is a folder, but it is the stem of the files written (STEM.dot, .svg, .png, .json): "
+            f"name a stem inside it, e.g. {Path(cfg.out) / 'causal_tree'}"
+        )
     folder = Path(cfg.out).parent
     with lock_folder(folder, "tree"):
         probe_folder(folder)
