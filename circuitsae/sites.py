@@ -136,26 +136,114 @@ def d_model(model: Any) -> int:
     return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
 
 
+_PATTERN_RE = re.compile(r"^(resid|mlp|attn|\*)\.([0-9*,\-]+)$")
+
+
+def is_pattern(name: "str | Site") -> bool:
+    """Whether ``name`` names several sites (``all``, ``resid.*``, ``*.3``, ``mlp.10-20``, ``attn.1,4``)."""
+    return not isinstance(name, Site) and not _SITE_RE.match(str(name).strip())
+
+
+def check_pattern(name: "str | Site") -> None:
+    """Raise one line if ``name`` is neither a site nor a site pattern (its layers are checked by :func:`expand`)."""
+    if isinstance(name, Site) or _SITE_RE.match(str(name).strip()):
+        return
+    text = str(name).strip()
+    m = _PATTERN_RE.match(text)
+    if text == "all" or (m and all(re.fullmatch(r"\*|\d+|\d+-\d+", part) for part in m.group(2).split(","))):
+        return
+    raise CircuitSAEError(
+        f"unknown site {name!r}: a site is resid.L, mlp.L or attn.L; a pattern is all, KIND.* (resid.*), *.L, "
+        "a range KIND.A-B (resid.10-20) or a list KIND.A,B"
+    )
+
+
+def expand(names: "Iterable[str | Site]", n: int) -> list[Site]:
+    """Sites and site patterns expanded for a model of ``n`` layers, in forward order, each site once.
+
+    ``all`` is every site; ``resid.*`` every residual site; ``*.3`` the three sites of layer 3; ``mlp.10-20``
+    layers 10 to 20 inclusive; ``attn.1,4,7`` a list. A plain site out of range, a range reaching past the
+    last layer, or a pattern that matches nothing is one :class:`CircuitSAEError` line.
+    """
+    found: list[Site] = []
+    plain: list[Site] = []
+    for name in names:
+        check_pattern(name)
+        text = str(name).strip()
+        if not is_pattern(name):
+            site = Site.parse(name)
+            if not 0 <= site.layer < n:
+                raise CircuitSAEError(
+                    f"site {site} is out of range: this model has layers 0..{n - 1}, "
+                    f"so valid sites are resid.L, mlp.L, attn.L for L in 0..{n - 1}"
+                )
+            plain.append(site)
+            found.append(site)
+            continue
+        kind, spec = ("*", "*") if text == "all" else text.split(".", 1)
+        layers: list[int] = []
+        for part in spec.split(","):
+            if part == "*":
+                layers.extend(range(n))
+                continue
+            a, _, b = part.partition("-")
+            lo, hi = int(a), int(b or a)
+            if lo > hi or hi >= n:
+                raise CircuitSAEError(f"site pattern {text!r}: layers {part} are not within this model's 0..{n - 1}")
+            layers.extend(range(lo, hi + 1))
+        matched = [Site(layer, k) for layer in layers for k in (KINDS if kind == "*" else (kind,))]
+        if not matched:
+            raise CircuitSAEError(f"site pattern {text!r} matches no site of this model (layers 0..{n - 1})")
+        found.extend(matched)
+    if len(set(plain)) != len(plain):
+        raise CircuitSAEError(f"a site is named twice in {[str(s) for s in plain]}")
+    return sorted(set(found), key=Site.sort_key)
+
+
+def select(names: "Iterable[str | Site]", available: "Iterable[str]", where: str) -> list[str]:
+    """Sites and site patterns matched against the sites ``where`` holds (an activation store, say).
+
+    A plain site ``where`` lacks, or a pattern matching none of its sites, is one :class:`CircuitSAEError` line.
+    """
+    have = list(available)
+    have_sites = {Site.parse(s) for s in have}
+    n = max((s.layer for s in have_sites), default=-1) + 1
+    chosen: list[str] = []
+    for name in names:
+        check_pattern(name)
+        if not is_pattern(name):
+            if str(Site.parse(name)) not in have:
+                raise CircuitSAEError(f"site {name} is not in {where} (it has {', '.join(have)})")
+            chosen.append(str(Site.parse(name)))
+            continue
+        text = str(name).strip()
+        kind, spec = ("*", "*") if text == "all" else text.split(".", 1)
+        try:
+            wanted = expand([f"{k}.{spec}" for k in (KINDS if kind == "*" else (kind,))], max(n, _max_layer(spec) + 1))
+        except CircuitSAEError:
+            wanted = []
+        matched = [str(s) for s in wanted if s in have_sites]
+        if not matched:
+            raise CircuitSAEError(f"site pattern {text!r} matches none of the sites of {where} ({', '.join(have)})")
+        chosen.extend(matched)
+    return sorted(dict.fromkeys(chosen), key=lambda s: Site.parse(s).sort_key())
+
+
+def _max_layer(spec: str) -> int:
+    return max((int(x) for x in re.findall(r"\d+", spec)), default=0)
+
+
 def resolve(model: Any, names: "Iterable[str | Site]") -> list[Site]:
-    """Parse and validate site names for ``model``; return them in forward order.
+    """Parse and validate site names and patterns (:func:`expand`) for ``model``; return them in forward order.
 
     Raises :class:`CircuitSAEError` naming the valid sites if one is unknown or
-    out of range, or if the list is empty or repeats a site.
+    out of range, if a pattern matches nothing, or if the list is empty or repeats a site.
     """
-    sites = [Site.parse(n) for n in names]
-    if not sites:
+    names = list(names)
+    if not names:
         raise CircuitSAEError("no site given: name at least one, e.g. resid.3")
     layout(model)  # unsupported architectures fail here, with the list
-    n = n_layers(model)
-    for s in sites:
-        if not 0 <= s.layer < n:
-            raise CircuitSAEError(
-                f"site {s} is out of range: this model has layers 0..{n - 1}, "
-                f"so valid sites are resid.L, mlp.L, attn.L for L in 0..{n - 1}"
-            )
-    if len(set(sites)) != len(sites):
-        raise CircuitSAEError(f"a site is named twice in {[str(s) for s in sites]}")
-    return sorted(sites, key=Site.sort_key)
+    return expand(names, n_layers(model))
 
 
 def path(model: Any, site: "str | Site") -> str:

@@ -84,3 +84,50 @@ def test_unsupported_architecture_is_named(tiny_llama, monkeypatch):
     monkeypatch.setattr(tiny_llama._module.config, "model_type", "mamba")
     with pytest.raises(CircuitSAEError, match="unsupported architecture 'mamba'.*gpt2"):
         sites.resolve(tiny_llama, ["resid.0"])
+
+
+def test_site_patterns_expand_against_the_layers():
+    from circuitsae.sites import expand, select
+
+    names = lambda sites: [str(s) for s in sites]  # noqa: E731
+    assert len(expand(["all"], 30)) == 90 and names(expand(["all"], 2)) == [
+        "attn.0", "mlp.0", "resid.0", "attn.1", "mlp.1", "resid.1",
+    ]  # fmt: skip
+    assert names(expand(["resid.*"], 3)) == ["resid.0", "resid.1", "resid.2"]
+    assert names(expand(["*.1"], 3)) == ["attn.1", "mlp.1", "resid.1"]
+    assert names(expand(["mlp.1-2", "attn.0,2", "resid.2"], 3)) == ["attn.0", "mlp.1", "attn.2", "mlp.2", "resid.2"]
+    assert names(expand(["resid.*", "resid.1"], 2)) == ["resid.0", "resid.1"]  # overlaps are merged
+    for bad, match in [
+        (["resid.10-40"], r"'resid.10-40': layers 10-40 are not within this model's 0..29"),
+        (["resid.5-3"], r"layers 5-3 are not within"),
+        (["resid.30"], r"site resid.30 is out of range"),
+        (["embed.*"], r"unknown site 'embed.\*'.*a pattern is all"),
+        (["resid.1", "resid.1"], r"a site is named twice"),
+    ]:
+        with pytest.raises(CircuitSAEError, match=match):
+            expand(bad, 30)
+    have = ["resid.3", "resid.4", "mlp.4"]
+    assert select(["resid.*"], have, "store s") == ["resid.3", "resid.4"]
+    assert select(["*.4"], have, "store s") == ["mlp.4", "resid.4"]
+    assert select(["all"], have, "store s") == ["resid.3", "mlp.4", "resid.4"]
+    with pytest.raises(CircuitSAEError, match=r"site pattern 'attn.\*' matches none of the sites of store s"):
+        select(["attn.*"], have, "store s")
+    with pytest.raises(CircuitSAEError, match=r"site mlp.3 is not in store s"):
+        select(["mlp.3"], have, "store s")
+
+
+def test_harvest_and_train_take_site_patterns(tiny_llama, tmp_path, text_corpus):
+    import circuitsae
+    from circuitsae.training.trainer import train
+
+    store = circuitsae.harvest(
+        model=tiny_llama, sites=["resid.*", "mlp.1"], tokens=150, ctx_len=16, corpus=str(text_corpus),
+        heldout_fraction=0.25, out=str(tmp_path / "acts"), progress=False,
+    )  # fmt: skip
+    n = circuitsae.sites.n_layers(tiny_llama)
+    assert store.sites == ["resid.0", "mlp.1", "resid.1", *[f"resid.{i}" for i in range(2, n)]]
+    saes = train(store=str(store.root), out=str(tmp_path / "saes"), sites=("mlp.*",), arch=("relu",),
+                 batch_size=64, expansion=1, progress=False)  # fmt: skip
+    assert list(saes) == ["mlp.1-relu-c1"]
+    with pytest.raises(CircuitSAEError, match="matches none of the sites of store"):
+        train(store=str(store.root), out=str(tmp_path / "o2"), sites=("attn.*",), progress=False)

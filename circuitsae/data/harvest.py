@@ -52,7 +52,9 @@ class HarvestConfig:
     """Settings of a harvest; every field is also a ``circuitsae harvest`` flag."""
 
     model: str = option(DEFAULT_MODEL, "model: built-in name, local HF folder or hub id")
-    sites: tuple[str, ...] = option(("resid.3",), "sites to record, e.g. resid.3 mlp.3 attn.4")
+    sites: tuple[str, ...] = option(
+        ("resid.3",), "sites to record, e.g. resid.3 mlp.3 attn.4, or patterns: all, resid.*, *.3, mlp.10-20, attn.1,4"
+    )
     tokens: int = option(100_000, "activation vectors (tokens) to store per site for training", min=1, max=MAX_TOKENS)
     out: str = option("runs/activations", "output folder of the activation store")
     corpus: str = option(
@@ -86,7 +88,7 @@ class HarvestConfig:
         if not self.sites:
             raise CircuitSAEError("name at least one site, e.g. resid.3")
         for s in self.sites:
-            sites_mod.Site.parse(s)
+            sites_mod.check_pattern(s)
 
     @property
     def rows_per_context(self) -> int:

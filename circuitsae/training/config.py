@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from circuitsae.config import option, validate
 from circuitsae.dictionaries import registry
 from circuitsae.errors import CircuitSAEError
+from circuitsae.sites import check_pattern
 
 PARALLEL_MODES = ("data", "runs")
 #: bounds of the sizes and counts a training takes (the memory a run needs is checked separately, once the
@@ -27,7 +28,9 @@ class TrainConfig:
 
     store: str = option("runs/acts", "activation store folder (from `circuitsae harvest`)")
     out: str = option("runs/saes", "output folder: one sub-folder per trained SAE, plus checkpoint and log")
-    sites: tuple[str, ...] = option((), "sites to train on (default: every site in the store)")
+    sites: tuple[str, ...] = option(
+        (), "sites to train on, or patterns (all, resid.*, *.3, mlp.10-20, attn.1,4) (default: every site in the store)"
+    )
     # checked against the registry in __post_init__ (not argparse choices: a bad name gets the same one-line error
     # from the API and the command line, and a class registered later is accepted)
     arch: tuple[str, ...] = option(
@@ -105,6 +108,8 @@ class TrainConfig:
             raise CircuitSAEError(
                 f"unknown architecture {unknown or '(none)'}: choose from {', '.join(registry.TRAINABLE_NAMES)}"
             )
+        for site in self.sites:
+            check_pattern(site)
         per_arch = self.per_arch_coefficients()
         for arch in per_arch:
             if arch not in self.arch:

@@ -15,8 +15,8 @@ import torch
 
 from circuitsae.data.store import ActivationStore
 from circuitsae.dictionaries import TrainableDictionary, registry
-from circuitsae.errors import CircuitSAEError
 from circuitsae.memory import MemoryPlan
+from circuitsae.sites import select
 from circuitsae.training.config import TrainConfig
 
 SCALE_ROWS = 1 << 17
@@ -40,10 +40,7 @@ class Run:
 
 def plan_runs(cfg: TrainConfig, store: ActivationStore) -> list[tuple[str, str, float]]:
     """The (site, arch, coefficient) of every run, in a fixed order."""
-    sites = cfg.sites or tuple(store.sites)
-    for s in sites:
-        if s not in store.sites:
-            raise CircuitSAEError(f"site {s} is not in store {store.root} (it has {', '.join(store.sites)})")
+    sites = select(cfg.sites, store.sites, f"store {store.root}") if cfg.sites else tuple(store.sites)
     runs = []
     per_arch = cfg.per_arch_coefficients()
     for site, arch in itertools.product(sites, cfg.arch):
