@@ -143,3 +143,19 @@ def tiny_demo(tmp_path_factory, device):
 
     out = tmp_path_factory.mktemp("demo")
     return out, run_demo(out=str(out), progress=False, device=device, **TINY_DEMO)
+
+
+@pytest.fixture(scope="session")
+def random_store(tmp_path_factory):
+    """``random_store(name, train_rows, heldout_rows, d)``: the folder of a store of seeded Gaussian activations
+    at ``resid.0`` (the bad-input tests' small stores)."""
+
+    def make(name: str, train_rows: int, heldout_rows: int, d: int):
+        from circuitsae.data.store import store_from_tensors
+
+        root = tmp_path_factory.mktemp(name) / "store"
+        x = torch.randn(train_rows + heldout_rows, d, generator=torch.Generator().manual_seed(0))
+        store_from_tensors(root, {"resid.0": x[:train_rows]}, {"resid.0": x[train_rows:]})
+        return root
+
+    return make

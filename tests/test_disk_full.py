@@ -14,9 +14,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from circuitsae.data.store import store_from_tensors
 from circuitsae.dictionaries import ReluSAE, load_dictionary
 
 DRIVER = r"""
@@ -89,11 +87,8 @@ def _no_temporary(names):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("disk") / "store"
-    x = torch.randn(4096 + 512, 64, generator=torch.Generator().manual_seed(0))
-    store_from_tensors(root, {"resid.0": x[:4096]}, {"resid.0": x[4096:]})
-    return root
+def store(random_store):
+    return random_store("disk", 4096, 512, 64)
 
 
 HARVEST = ["harvest", "--model", "tiny-llama", "--model-dtype", "float32", "--sites", "resid.0", "--tokens", "3000",

@@ -17,14 +17,12 @@ import resource
 import typing
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from circuitsae import CircuitSAEError
 from circuitsae.commands.cli import build_parser, command_modules, main
 from circuitsae.config import _base_type, from_arguments
-from circuitsae.data.store import store_from_tensors
 
 EXAMPLES = int(os.environ.get("CIRCUITSAE_FUZZ_EXAMPLES", "25"))
 REPORT = os.environ.get("CIRCUITSAE_FUZZ_REPORT")
@@ -89,12 +87,8 @@ def test_numeric_options_parse_to_a_config_or_one_line(option, value, second):
 
 
 @pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz") / "acts"
-    g = torch.Generator().manual_seed(0)
-    return store_from_tensors(
-        root, {"resid.0": torch.randn(512, 16, generator=g)}, {"resid.0": torch.randn(64, 16, generator=g)}
-    ).root
+def tiny_store(random_store):
+    return random_store("fuzz", 512, 64, 16)
 
 
 TRAIN_SIZES = [o for o in OPTIONS if o[0] == "train"]

@@ -12,7 +12,6 @@ import torch
 
 from circuitsae import CircuitSAEError
 from circuitsae.commands.cli import main
-from circuitsae.data.store import store_from_tensors
 from circuitsae.dictionaries import ReluSAE
 from circuitsae.io import LOCK_NAME, lock_folder
 from circuitsae.training.trainer import TrainConfig, Trainer
@@ -44,11 +43,8 @@ def holder():
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("locks") / "store"
-    x = torch.randn(2048 + 256, 16, generator=torch.Generator().manual_seed(0))
-    store_from_tensors(root, {"resid.0": x[:2048]}, {"resid.0": x[2048:]})
-    return root
+def store(random_store):
+    return random_store("locks", 2048, 256, 16)
 
 
 def _train_argv(store, out, *extra):

@@ -21,13 +21,8 @@ from circuitsae.training.runs import memory_plan
 
 
 @pytest.fixture(scope="module")
-def small_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("acts") / "acts"
-    g = torch.Generator().manual_seed(0)
-    store_from_tensors(
-        root, {"resid.0": torch.randn(2048, 16, generator=g)}, {"resid.0": torch.randn(256, 16, generator=g)}
-    )
-    return root
+def small_store(random_store):
+    return random_store("acts", 2048, 256, 16)
 
 
 def _one_line(capsys, argv):
