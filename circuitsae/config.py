@@ -52,6 +52,26 @@ def model_dtype_option() -> Any:
     )
 
 
+_SUFFIXES = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def whole_number(text: str) -> "int | float":
+    """A count from the command line: ``500``, ``1M``, ``500k``, ``2G``, ``2e6``. A value that is not a whole
+    number is returned as a float, for :func:`validate` to refuse in its one line."""
+    text = text.strip()
+    scale = _SUFFIXES.get(text[-1:], 1) if len(text) > 1 else 1
+    body = text[:-1] if scale != 1 else text
+    try:
+        return int(body) * scale
+    except ValueError:
+        pass
+    try:
+        value = float(body) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (write e.g. 500000, 500k or 1M)") from None
+    return int(value) if math.isfinite(value) and value.is_integer() else value
+
+
 def _base_type(tp: Any) -> tuple[Any, bool, bool]:
     """(element type, optional?, sequence?) of an annotation."""
     optional = False
@@ -163,7 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         shown = " ".join(map(str, default)) if seq else default
         parser.add_argument(
             flag,
-            type=tp,
+            type=whole_number if tp is int else tp,
             nargs="+" if seq else None,
             default=default,
             choices=f.metadata.get("choices"),

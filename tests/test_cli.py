@@ -24,7 +24,7 @@ def _err(capsys, argv):
         (["harvest", "--model", "tiny-llama", "--corpus", "{tmp}/empty", "--out", "{tmp}/o"], "holds no text"),
         (["harvest", "--model", "tiny-llama", "--tokens", "0", "--out", "{tmp}/o"], "tokens must be >= 1, got 0"),
         (["harvest", "--model", "tiny-llama", "--tokens", "-5", "--out", "{tmp}/o"], "tokens must be >= 1, got -5"),
-        (["harvest", "--model", "tiny-llama", "--tokens", "many"], "invalid int value"),
+        (["harvest", "--model", "tiny-llama", "--tokens", "many"], "is not a whole number"),
         (
             ["harvest", "--model", "tiny-llama", "--tokens", "100", "--out", "{tmp}/file/sub"],
             "cannot write to output folder",

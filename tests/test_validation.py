@@ -162,7 +162,7 @@ def test_harvest_sizes_refused_before_tokenising(tiny_llama, tmp_path, capsys, t
     err = _one_line(capsys, [*base, "--heldout-fraction", "0"])
     assert "heldout_fraction must be > 0" in err
     err = _one_line(capsys, [*base, "--tokens", "nan"])
-    assert "invalid int value" in err
+    assert "tokens must be a finite number, got nan" in err
 
 
 def test_validate_accepts_special_values_and_sequences():

@@ -26,5 +26,8 @@ def run(cfg: EvalConfig, *, model: Any = None, progress: bool = True) -> Evaluat
 
 def show(report: Evaluation) -> str:
     """What ``circuitsae eval`` prints."""
-    stores = ", ".join(dict.fromkeys(r.store for r in report.results.values()))
-    return format_table(report) + f"\nheld-out data from store {stores}\nwrote {report.path}"
+    sources = ", ".join(
+        s if s.startswith("forward passes") else f"store {s}"
+        for s in dict.fromkeys(r.store for r in report.results.values())
+    )
+    return format_table(report) + f"\nheld-out data from {sources}\nwrote {report.path}"

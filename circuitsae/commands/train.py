@@ -9,13 +9,15 @@ from circuitsae.dictionaries import Dictionary
 from circuitsae.training.trainer import TrainConfig, train
 
 NAME = "train"
-HELP = "train SAEs (relu, gated, topk, batchtopk, jumprelu) on a store, many in one pass"
+HELP = "train SAEs (relu, gated, topk, batchtopk, jumprelu) on a store or from the model, many in one pass"
 DESCRIPTION = (
-    "Train every (site, architecture, coefficient) combination in one pass over the store; checkpointed and resumable."
+    "Train every (site, architecture, coefficient) combination in one pass over the store, or (--model) over the "
+    "model's forward passes; checkpointed and resumable."
 )
 EXAMPLES = (
     "examples:\n  circuitsae train --store runs/acts --arch relu gated --out runs/saes\n"
-    "  circuitsae train --store runs/acts --sites resid.4 --arch gated --coefficients 1 2 4 8 --expansion 4"
+    "  circuitsae train --store runs/acts --sites resid.4 --arch gated --coefficients 1 2 4 8 --expansion 4\n"
+    "  circuitsae train --model smollm2-135m --sites all --tokens 500k --arch topk --expansion 4 --out runs/all"
 )
 Config = TrainConfig
 
@@ -28,8 +30,9 @@ class Trained(NamedTuple):
 
 
 def run(cfg: TrainConfig, *, model: Any = None, progress: bool = True) -> Trained:
-    """The command's work: :func:`circuitsae.training.trainer.train` (from a store: no model is loaded)."""
-    return Trained(train(cfg, progress=progress), cfg)
+    """The command's work: :func:`circuitsae.training.trainer.train` (from a store no model is loaded; with
+    ``cfg.model`` the given ``model``, if any, is the one streamed)."""
+    return Trained(train(cfg, progress=progress, model=model if cfg.streams else None), cfg)
 
 
 def show(result: Trained) -> str:

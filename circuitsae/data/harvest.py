@@ -116,7 +116,7 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _storable(x: torch.Tensor, site: str, dtype: str) -> torch.Tensor:
+def storable(x: torch.Tensor, site: str, dtype: str) -> torch.Tensor:
     """``x`` in the storage dtype; raises (before anything is written) if a value is not finite there."""
     stored = x.to(STORE_DTYPES[dtype][1])
     if not bool(torch.isfinite(stored).all()):
@@ -284,7 +284,7 @@ def _harvest(cfg: HarvestConfig, world: distributed.World, model: Any, progress:
                     r0, r1 = b * cfg.rows_per_context, (b + batch.shape[0]) * cfg.rows_per_context
                     for k, a in record(model, sites, batch.to(device)).items():
                         buf[k][r0:r1] = to_numpy(
-                            _storable(a[:, first:].reshape(-1, a.shape[-1]), k, cfg.dtype), cfg.dtype
+                            storable(a[:, first:].reshape(-1, a.shape[-1]), k, cfg.dtype), cfg.dtype
                         )
                     bar.update(batch.shape[0] * cfg.rows_per_context)
                 writer.write_shard(split, i, i * cfg.shard_contexts, shard_ids, buf)

@@ -172,6 +172,51 @@ class _ReadAhead:
         self.thread.join(timeout=10)
 
 
+class _Inline:
+    """The schedule run in the caller's thread, each added shard loaded there (``prefetch=0``): for a ``load`` that
+    is itself heavy work on the caller's device, such as a forward pass of the model."""
+
+    def __init__(self, events: Iterator[tuple], load: Load) -> None:
+        self.events, self.load = events, load
+
+    def __iter__(self) -> Iterator[tuple]:
+        for ev in self.events:
+            yield ("add", ev[1], self.load(ev[1])) if ev[0] == "add" else ev
+
+    def close(self) -> None:
+        pass
+
+
+def needed_shards(
+    rows: Sequence[int],
+    batch_size: int,
+    *,
+    epochs: int = 1,
+    seed: int = 0,
+    buffer_rows: int = 1 << 18,
+    drop_last: bool = False,
+    skip: int = 0,
+) -> list[bool]:
+    """For each shard the schedule adds, in order: whether any of its rows is handed out in a batch past the first
+    ``skip``. A resumed reader need not load the others (their rows only fill the pool's places), which saves a
+    resumed training from a model the forward passes of the data it has already trained on."""
+    events = _schedule(rows, batch_size, epochs, seed, buffer_rows, drop_last, skip)
+    pool = torch.empty(0, dtype=torch.long)  # which add event each pooled row came from
+    needed: list[bool] = []
+    for ev in events:
+        if ev[0] == "add":
+            pool = torch.cat([pool, torch.full((rows[ev[1]],), len(needed), dtype=torch.long)])
+            needed.append(False)
+            continue
+        _, perm, starts, stop, last = ev
+        mixed = pool[perm]
+        for j in starts:
+            for a in torch.unique(mixed[j : min(j + batch_size, stop)]).tolist():
+                needed[a] = True
+        pool = pool.new_empty(0) if last else mixed[stop:]
+    return needed
+
+
 class _Pool:
     """What both pools share: the slots' logical order, and handing out a permuted round of it."""
 
@@ -375,7 +420,8 @@ def shuffled_batches(
     batch-sized tensors cost page faults): for a caller that is done with a batch when it asks for
     the one after next, as the trainer is.
     ``pool``: ``"mapped"`` (rows stay in the memory maps; the CPU's default), ``"slots"`` (a buffer on
-    ``device``; every other device's default) or ``"auto"``.
+    ``device``; every other device's default) or ``"auto"``. ``prefetch=0`` loads each shard in the caller's
+    thread, when the schedule reaches it.
     """
     device = torch.device(device)
     if pool not in ("auto", "mapped", "slots"):
@@ -394,7 +440,9 @@ def shuffled_batches(
             if mapped
             else _SlotPool(n_sites, width, storage_dtype, device, buffer_rows + widest)
         )
-        ahead = _ReadAhead(events, load, pin, prefetch)  # the thread starts with the first batch asked for
+        ahead: "_ReadAhead | _Inline" = (
+            _ReadAhead(events, load, pin, prefetch) if prefetch > 0 else _Inline(events, load)
+        )  # a thread starts with the first batch asked for
         try:
             for ev in ahead:
                 if ev[0] == "add":

@@ -277,6 +277,11 @@ class ActivationStore:
         return str(self.meta["dtype"])
 
     @property
+    def storage_dtype(self) -> torch.dtype:
+        """The torch dtype the activations are stored in."""
+        return STORE_DTYPES[self.dtype][1]
+
+    @property
     def config(self) -> dict:
         return dict(self.meta["config"])
 
@@ -457,6 +462,28 @@ class ActivationStore:
             raise CircuitSAEError(f"store {self.root} has no {split} activations")
         x = torch.cat(out)
         return x if max_rows is None else x[:max_rows]
+
+    def describe(self) -> str:
+        """How the store is named in messages."""
+        return f"store {self.root}"
+
+    def samples(self, names: Sequence[str], split: str, max_rows: int) -> Iterator[list[torch.Tensor]]:
+        """The first ``max_rows`` rows of ``split`` in store order, shard by shard: one tensor per site of ``names``
+        in the storage dtype (the interface :class:`~circuitsae.data.stream.ModelStream` shares)."""
+        names, have = [self._site(s) for s in names], 0
+        for m in self._split(split):
+            if have >= max_rows:
+                return
+            take = min(m["rows"], max_rows - have)
+            yield [from_numpy(self._read(m, s, verify=True), self.dtype)[:take] for s in names]
+            have += take
+
+    def sample(self, names: Sequence[str], split: str, max_rows: int) -> dict[str, torch.Tensor]:
+        """:meth:`samples` concatenated: ``{site: [rows, d]}`` in the storage dtype."""
+        parts = list(self.samples(names, split, max_rows))
+        if not parts:
+            raise CircuitSAEError(f"store {self.root} has no {split} activations")
+        return {s: torch.cat([p[k] for p in parts]) for k, s in enumerate(names)}
 
     def tokens(self, split: str = "train") -> torch.Tensor:
         """Token ids ``[contexts, ctx_len]`` (int64) of ``split``, in store order."""

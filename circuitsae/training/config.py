@@ -7,9 +7,12 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from circuitsae.config import option, validate
+from circuitsae.config import model_dtype_option, option, validate
+from circuitsae.data import corpora
+from circuitsae.data.store import STORE_DTYPES
 from circuitsae.dictionaries import registry
 from circuitsae.errors import CircuitSAEError
+from circuitsae.memory import parse_size
 from circuitsae.sites import check_pattern
 
 PARALLEL_MODES = ("data", "runs")
@@ -20,13 +23,73 @@ MAX_COEFFICIENT = 1e6
 MAX_ROWS = 1 << 30
 MAX_COUNT = 1 << 40
 MAX_SEED = (1 << 63) - 1
+MAX_CTX_LEN = 1 << 20
+#: the settings that apply only when training from the model (left out of a store training's fingerprint)
+STREAM_FIELDS = (
+    "model",
+    "tokens",
+    "corpus",
+    "ctx_len",
+    "heldout_fraction",
+    "keep_bos",
+    "chunk_contexts",
+    "model_batch",
+    "buffer_dtype",
+    "model_dtype",
+)
+#: shuffle buffer (rows per site) and input-scale sample (rows per site) when not given
+STORE_BUFFER_ROWS, STREAM_BUFFER_ROWS = 1 << 18, 1 << 16
+STORE_SCALE_ROWS, STREAM_SCALE_ROWS = 1 << 17, 1 << 14
 
 
 @dataclass
 class TrainConfig:
     """One training pass: every (site, architecture, coefficient) combination is a run."""
 
-    store: str = option("runs/acts", "activation store folder (from `circuitsae harvest`)")
+    store: str = option("runs/acts", "activation store folder (from `circuitsae harvest`); not read with --model")
+    model: "str | None" = option(
+        None,
+        "train straight from this model's forward passes instead of a store: built-in name (smollm2-135m, "
+        "gemma3-270m), local HF folder or hub id",
+    )
+    tokens: int = option(
+        1_000_000, "with --model: training tokens per site (1M, 500k and 2e6 are understood)", min=1, max=MAX_COUNT
+    )
+    corpus: str = option(
+        corpora.DEFAULT_CORPUS, "with --model: corpus (mix, sotu, bbc, a folder, a .txt/.jsonl file, a HF dataset)"
+    )
+    ctx_len: int = option(128, "with --model: tokens per context, the start token included", min=2, max=MAX_CTX_LEN)
+    heldout_fraction: float = option(
+        0.05, "with --model: fraction of documents held out (the held-out metrics come from them)", above=0, max=0.99
+    )
+    keep_bos: bool = option(False, "with --model: also train on position 0 (the start token; a huge outlier)")
+    chunk_contexts: int = option(
+        128, "with --model: contexts per chunk, the unit the shuffle mixes (a store's shard)", min=1, max=MAX_ROWS
+    )
+    model_batch: int = option(16, "with --model: contexts per forward pass", min=1, max=MAX_ROWS)
+    buffer_dtype: "str | None" = option(
+        None,
+        "with --model: dtype of the shuffle buffer: float16, bfloat16 or float32 (default: as a harvest's store)",
+        choices=tuple(STORE_DTYPES),
+    )
+    model_dtype: "str | None" = model_dtype_option()
+    buffer_rows: "int | None" = option(
+        None,
+        f"shuffle buffer, rows per site: half of it is handed out per round (default: {STORE_BUFFER_ROWS} from a "
+        f"store, {STREAM_BUFFER_ROWS} with --model)",
+        min=1,
+        max=MAX_ROWS,
+    )
+    scale_rows: "int | None" = option(
+        None,
+        "first training rows per site on which the input scale is estimated (default: "
+        f"{STORE_SCALE_ROWS} from a store, {STREAM_SCALE_ROWS} with --model: those rows cost extra forward passes)",
+        min=1,
+        max=MAX_ROWS,
+    )
+    memory_limit: "str | None" = option(
+        None, "memory the training may plan for, e.g. 8G (default: what is available, or CIRCUITSAE_MEMORY_LIMIT)"
+    )
     out: str = option("runs/saes", "output folder: one sub-folder per trained SAE, plus checkpoint and log")
     sites: tuple[str, ...] = option(
         (), "sites to train on, or patterns (all, resid.*, *.3, mlp.10-20, attn.1,4) (default: every site in the store)"
@@ -90,7 +153,9 @@ class TrainConfig:
     autocast: "bool | None" = option(
         None, "train under bfloat16 autocast (default: on for CUDA, off for the CPU; weights stay float32)"
     )
-    seed: int = option(0, "seed for initialisation, batch order and resampling", min=0, max=MAX_SEED)
+    seed: int = option(
+        0, "seed for initialisation, batch order, resampling and (with --model) the contexts", min=0, max=MAX_SEED
+    )
     stop_after: "int | None" = option(
         None, "stop (with a checkpoint) after this many steps; re-run to continue", min=1, max=MAX_COUNT
     )
@@ -110,6 +175,10 @@ class TrainConfig:
             )
         for site in self.sites:
             check_pattern(site)
+        if self.model is not None and not self.sites:
+            raise CircuitSAEError("with --model, name the sites to train: e.g. --sites all, resid.* or mlp.10-20")
+        if self.memory_limit is not None:
+            parse_size(self.memory_limit)
         per_arch = self.per_arch_coefficients()
         for arch in per_arch:
             if arch not in self.arch:
@@ -146,10 +215,34 @@ class TrainConfig:
             out[arch] = parsed
         return out
 
+    @property
+    def streams(self) -> bool:
+        """Whether this training reads the model's forward passes (``model`` set) rather than a store."""
+        return self.model is not None
+
+    @property
+    def buffer(self) -> int:
+        """The shuffle buffer in rows per site."""
+        return self.buffer_rows or (STREAM_BUFFER_ROWS if self.streams else STORE_BUFFER_ROWS)
+
+    @property
+    def scale_sample(self) -> int:
+        """Rows per site the input scale is estimated on."""
+        return self.scale_rows or (STREAM_SCALE_ROWS if self.streams else STORE_SCALE_ROWS)
+
     def fingerprint(self) -> str:
-        """What must match for a checkpoint to be resumed (not out/device/precision/stop_after/logging)."""
-        skip = ("out", "device", "autocast", "stop_after", "log_every", "parallel")
+        """What must match for a checkpoint to be resumed (not out/device/precision/stop_after/logging/memory)."""
+        skip = ("out", "device", "autocast", "stop_after", "log_every", "parallel", "memory_limit")
         keep = {k: v for k, v in asdict(self).items() if k not in skip}
-        if not keep["arch_coefficients"]:  # absent from older versions' checkpoints: unused, they still resume
+        # absent from older versions' checkpoints when unused or at their defaults: those still resume
+        if not keep["arch_coefficients"]:
             del keep["arch_coefficients"]
+        for name in ("buffer_rows", "scale_rows"):
+            if keep[name] is None:
+                del keep[name]
+        if self.streams:
+            del keep["store"]
+        else:
+            for name in STREAM_FIELDS:
+                keep.pop(name, None)
         return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from circuitsae import metrics
 from circuitsae.config import model_dtype_option, option, validate
 from circuitsae.data.store import ActivationStore, recorded_store
+from circuitsae.data.stream import ModelStream
 from circuitsae.dictionaries import Dictionary, load_dictionary
 from circuitsae.dictionaries.folders import dictionary_folders
 from circuitsae.errors import CircuitSAEError
@@ -37,7 +38,8 @@ from circuitsae.models import input_device
 
 @dataclass
 class EvalConfig:
-    """Evaluate saved dictionaries on a store's held-out split."""
+    """Evaluate saved dictionaries on a store's held-out split (or, for dictionaries trained from the model, on
+    forward passes over the held-out split of the corpus they were trained on)."""
 
     dictionaries: tuple[str, ...] = option(
         (), "saved dictionary folders (or a training output folder)", positional="DICTIONARY"
@@ -245,40 +247,86 @@ def evaluate(
         return _evaluate(cfg, folders, out, model, progress)
 
 
+def held_out_stream(
+    model: Any, recorded: Mapping[str, Any], sites: list[str], rows: int, contexts: int, progress: bool = False
+) -> ModelStream:
+    """A stream of the held-out split a dictionary trained from the model records (``meta["stream"]``): at least
+    ``rows`` rows per site and ``contexts`` contexts, no training contexts."""
+    try:
+        per_context = int(recorded["ctx_len"]) - (0 if recorded["keep_bos"] else 1)
+        return ModelStream(
+            model,
+            sites,
+            tokens=0,
+            corpus=str(recorded["corpus"]),
+            ctx_len=int(recorded["ctx_len"]),
+            seed=int(recorded["seed"]),
+            heldout_fraction=float(recorded["heldout_fraction"]),
+            heldout_rows=max(rows, contexts * per_context),
+            keep_bos=bool(recorded["keep_bos"]),
+            dtype=str(recorded["dtype"]),
+            progress=progress,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CircuitSAEError(
+            f"the dictionary's record of its training stream is incomplete ({e}): pass --store"
+        ) from None
+
+
 def _evaluate(cfg: EvalConfig, folders: list[Path], out: Path, model: Any, progress: bool) -> Evaluation:
     """:func:`evaluate` with its output checked and locked."""
     from circuitsae.models import dtype_name, load_model, model_name
 
     loaded = [(f, load_dictionary(f)) for f in folders]
     given = ActivationStore(cfg.store) if cfg.store else None
+    streamed = [(f, d) for f, d in loaded if given is None and "stream" in d.meta and not d.meta.get("store")]
     stores: dict[str, ActivationStore] = {}  # by the path each store is read from
     store_of: dict[Path, str] = {}
     for folder, d in loaded:
+        if (folder, d) in streamed:
+            continue
         store = given or recorded_store(d.meta, folder, where=str(folder))
         store_of[folder] = os.path.normpath(store.root)
         stores.setdefault(store_of[folder], store)
-    wanted = cfg.model or next(iter(stores.values())).config["model"]
+    wanted = cfg.model or (
+        next(iter(stores.values())).config["model"] if stores else streamed[0][1].meta["stream"]["model"]
+    )
     if model is None:
         model = load_model(wanted, device=cfg.device, dtype=cfg.model_dtype)
+    # dictionaries trained from the model (no store): their held-out rows and contexts come from forward passes
+    # over the held-out split of the corpus they were trained on, one stream per recorded setting
+    streams: dict[str, ModelStream] = {}
+    for folder, d in streamed:
+        key = json.dumps(d.meta["stream"], sort_keys=True)
+        store_of[folder] = key
+        if key not in streams:
+            sites = sorted({x.meta["site"] for f, x in streamed if json.dumps(x.meta["stream"], sort_keys=True) == key})
+            streams[key] = held_out_stream(model, d.meta["stream"], sites, cfg.rows, cfg.contexts, progress)
+    samples: dict[str, dict[str, torch.Tensor]] = {}  # a stream's held-out rows, every site from one pass
     results: dict[str, dict] = {}
     by_store: dict[str, list[tuple[str, tuple[str, Any]]]] = {}  # store -> [(name, (site, dictionary))]
     for folder, d in loaded:
         store_path = store_of[folder]
-        store = stores[store_path]
+        source: "ActivationStore | ModelStream" = stores.get(store_path) or streams[store_path]
         site = d.meta.get("site")
-        if site is None or site not in store.sites:
-            raise CircuitSAEError(f"{folder}: its site {site!r} is not in store {store.root}")
-        if not store.n_rows("heldout"):
+        if site is None or site not in source.sites:
+            raise CircuitSAEError(f"{folder}: its site {site!r} is not in {source.describe()}")
+        if not source.n_rows("heldout"):
             raise CircuitSAEError(
-                f"store {store.root} has no held-out rows (harvested with --heldout-tokens 0): evaluate on a store "
+                f"store {store_path} has no held-out rows (harvested with --heldout-tokens 0): evaluate on a store "
                 "that has some (--store)"
             )
         check_dictionary(model, site, d)  # on the site's device from here on: metrics are computed there
-        x = store.activations(site, "heldout", max_rows=cfg.rows)
+        if isinstance(source, ModelStream):
+            if store_path not in samples:
+                samples[store_path] = source.sample(source.sites, "heldout", cfg.rows)
+            x = samples[store_path][site].to(torch.float32)
+        else:
+            x = source.activations(site, "heldout", max_rows=cfg.rows)
         rec = reconstruction(d, x)
         results[folder.name] = {
             "path": str(folder),
-            "store": str(store_path),
+            "store": str(store_path) if isinstance(source, ActivationStore) else source.describe(),
             "architecture": d.architecture,
             "site": site,
             "d_dict": d.d_dict,
@@ -286,12 +334,13 @@ def _evaluate(cfg: EvalConfig, folders: list[Path], out: Path, model: Any, progr
             **rec,
         }
         by_store.setdefault(store_path, []).append((folder.name, (site, d)))
-    # loss recovered of each dictionary on the held-out text of its own store (never another store's
-    # training text); one model pass per store serves all of that store's dictionaries
+    # loss recovered of each dictionary on the held-out text of its own store or stream (never its training text);
+    # one model pass per store serves all of that store's dictionaries
     for store_path, members in by_store.items():
-        ids = stores[store_path].tokens("heldout")[: cfg.contexts]
+        source = stores.get(store_path) or streams[store_path]
+        ids = (source.ids["heldout"] if isinstance(source, ModelStream) else source.tokens("heldout"))[: cfg.contexts]
         if ids.shape[0] == 0:
-            raise CircuitSAEError(f"store {store_path} has no held-out contexts to measure loss recovered on")
+            raise CircuitSAEError(f"{source.describe()} has no held-out contexts to measure loss recovered on")
         for (name, _), fid in zip(members, fidelity(model, [p for _, p in members], ids, cfg.batch_size, progress)):
             results[name].update(fid)
     rows = {name: DictionaryMetrics.from_json(r) for name, r in results.items()}

@@ -14,12 +14,15 @@ from typing import Any
 import torch
 
 from circuitsae.data.store import ActivationStore
+from circuitsae.data.stream import ModelStream
 from circuitsae.dictionaries import TrainableDictionary, registry
 from circuitsae.memory import MemoryPlan
 from circuitsae.sites import select
-from circuitsae.training.config import TrainConfig
+from circuitsae.training.config import STORE_SCALE_ROWS, TrainConfig
 
-SCALE_ROWS = 1 << 17
+#: where a training reads its activations: a store, or the model's forward passes (the same reading interface)
+Source = ActivationStore | ModelStream
+SCALE_ROWS = STORE_SCALE_ROWS
 
 
 @dataclass
@@ -38,9 +41,9 @@ class Run:
     # draw what they would draw in one process
 
 
-def plan_runs(cfg: TrainConfig, store: ActivationStore) -> list[tuple[str, str, float]]:
+def plan_runs(cfg: TrainConfig, source: Source) -> list[tuple[str, str, float]]:
     """The (site, arch, coefficient) of every run, in a fixed order."""
-    sites = select(cfg.sites, store.sites, f"store {store.root}") if cfg.sites else tuple(store.sites)
+    sites = select(cfg.sites, source.sites, source.describe()) if cfg.sites else tuple(source.sites)
     runs = []
     per_arch = cfg.per_arch_coefficients()
     for site, arch in itertools.product(sites, cfg.arch):
@@ -56,21 +59,34 @@ def run_name(site: str, arch: str, coefficient: float) -> str:
 
 
 @torch.no_grad()
-def input_scale(store: ActivationStore, site: str) -> float:
-    """s = sqrt(d / E||x||²) over up to ``SCALE_ROWS`` training rows (store order, deterministic)."""
-    x = store.activations(site, "train", max_rows=SCALE_ROWS, dtype=torch.float64)
-    return math.sqrt(store.d / float(x.pow(2).sum(-1).mean()))
+def input_scales(source: Source, sites: list[str], rows: int = SCALE_ROWS) -> dict[str, float]:
+    """s = sqrt(d / E||x||²) per site over the first ``rows`` training rows (source order, deterministic), in
+    float64; every site from the same pass over the source (one forward pass per chunk from a model)."""
+    norms: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+    for parts in source.samples(sites, "train", rows):
+        for site, x in zip(sites, parts):
+            norms[site].append(x.to(torch.float64).pow(2).sum(-1))
+    return {site: math.sqrt(source.d / float(torch.cat(n).mean())) for site, n in norms.items()}
+
+
+def input_scale(source: Source, site: str, rows: int = SCALE_ROWS) -> float:
+    """:func:`input_scales` of one site."""
+    return input_scales(source, [site], rows)[site]
 
 
 def memory_plan(
-    cfg: TrainConfig, d: int, plan: list[tuple[str, str, float]], n_sites: int, heldout_rows: int
+    cfg: TrainConfig, d: int, plan: list[tuple[str, str, float]], n_sites: int, heldout_rows: int, itemsize: int = 4
 ) -> MemoryPlan:
     """What training ``plan`` on width-``d`` activations holds in memory at once, item by item.
 
     The SAEs are built on the ``meta`` device (no memory) to count their parameters exactly. Float32 weights,
     their gradients, Adam's two moments, and the checkpoint's serialised copy of weights and moments; the
     batches of every site (one in use, one read ahead); one run's step at a time (its codes, pre-activations and
-    their gradients, ``4 · batch · d_dict`` floats); the held-out rows evaluated at the end.
+    their gradients, ``4 · batch · d_dict`` floats); the held-out rows evaluated at the end (``itemsize`` bytes a
+    value: the store's or the buffer's dtype). Training from the model adds its shuffle buffer (``buffer_rows``
+    plus one chunk per site, the buffer dtype), the chunk being computed, and one forward pass (the sites' saved
+    outputs and a generous ``4 · batch · ctx · (32·d + 16·ctx)`` bytes of temporaries, as a harvest plans); the
+    model itself is loaded by then and not counted.
     """
     weights, widest = 0, 0
     for _site, arch, coef in plan:
@@ -80,7 +96,7 @@ def memory_plan(
         weights += 4 * sum(t.numel() for t in itertools.chain(sae.parameters(), sae.buffers()))
         widest = max(widest, sae.d_dict)
     batch = 4 * cfg.batch_size * d * n_sites
-    return MemoryPlan(f"training {len(plan)} SAE{'s' * (len(plan) > 1)} on {n_sites} site(s) of width {d}").extend(
+    out = MemoryPlan(f"training {len(plan)} SAE{'s' * (len(plan) > 1)} on {n_sites} site(s) of width {d}").extend(
         [
             ("weights", weights),
             ("gradients", weights),
@@ -88,17 +104,29 @@ def memory_plan(
             ("checkpoint copy", 3 * weights),
             ("batches", 2 * batch),
             ("one step", 4 * 4 * cfg.batch_size * widest),
-            ("held-out rows", 4 * heldout_rows * d * n_sites),
+            ("held-out rows", itemsize * heldout_rows * d * n_sites),
         ]
     )
+    if cfg.streams:
+        chunk = cfg.chunk_contexts * cfg.ctx_len * d * n_sites * itemsize
+        out.extend(
+            [
+                ("shuffle buffer", cfg.buffer * d * n_sites * itemsize + chunk),
+                ("chunk", chunk),
+                (
+                    "forward pass",
+                    4 * cfg.model_batch * cfg.ctx_len * (d * n_sites + 32 * d + 16 * cfg.ctx_len),
+                ),
+            ]
+        )
+    return out
 
 
-def make_run(
-    cfg: TrainConfig, store: ActivationStore, site: str, arch: str, coef: float, device: torch.device, index: int
-) -> Run:
-    """Run ``index`` of the plan: its SAE on ``device``, fused Adam where available, a generator of its own."""
+def make_run(cfg: TrainConfig, d: int, site: str, arch: str, coef: float, device: torch.device, index: int) -> Run:
+    """Run ``index`` of the plan: its SAE for width-``d`` activations on ``device``, fused Adam where available,
+    a generator of its own."""
     cls = registry.get_trainable(arch)
-    sae: TrainableDictionary = cls.for_training(store.d, coef, vars(cfg))
+    sae: TrainableDictionary = cls.for_training(d, coef, vars(cfg))
     sae.to(device)
     lr = cfg.lr or cls.training.lr
     kwargs: dict[str, Any] = {"lr": lr, "betas": cls.training.betas}

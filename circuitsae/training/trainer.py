@@ -61,8 +61,10 @@ of :mod:`circuitsae.dictionaries.fused` are float32 only.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -73,16 +75,29 @@ from tqdm.auto import tqdm
 
 from circuitsae import distributed
 from circuitsae.data.store import ActivationStore
+from circuitsae.data.stream import ModelStream
 from circuitsae.dictionaries import Dictionary, registry
 from circuitsae.errors import CircuitSAEError
 from circuitsae.io import lock_folder, probe_folder
-from circuitsae.models import resolve_device
+from circuitsae.memory import format_bytes
+from circuitsae.memory import limit as memory_limit
+from circuitsae.models import load_model, model_name, resolve_device
 from circuitsae.training import schedule
 from circuitsae.training.checkpoints import Checkpoints, TrainingDiverged
 from circuitsae.training.config import PARALLEL_MODES, TrainConfig
 from circuitsae.training.evaluate import reconstruction
 from circuitsae.training.resampling import resample_dead
-from circuitsae.training.runs import SCALE_ROWS, Run, input_scale, make_run, memory_plan, plan_runs, run_name
+from circuitsae.training.runs import (
+    SCALE_ROWS,
+    Run,
+    Source,
+    input_scale,
+    input_scales,
+    make_run,
+    memory_plan,
+    plan_runs,
+    run_name,
+)
 from circuitsae.training.schedule import AUX_DEAD_TOKENS, MIN_RESAMPLE_WINDOW
 
 __all__ = [
@@ -96,6 +111,7 @@ __all__ = [
     "Trainer",
     "TrainingDiverged",
     "input_scale",
+    "input_scales",
     "make_run",
     "plan_runs",
     "resample_dead",
@@ -112,7 +128,7 @@ __all__ = [
 class Trainer:
     """Owns the runs, the schedule and the checkpoint; :meth:`fit` is a short loop over :meth:`step`."""
 
-    def __init__(self, cfg: TrainConfig, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, progress: bool = True, model: Any = None) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.world = distributed.init(self.device.type)
@@ -120,24 +136,32 @@ class Trainer:
             self.device = torch.device("cuda", self.world.local_rank)
         self.data_parallel = self.world.active and cfg.parallel == "data"
         self.progress = progress and self.world.main
-        self.store = distributed.on_every_rank(lambda: ActivationStore(cfg.store), "opening the store")
-        if self.store.n_rows("train") == 0:
-            raise CircuitSAEError(f"store {self.store.root} has no training activations")
         if self.data_parallel and cfg.batch_size % self.world.size:
             raise CircuitSAEError(
                 f"--batch-size {cfg.batch_size} is not divisible by the {self.world.size} ranks: each rank takes an "
                 f"equal share of every batch (use a multiple of {self.world.size})"
             )
         self.out = Path(cfg.out)
-        self.checkpoints = Checkpoints(self.out, cfg.fingerprint(), self.world, self.data_parallel)
+        fingerprint = cfg.fingerprint()
+        if cfg.streams and self.data_parallel:  # each rank streams its own range of the tokens: another training
+            fingerprint += f"-world{self.world.size}"
+        self.part = (self.world.rank, self.world.size) if self.data_parallel else (0, 1)
+        self.source = distributed.on_every_rank(
+            lambda: self._open_source(model), "loading the model" if cfg.streams else "opening the store"
+        )  # first: a source that cannot be read leaves no output folder behind
+        self.checkpoints = Checkpoints(self.out, fingerprint, self.world, self.data_parallel)
         distributed.on_every_rank(self._check_out, "checking the output folder")  # before any work
-        self.plan = plan_runs(cfg, self.store)
-        self.sites = sorted({s for s, _, _ in self.plan}, key=self.store.sites.index)
-        self.total_steps = self.store.n_batches(cfg.batch_size, epochs=cfg.epochs, drop_last=True)
+        if self.source.n_rows("train") == 0:
+            raise CircuitSAEError(f"{self.source.describe()} has no training activations")
+        self.plan = plan_runs(cfg, self.source)
+        self.sites = sorted({s for s, _, _ in self.plan}, key=self.source.sites.index)
+        self.total_steps = self.source.n_batches(cfg.batch_size, epochs=cfg.epochs, drop_last=True)
         if self.total_steps < 1:
             raise CircuitSAEError(
-                f"store {self.store.root} has {self.store.n_rows('train')} training rows, fewer than one batch "
-                f"of {cfg.batch_size}: harvest more tokens or lower --batch-size"
+                f"{self.source.describe()}: {self.source.n_rows('train')} training rows, fewer than one batch "
+                f"of {cfg.batch_size}: "
+                + ("train on more --tokens" if cfg.streams else "harvest more tokens")
+                + " or lower --batch-size"
             )
         self.lr_warmup_steps = schedule.warmup_steps(cfg.lr_warmup, self.total_steps)
         self.coef_warmup_steps = schedule.warmup_steps(cfg.coef_warmup, self.total_steps)
@@ -145,11 +169,19 @@ class Trainer:
         self.resample_every = schedule.resample_period(cfg.resample_every, self.dead_window)
         self.aux_dead_steps = schedule.aux_dead_steps(cfg.batch_size, self.total_steps)
         self.autocast = self.device.type == "cuda" if cfg.autocast is None else bool(cfg.autocast)
-        heldout_rows = min(cfg.eval_rows, self.store.n_rows("heldout"))
-        memory_plan(cfg, self.store.d, self.plan, len(self.sites), heldout_rows).check(self.device)
+        self.heldout_rows = min(cfg.eval_rows, self.source.n_rows("heldout"))
+        itemsize = self.source.storage_dtype.itemsize
+        self.memory = memory_plan(cfg, self.source.d, self.plan, len(self.sites), self.heldout_rows, itemsize)
+        self.memory.check(self.device, cfg.memory_limit)
+        if self.progress:
+            cap, where = memory_limit(self.device, cfg.memory_limit)
+            loaded = f"; the model, {format_bytes(model_bytes(self.model))}, is loaded" if cfg.streams else ""
+            print(
+                f"memory plan: {self.memory.describe()} (limit {format_bytes(cap)}, {where}{loaded})", file=sys.stderr
+            )
         torch.manual_seed(cfg.seed)
-        self.scales = {s: input_scale(self.store, s) for s in self.sites}
-        self.runs = [make_run(cfg, self.store, s, a, c, self.device, i) for i, (s, a, c) in enumerate(self.plan)]
+        self._scales: "dict[str, float] | None" = None  # estimated when first needed, unless a checkpoint holds them
+        self.runs = [make_run(cfg, self.source.d, s, a, c, self.device, i) for i, (s, a, c) in enumerate(self.plan)]
         if self.world.active and cfg.parallel == "runs":  # every rank made every run (same RNG), keeps its own
             if len(self.runs) < self.world.size:
                 raise CircuitSAEError(
@@ -157,10 +189,70 @@ class Trainer:
                     f"use at most {len(self.runs)} processes"
                 )
             self.runs = self.runs[self.world.rank :: self.world.size]
-        self.part = (self.world.rank, self.world.size) if self.data_parallel else (0, 1)
+            self.sites = [s for s in self.sites if any(run.site == s for run in self.runs)]
         self.allreduce_bytes = 0  # per step, data-parallel
         self.resampled: dict[str, int] = {}  # features resampled per run (this session)
         self.step_count = 0
+
+    def _open_source(self, model: Any) -> Source:
+        """The store, or (``--model``) the model loaded on the training device and a stream of its activations."""
+        cfg = self.cfg
+        if not cfg.streams:
+            self.model = None
+            return ActivationStore(cfg.store)
+        self.model = model if model is not None else load_model(cfg.model, device=self.device, dtype=cfg.model_dtype)
+        return ModelStream(
+            self.model,
+            cfg.sites,
+            tokens=cfg.tokens,
+            corpus=cfg.corpus,
+            ctx_len=cfg.ctx_len,
+            seed=cfg.seed,
+            heldout_fraction=cfg.heldout_fraction,
+            heldout_rows=cfg.eval_rows,
+            keep_bos=cfg.keep_bos,
+            chunk_contexts=cfg.chunk_contexts,
+            batch_contexts=cfg.model_batch,
+            dtype=cfg.buffer_dtype,
+            ranks=self.part,
+            progress=self.progress,
+        )
+
+    @property
+    def scales(self) -> dict[str, float]:
+        """Each site's input scale: estimated on the first ``scale_sample`` training rows when first needed (from
+        a model, those rows cost forward passes), or the checkpoint's."""
+        if self._scales is None:
+            self._scales = input_scales(self.source, self.sites, self.cfg.scale_sample)
+        return self._scales
+
+    @scales.setter
+    def scales(self, value: dict[str, float]) -> None:
+        self._scales = value
+
+    def _provenance(self, folder: Path) -> dict[str, Any]:
+        """What a saved dictionary records about its data: the model, the first position kept, and the store (a
+        path relative to the dictionary's own ``folder``, so it resolves from any working directory, and its
+        fingerprint) or the stream's settings."""
+        if isinstance(self.source, ActivationStore):
+            return {
+                "model": self.source.config["model"],
+                "first_position": int(self.source.meta["first_position"]),
+                "store": os.path.relpath(self.source.root.absolute(), folder.absolute()),
+                "store_fingerprint": self.source.fingerprint,
+            }
+        return {
+            "model": self.source.model_name,
+            "first_position": self.source.first_position,
+            "stream": dict(self.source.settings),
+        }
+
+    @property
+    def store(self) -> ActivationStore:
+        """The store trained on (a training from the model has none)."""
+        if not isinstance(self.source, ActivationStore):
+            raise CircuitSAEError("this training reads the model's forward passes, not a store")
+        return self.source
 
     def _check_out(self) -> None:
         """The output folder can be written, no other process writes it, and it holds no other training."""
@@ -253,12 +345,28 @@ class Trainer:
         self.step_count, self.scales = state
         return True
 
-    def log(self, losses: list[Any], batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Append one JSONL line per run (after the divergence check); return the first run's record."""
+    def log(self, losses: list[Any], batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """Append one JSONL line per run (after the divergence check); return the records."""
         self.checkpoints.check_finite(self.runs, losses, self.step_count)
         records = [self._record(run, loss, batch[run.site]) for run, loss in zip(self.runs, losses)]
         self.checkpoints.append_log(records)
-        return records[0] if records else {}
+        return records
+
+    def postfix(self, records: list[dict[str, Any]]) -> dict[str, str]:
+        """What the progress bar shows: one run's loss, L0 and FVU, or with runs at several kinds of site the mean
+        FVU and L0 per kind (``resid``, ``attn``, ``mlp``)."""
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for run, rec in zip(self.runs, records):
+            groups.setdefault(run.site.split(".")[0], []).append(rec)
+        if len(records) == 1:
+            rec = records[0]
+            return {"loss": f"{rec['loss']:.3g}", "l0": f"{rec['l0']:.1f}", "fvu": f"{rec['fvu']:.3f}"}
+        return {
+            kind: "fvu {:.3f} l0 {:.1f}".format(
+                sum(r["fvu"] for r in recs) / len(recs), sum(r["l0"] for r in recs) / len(recs)
+            )
+            for kind, recs in groups.items()
+        }
 
     def _record(self, run: Run, loss: Any, x: torch.Tensor) -> dict[str, float]:
         x = x.float()
@@ -314,8 +422,7 @@ class Trainer:
                 _injected_fault(self.world.rank, self.step_count)
                 bar.update(self.cfg.batch_size)
                 if self.step_count % self.cfg.log_every == 0 or self.step_count == self.total_steps:
-                    rec = self.log(losses, batch)
-                    bar.set_postfix(loss=f"{rec['loss']:.3g}", l0=f"{rec['l0']:.1f}", fvu=f"{rec['fvu']:.3f}")
+                    bar.set_postfix(self.postfix(self.log(losses, batch)))
                 if self.step_count % self.cfg.checkpoint_every == 0 or self.step_count == stop:
                     self.checkpoints.check_finite(self.runs, losses, self.step_count)
                     self.save_checkpoint()
@@ -332,7 +439,7 @@ class Trainer:
 
     def _batches(self) -> Any:
         """This rank's part of every remaining global batch (the ones already trained on are skipped)."""
-        return self.store.batches(
+        return self.source.batches(
             self.sites,
             self.cfg.batch_size,
             epochs=self.cfg.epochs,
@@ -341,6 +448,7 @@ class Trainer:
             drop_last=True,
             skip=self.step_count,
             part=self.part,
+            buffer_rows=self.cfg.buffer,
             reuse=True,  # each batch is used up (scaled into a new tensor) before the next is asked for
         )
 
@@ -349,7 +457,7 @@ class Trainer:
         return tqdm(
             total=self.total_steps * self.cfg.batch_size,
             initial=self.step_count * self.cfg.batch_size,
-            unit="act",
+            unit="tok" if self.cfg.streams else "act",
             unit_scale=True,
             desc=desc,
             disable=not self.progress,
@@ -358,26 +466,18 @@ class Trainer:
 
     def finish(self, seconds: float, steps_this_session: int) -> dict[str, Dictionary]:
         """Fold the input scale, evaluate on held-out rows, save every SAE; write ``train.json``."""
-        heldout = {
-            s: self.store.activations(s, "heldout", max_rows=self.cfg.eval_rows)
-            if self.store.n_rows("heldout")
-            else None
-            for s in self.sites
-        }
+        heldout = self.source.sample(self.sites, "heldout", self.heldout_rows) if self.heldout_rows else {}
         saved, summary = {}, {"config": asdict(self.cfg), "steps": self.total_steps, "runs": {}}
         for run in self.runs:
             sae = run.sae.float().eval()  # on the training device: the held-out metrics are computed there
             sae.fold_input_scale(self.scales[run.site])
-            metrics = reconstruction(sae, heldout[run.site]) if heldout[run.site] is not None else {}
+            x = heldout.get(run.site)
+            metrics = reconstruction(sae, x.to(torch.float32)) if x is not None else {}
             metrics.pop("density_histogram", None)
             sae.meta.update(
-                model=self.store.config["model"],
                 site=run.site,
-                first_position=int(self.store.meta["first_position"]),
                 input_scale=self.scales[run.site],
-                # relative to the dictionary's own folder, so it resolves from any working directory
-                store=os.path.relpath(self.store.root.absolute(), (self.out / run.name).absolute()),
-                store_fingerprint=self.store.fingerprint,
+                **self._provenance(self.out / run.name),
                 training={
                     "coefficient": run.coefficient,
                     "lr": run.lr,
@@ -410,6 +510,11 @@ class Trainer:
         return saved
 
 
+def model_bytes(model: Any) -> int:
+    """Bytes of a loaded model's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
 def _injected_fault(rank: int, step: int) -> None:
     """``CIRCUITSAE_KILL_AT=RANK:STEP`` kills this process with SIGKILL after that step (tests of crash and resume)."""
     spec = os.environ.get("CIRCUITSAE_KILL_AT")
@@ -431,13 +536,24 @@ def _renormalise(sae: Dictionary) -> None:
         w.div_(w.norm(dim=-1, keepdim=True).clamp_min(1e-8))
 
 
-def train(config: "TrainConfig | None" = None, *, progress: bool = True, **overrides: Any) -> dict[str, Dictionary]:
-    """Train every run of ``config`` in one pass over the store; return the saved dictionaries by run name.
+def train(
+    config: "TrainConfig | None" = None, *, progress: bool = True, model: Any = None, **overrides: Any
+) -> dict[str, Dictionary]:
+    """Train every run of ``config`` in one pass over the store (or, with ``model=`` set in the config, over the
+    model's forward passes); return the saved dictionaries by run name.
+
+    ``model`` is the model to train from: a name (the ``model`` field) or an already loaded model (from
+    :func:`circuitsae.load_model`; its name is recorded), as for :func:`circuitsae.data.harvest.harvest`.
 
     ``train(store="runs/acts", arch=["relu", "gated"], coefficients=[1, 4])``
     trains four SAEs per site, each saved under ``out/<site>-<arch>-c<coef>/``.
     Re-running the same call resumes from ``out/checkpoint.pt``; with
     ``stop_after`` set it stops early (checkpointed) and returns ``{}``.
     """
+    loaded = None
+    if isinstance(model, str):
+        overrides["model"] = model
+    elif model is not None:
+        loaded, overrides["model"] = model, model_name(model)
     cfg = TrainConfig(**{**(asdict(config) if config else {}), **overrides})
-    return Trainer(cfg, progress=progress).fit()
+    return Trainer(cfg, progress=progress, model=loaded).fit()
