@@ -56,6 +56,7 @@ def parse_args(argv: "list[str] | None" = None) -> argparse.Namespace:
     ap.add_argument("--model-batch", type=int, default=16)
     ap.add_argument("--eval-rows", type=int, default=16384, help="held-out rows per site for FVU, L0, dead fraction")
     ap.add_argument("--contexts", type=int, default=8, help="held-out contexts for loss recovered")
+    ap.add_argument("--checkpoint-every", type=int, default=20, help="steps between checkpoints (the resume points)")
     ap.add_argument("--work", default="runs/bench/every_layer")
     ap.add_argument("--device", default=None)
     ap.add_argument("--plot-only", action="store_true")
@@ -87,6 +88,7 @@ def build(args: argparse.Namespace) -> dict:
         chunk_contexts=args.chunk_contexts,
         model_batch=args.model_batch,
         eval_rows=args.eval_rows,
+        checkpoint_every=args.checkpoint_every,
         out=str(out),
         device=args.device,
     )
