@@ -227,3 +227,32 @@ def test_sparse_path_on_cuda_equals_the_cpu(kind):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_auxiliary_term_takes_the_dense_path_past_the_threshold_with_the_same_loss_and_gradients():
+    """k / d_sae under SPARSE_BELOW (sparse main path) but k_aux / d_sae over it: the auxiliary term is computed
+    densely in "auto"; loss and gradients equal the reference's and the all-sparse path's."""
+    from circuitsae.dictionaries import TopKSAE
+
+    torch.manual_seed(4)
+    sae = TopKSAE(32, 256, k=4)  # k / d_sae = 1.6%; k_aux = 16 of 256 = 6.25% > SPARSE_BELOW
+    assert 4 / 256 < fused.SPARSE_BELOW <= sae.k_aux / 256
+    dead = torch.zeros(256, dtype=torch.bool)
+    dead[::2] = True
+    sae.set_dead(dead)
+    x = torch.randn(64, 32)
+    params = list(sae.parameters())
+    results = []
+    for run in (lambda: sae.loss(x, mode="auto"), lambda: sae.loss(x, mode="sparse"), lambda: sae.loss_reference(x)):
+        loss = run()
+        grads = torch.autograd.grad(loss.total, params, allow_unused=True)
+        results.append((loss, grads))
+    (auto, g_auto), *others = results
+    assert float(auto.aux.detach()) > 0
+    for other, g_other in others:
+        torch.testing.assert_close(auto.total, other.total, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(auto.aux, other.aux, rtol=1e-5, atol=1e-6)
+        for a, b in zip(g_auto, g_other):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -51,7 +51,11 @@ class ModelStream:
         sites: site names or patterns (``all``, ``resid.*``, ...), expanded against the model.
         tokens: training tokens (activation rows per site) over the whole run, all ranks together (0: a stream of
             held-out rows only).
-        corpus, ctx_len, seed, heldout_fraction, keep_bos: the contexts, as for a harvest.
+        corpus: the corpus the contexts are cut from, as for a harvest.
+        ctx_len: tokens per context, the start token included.
+        seed: the seed of the document and context order.
+        heldout_fraction: the fraction of documents held out.
+        keep_bos: also keep position 0 (the start token).
         heldout_rows: held-out rows per site available for evaluation (from the corpus's held-out split).
         chunk_contexts: contexts per chunk (the unit of the shuffle, like a store's shard).
         batch_contexts: contexts per forward pass.

@@ -92,8 +92,9 @@ class TopKSAE(AffineEncoderSAE):
     def loss(self, x: torch.Tensor, coefficient: float = 0.0, mode: str = "auto") -> Loss:
         """L = ||x − x̂||² + α_aux ||e − ê||² (batch means of row sums); ``coefficient`` is unused.
 
-        ``mode`` "auto" takes the sparse path (fused.py) when k / d_sae is under ``fused.SPARSE_BELOW``;
-        "dense" / "sparse" force one: the same loss and gradients.
+        ``mode`` "auto" takes the sparse path (fused.py) when k / d_sae is under ``fused.SPARSE_BELOW``, and
+        the auxiliary term's own path by k_aux / d_sae the same way; "dense" / "sparse" force one: the same loss
+        and gradients.
         """
         if not fused.use_sparse(x, mode, self.k / self.d_dict):
             return self.loss_reference(x, coefficient)
@@ -107,11 +108,18 @@ class TopKSAE(AffineEncoderSAE):
         n_dead = int(self.dead.sum())
         if n_dead:
             err = (x - x_hat).detach()
-            with torch.no_grad():
-                dead_pre = pre.masked_fill(~self.dead, float("-inf"))
-                top = dead_pre.topk(min(self.k_aux, n_dead), dim=-1, sorted=False).indices
-                aux_units = fused.OpenUnits.from_rows(top, self.d_dict)
-            e_hat = self._decode_at(self._pre_at(x, pre, aux_units).relu(), aux_units)
+            k_aux = min(self.k_aux, n_dead)
+            if mode == "auto" and not fused.use_sparse(x, mode, k_aux / self.d_dict):
+                # the auxiliary term opens k_aux (d/2 by default) units a row: past SPARSE_BELOW the dense
+                # matmuls are faster than the sparse path (the same term as loss_reference's)
+                dead_pre = self.pre_activation(x).masked_fill(~self.dead, float("-inf"))
+                e_hat = keep_top(dead_pre, k_aux) @ self.W_dec
+            else:
+                with torch.no_grad():
+                    dead_pre = pre.masked_fill(~self.dead, float("-inf"))
+                    top = dead_pre.topk(k_aux, dim=-1, sorted=False).indices
+                    aux_units = fused.OpenUnits.from_rows(top, self.d_dict)
+                e_hat = self._decode_at(self._pre_at(x, pre, aux_units).relu(), aux_units)
             aux = (e_hat - err).pow(2).sum(-1).mean()
         values = values.detach()
         l0 = (values > 0).sum() / x.shape[0]
