@@ -68,6 +68,18 @@ def test_site_patterns_expand_against_the_model(tiny_llama):
         ModelStream(tiny_llama, ["mlp.7-9"], tokens=300, **SHAPE)
 
 
+def test_ranks_stream_their_own_contexts_but_sample_the_input_scale_from_the_same_first_rows(tiny_llama):
+    one = ModelStream(tiny_llama, ["resid.1"], tokens=600, **{**STREAM, "model_batch": 40})
+    ranks = [ModelStream(tiny_llama, ["resid.1"], tokens=600, ranks=(r, 2), **{**STREAM, "model_batch": 40})
+             for r in range(2)]  # fmt: skip
+    assert torch.equal(torch.cat([r.ids["train"] for r in ranks]), one.ids["train"])  # contiguous ranges
+    assert ranks[0].n_rows("train") == ranks[1].n_rows("train") == one.n_rows("train") // 2
+    want = one.sample(["resid.1"], "train", 300)["resid.1"]
+    for r in ranks:
+        assert torch.equal(r.sample(["resid.1"], "train", 300)["resid.1"], want)
+    assert ranks[1].n_batches(64, drop_last=True) == one.n_rows("train") // 2 // 32
+
+
 def test_a_resumed_reader_needs_only_the_shards_its_remaining_batches_read():
     rows, kw = [37, 50, 21, 64, 40, 33], {"epochs": 2, "seed": 5, "buffer_rows": 80, "drop_last": True}
     total = sum(rows) * 2 // 16
