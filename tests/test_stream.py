@@ -69,9 +69,9 @@ def test_site_patterns_expand_against_the_model(tiny_llama):
 
 
 def test_ranks_stream_their_own_contexts_but_sample_the_input_scale_from_the_same_first_rows(tiny_llama):
-    one = ModelStream(tiny_llama, ["resid.1"], tokens=600, **{**STREAM, "model_batch": 40})
-    ranks = [ModelStream(tiny_llama, ["resid.1"], tokens=600, ranks=(r, 2), **{**STREAM, "model_batch": 40})
-             for r in range(2)]  # fmt: skip
+    shape = {**SHAPE, "chunk_contexts": 20, "batch_contexts": 40}
+    one = ModelStream(tiny_llama, ["resid.1"], tokens=600, **shape)
+    ranks = [ModelStream(tiny_llama, ["resid.1"], tokens=600, ranks=(r, 2), **shape) for r in range(2)]
     assert torch.equal(torch.cat([r.ids["train"] for r in ranks]), one.ids["train"])  # contiguous ranges
     assert ranks[0].n_rows("train") == ranks[1].n_rows("train") == one.n_rows("train") // 2
     want = one.sample(["resid.1"], "train", 300)["resid.1"]
