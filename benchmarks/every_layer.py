@@ -11,8 +11,7 @@ training's time and tokens/s, one row per site) and ``benchmarks/results/every_l
 model whose JSON is there, one line per site kind).
 
 Width and batch: 2× d (1,152 latents on SmolLM2), 2,048 rows a step, 500k tokens per site: on 2 CPU cores the 90
-SAEs' steps, not the forward passes, are most of the time (at 4× width and 1,024 rows a step, 90 TopK steps take
-~9.7 s per 1,024 tokens on this CPU; at 2× and 2,048, ~8 s per 2,048), and this keeps a set to under an hour.
+SAEs' steps, more than the forward passes, set the time, and these keep a set near an hour.
 
 Architecture: TopK (Gao et al.), k = 32. In ``pareto.json`` (SmolLM2 resid.6, 4× width, 1M tokens) TopK and
 BatchTopK at L0 32 are equal within noise (FVU 0.085 vs 0.088, loss recovered 0.984 vs 0.985), JumpReLU leaves
