@@ -17,7 +17,7 @@ DESCRIPTION = (
 EXAMPLES = (
     "examples:\n  circuitsae train --store runs/acts --arch relu gated --out runs/saes\n"
     "  circuitsae train --store runs/acts --sites resid.4 --arch gated --coefficients 1 2 4 8 --expansion 4\n"
-    "  circuitsae train --model smollm2-135m --sites all --tokens 500k --arch topk --expansion 4 --out runs/all"
+    "  circuitsae train --model smollm2-135m --sites all --tokens 500k --arch topk --expansion 2 --eval-rows 16384 --out runs/all"
 )
 Config = TrainConfig
 

@@ -279,29 +279,35 @@ def _evaluate(cfg: EvalConfig, folders: list[Path], out: Path, model: Any, progr
 
     loaded = [(f, load_dictionary(f)) for f in folders]
     given = ActivationStore(cfg.store) if cfg.store else None
-    streamed = [(f, d) for f, d in loaded if given is None and "stream" in d.meta and not d.meta.get("store")]
+    # dictionaries trained from the model (no store), by their recorded stream settings
+    streamed = {
+        f: json.dumps(d.meta["stream"], sort_keys=True)
+        for f, d in loaded
+        if given is None and "stream" in d.meta and not d.meta.get("store")
+    }
     stores: dict[str, ActivationStore] = {}  # by the path each store is read from
     store_of: dict[Path, str] = {}
     for folder, d in loaded:
-        if (folder, d) in streamed:
+        if folder in streamed:
             continue
         store = given or recorded_store(d.meta, folder, where=str(folder))
         store_of[folder] = os.path.normpath(store.root)
         stores.setdefault(store_of[folder], store)
     wanted = cfg.model or (
-        next(iter(stores.values())).config["model"] if stores else streamed[0][1].meta["stream"]["model"]
+        next(iter(stores.values())).config["model"]
+        if stores
+        else next(d for f, d in loaded if f in streamed).meta["stream"]["model"]
     )
     if model is None:
         model = load_model(wanted, device=cfg.device, dtype=cfg.model_dtype)
-    # dictionaries trained from the model (no store): their held-out rows and contexts come from forward passes
-    # over the held-out split of the corpus they were trained on, one stream per recorded setting
+    # their held-out rows and contexts come from forward passes over the held-out split of the corpus they were
+    # trained on, one stream per recorded setting
     streams: dict[str, ModelStream] = {}
-    for folder, d in streamed:
-        key = json.dumps(d.meta["stream"], sort_keys=True)
-        store_of[folder] = key
-        if key not in streams:
-            sites = sorted({x.meta["site"] for f, x in streamed if json.dumps(x.meta["stream"], sort_keys=True) == key})
-            streams[key] = held_out_stream(model, d.meta["stream"], sites, cfg.rows, cfg.contexts, progress)
+    for key in dict.fromkeys(streamed.values()):
+        group = [d for f, d in loaded if streamed.get(f) == key]
+        sites = sorted({d.meta["site"] for d in group})
+        streams[key] = held_out_stream(model, group[0].meta["stream"], sites, cfg.rows, cfg.contexts, progress)
+    store_of.update(streamed)
     samples: dict[str, dict[str, torch.Tensor]] = {}  # a stream's held-out rows, every site from one pass
     results: dict[str, dict] = {}
     by_store: dict[str, list[tuple[str, tuple[str, Any]]]] = {}  # store -> [(name, (site, dictionary))]

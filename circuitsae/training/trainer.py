@@ -247,13 +247,6 @@ class Trainer:
             "stream": dict(self.source.settings),
         }
 
-    @property
-    def store(self) -> ActivationStore:
-        """The store trained on (a training from the model has none)."""
-        if not isinstance(self.source, ActivationStore):
-            raise CircuitSAEError("this training reads the model's forward passes, not a store")
-        return self.source
-
     def _check_out(self) -> None:
         """The output folder can be written, no other process writes it, and it holds no other training."""
         if self.world.main:
