@@ -230,13 +230,13 @@ def test_sparse_path_on_cuda_equals_the_cpu(kind):
 
 
 def test_topk_auxiliary_term_takes_the_dense_path_past_the_threshold_with_the_same_loss_and_gradients():
-    """k / d_sae under SPARSE_BELOW (sparse main path) but k_aux / d_sae over it: the auxiliary term is computed
+    """k / d_sae under SPARSE_BELOW (sparse main path) but k_aux / n_dead over it: the auxiliary term is computed
     densely in "auto"; loss and gradients equal the reference's and the all-sparse path's."""
     from circuitsae.dictionaries import TopKSAE
 
     torch.manual_seed(4)
-    sae = TopKSAE(32, 256, k=4)  # k / d_sae = 1.6%; k_aux = 16 of 256 = 6.25% > SPARSE_BELOW
-    assert 4 / 256 < fused.SPARSE_BELOW <= sae.k_aux / 256
+    sae = TopKSAE(32, 256, k=4)  # k / d_sae = 1.6%; k_aux = 16 of the 128 dead = 12.5% > SPARSE_BELOW
+    assert 4 / 256 < fused.SPARSE_BELOW <= sae.k_aux / 128  # k_aux / n_dead
     dead = torch.zeros(256, dtype=torch.bool)
     dead[::2] = True
     sae.set_dead(dead)

@@ -25,6 +25,8 @@ def keep_top(pre: torch.Tensor, k: int) -> torch.Tensor:
     k = min(int(k), pre.shape[-1])
     if k <= 0:
         return torch.zeros_like(pre)
+    if k == pre.shape[-1]:
+        return pre.relu()
     values, idx = pre.topk(k, dim=-1, sorted=False)
     return torch.zeros_like(pre).scatter_(-1, idx, values.relu())
 
@@ -93,8 +95,8 @@ class TopKSAE(AffineEncoderSAE):
         """L = ||x − x̂||² + α_aux ||e − ê||² (batch means of row sums); ``coefficient`` is unused.
 
         ``mode`` "auto" takes the sparse path (fused.py) when k / d_sae is under ``fused.SPARSE_BELOW``, and
-        the auxiliary term's own path by k_aux / d_sae the same way; "dense" / "sparse" force one: the same loss
-        and gradients.
+        the auxiliary term's own path by k_aux / n_dead the same way (dense over the dead units only);
+        "dense" / "sparse" force one: the same loss and gradients.
         """
         if not fused.use_sparse(x, mode, self.k / self.d_dict):
             return self.loss_reference(x, coefficient)
@@ -109,11 +111,13 @@ class TopKSAE(AffineEncoderSAE):
         if n_dead:
             err = (x - x_hat).detach()
             k_aux = min(self.k_aux, n_dead)
-            if mode == "auto" and not fused.use_sparse(x, mode, k_aux / self.d_dict):
-                # the auxiliary term opens k_aux (d/2 by default) units a row: past SPARSE_BELOW the dense
-                # matmuls are faster than the sparse path (the same term as loss_reference's)
-                dead_pre = self.pre_activation(x).masked_fill(~self.dead, float("-inf"))
-                e_hat = keep_top(dead_pre, k_aux) @ self.W_dec
+            if mode == "auto" and not fused.use_sparse(x, mode, k_aux / n_dead):
+                # the auxiliary term opens k_aux (d/2 by default) of the n_dead dead units a row: past
+                # SPARSE_BELOW dense matmuls over the dead units' columns only are faster than the sparse path
+                # (the same term as loss_reference's: the other columns' gradients are 0 there)
+                dead_units = self.dead.nonzero().squeeze(1)
+                dead_pre = self.pre_activation_features(x, dead_units)
+                e_hat = keep_top(dead_pre, k_aux) @ self.W_dec[dead_units]
             else:
                 with torch.no_grad():
                     dead_pre = pre.masked_fill(~self.dead, float("-inf"))
