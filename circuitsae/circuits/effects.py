@@ -84,14 +84,15 @@ def make_metric(model: Any, pairs: PromptPairs, kind: str = "logit_diff", batch_
         return Metric(kind, end, answers[0].cpu(), answers[1].cpu())
     finals = []
     with torch.no_grad():
-        for rows in _batches(len(pairs), batch_size):
+        for rows in batches(len(pairs), batch_size):
             with model.trace(pairs.target[rows].to(input_device(model))):
                 logits = logits_of(model).save()
             finals.append(wide(logits[torch.arange(len(rows)), end[rows].to(logits.device)]).log_softmax(-1).cpu())
     return Metric(kind, end, target_logp=torch.cat(finals))
 
 
-def _batches(n: int, size: int) -> list[torch.Tensor]:
+def batches(n: int, size: int) -> list[torch.Tensor]:
+    """Row indices ``0..n−1`` in consecutive groups of ``size``."""
     return [torch.arange(i, min(n, i + size)) for i in range(0, n, max(1, int(size)))]
 
 
@@ -212,7 +213,7 @@ def record(
     target: dict[str, list] = {s: [] for s in order}
     grads: dict[str, list] = {s: [] for s in order}
     metric_base = []
-    for rows in tqdm(_batches(n, batch_size), desc="record base and target runs", disable=not progress):
+    for rows in tqdm(batches(n, batch_size), desc="record base and target runs", disable=not progress):
         saved: dict[str, Any] = {}
         with torch.no_grad(), model.trace(pairs.target[rows].to(input_device(model))):
             for s in order:
@@ -255,7 +256,7 @@ def _interpolated_gradient(
     out = []
     per_batch = max(1, batch_size // steps)
     dev, dtype = site_device(model, site), getattr(torch, dtype_name(model))
-    for rows in _batches(len(pairs), per_batch):
+    for rows in batches(len(pairs), per_batch):
         xb, xt = acts.base[site][rows, start:], acts.target[site][rows, start:]
         path = xb[None] + alphas[:, None, None, None] * (xt - xb)[None]  # [steps, n, T', d]
         ids = pairs.base[rows].repeat(steps, 1)
@@ -354,7 +355,7 @@ def exact_effects(
     groups = [list(range(i, min(len(nodes), i + per_run))) for i in range(0, len(nodes), per_run)]
     for group in tqdm(groups, desc="exact node effects", disable=not progress):
         deltas = {i: node_delta(acts, dictionaries[nodes[i].site], nodes[i]) for i in group}
-        for rows in _batches(n, max(1, batch_size // len(group))):
+        for rows in batches(n, max(1, batch_size // len(group))):
             ids = pairs.base[rows].repeat(len(group), 1)
             with model.trace(ids.to(input_device(model))):
                 for s in order:
@@ -459,7 +460,7 @@ def edge_effects(
     n = len(pairs)
     out: dict[tuple[Node, Node], torch.Tensor] = {}
     targets = [s for s in order if s in kept] + ["logits"]
-    for rows in tqdm(_batches(n, batch_size), desc="edge effects", disable=not progress):
+    for rows in tqdm(batches(n, batch_size), desc="edge effects", disable=not progress):
         down, leaves, logits = _cut_run(model, dictionaries, order, acts.starts, pairs.base[rows])
         for s2 in targets:
             ups = [u for u in upstream_sites(s2, order) if u in kept]
@@ -522,7 +523,7 @@ def exact_edge_effects(
         between = order[order.index(u.site) + 1 : order.index(d.site)]
         delta_u = node_delta(acts, dictionaries[u.site], u)
         dd, start = dictionaries[d.site], acts.starts[d.site]
-        for rows in _batches(n, batch_size):
+        for rows in batches(n, batch_size):
             saved: dict[str, Any] = {}
             with model.trace(pairs.base[rows].to(input_device(model))):
                 x = sites_mod.read(model, u.site)
