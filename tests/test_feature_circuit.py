@@ -135,3 +135,30 @@ def test_the_drawing_has_one_rank_per_layer_error_diamonds_and_a_legend(built, t
     assert "legend" in svg and "metric (logit_diff)" in svg
     assert set(paths) == {"dot", "json", "svg", "png"}
     assert FeatureCircuit.from_json(json.loads((tmp_path / "circuit.json").read_text())).number_of_nodes() == 13
+
+
+def test_the_circuit_command_writes_the_circuit_its_curves_and_its_check(tiny_llama, tmp_path, capsys):
+    """``circuitsae circuit`` on saved TopK dictionaries at every site of the tiny model, end to end."""
+    from circuitsae.commands.cli import main
+
+    torch.manual_seed(0)
+    d = sites.d_model(tiny_llama)
+    saes = tmp_path / "saes"
+    for s in sites.resolve(tiny_llama, ["all"]):
+        sae = TopKSAE(d, 64, k=8)
+        sae.meta = {"site": str(s), "model": "tiny-llama", "first_position": 1}
+        sae.save(saes / f"{s}-topk")
+    out = tmp_path / "circ"
+    argv = ["circuit", "--dictionaries", str(saes), "--model", "tiny-llama", "--model-dtype", "float32",
+            "--prompts", "4", "--heldout-prompts", "4", "--max-nodes", "8", "--check", "--check-nodes", "10",
+            "--check-edges", "4", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "feature circuit of tiny-llama" in printed and "atp vs exact on" in printed
+    for name in ("circuit.json", "circuit.svg", "circuit.png", "faithfulness.png", "faithfulness.json",
+                 "estimator_error.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    curves = json.loads((out / "faithfulness.json").read_text())
+    assert set(curves) == {"selection prompts", "selection prompts, no error nodes", "held-out prompts"}
+    circuit = FeatureCircuit.from_json(json.loads((out / "circuit.json").read_text()))
+    assert all("exact" in circuit.nodes[v] for v in circuit.graph if v != "logits")

@@ -54,7 +54,8 @@ def _numeric_options() -> list[tuple[str, str, bool]]:
 OPTIONS = _numeric_options()
 #: the positional arguments each command needs before its flags can be parsed
 POSITIONAL = {"eval": ["d"], "ioi": ["d"], "feature": ["resid.0:1"], "tree": ["resid.0:1"], "convert": ["a", "b"]}
-NEEDS = {"feature": ["--dictionaries", "d"], "tree": ["--dictionaries", "d"], "convert": ["--to", "circuitsae"]}
+NEEDS = {"feature": ["--dictionaries", "d"], "tree": ["--dictionaries", "d"], "circuit": ["--dictionaries", "d"],
+         "convert": ["--to", "circuitsae"]}  # fmt: skip
 
 values = st.one_of(
     st.integers(min_value=-(10**30), max_value=10**30).map(str),

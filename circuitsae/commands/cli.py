@@ -23,7 +23,7 @@ from circuitsae.io import disk_full
 
 #: the commands, in the order ``circuitsae --help`` lists them: each module has NAME, HELP, DESCRIPTION,
 #: EXAMPLES, Config (the dataclass its flags come from), run(cfg, *, model, progress) and show(result)
-COMMANDS = ("harvest", "train", "evaluate", "ioi", "feature", "tree", "convert", "demo")
+COMMANDS = ("harvest", "train", "evaluate", "ioi", "feature", "tree", "circuit", "convert", "demo")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,4 +1,5 @@
-"""Plots (matplotlib, loaded when first drawn): the IOI curves and transfer, and one feature's histogram and logit effect.
+"""Plots (matplotlib, loaded when first drawn): the IOI curves and transfer, one feature's histogram and logit
+effect, and circuits' faithfulness and completeness curves.
 
 :func:`write_feature_report` writes a :class:`~circuitsae.circuits.features.FeatureReport` as JSON with its two
 PNGs.
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from circuitsae.circuits.circuit import Faithfulness
     from circuitsae.circuits.features import FeatureReport
     from circuitsae.commands.ioi import IOIRun
 
@@ -215,3 +217,29 @@ def write_feature_report(report: "FeatureReport", folder: "str | Path") -> dict[
 
 
 __all__ = ["CUT", "plot_curves", "plot_histogram", "plot_logit_effect", "plot_transfer", "write_feature_report"]
+
+
+def plot_faithfulness(curves: "dict[str, Faithfulness]", path: "str | Path", title: str = "") -> Path:
+    """Faithfulness (left) and completeness (right) against the nodes kept, one line per labelled curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+    for label, f in curves.items():
+        axes[0].plot(f.n, f.faithfulness, marker="o", ms=3, label=label)
+        axes[1].plot(f.n, f.completeness, marker="o", ms=3, label=label)
+    for ax, name in zip(axes, ("faithfulness F(C)", "completeness F(M \\ C)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("nodes in the circuit (top n by |estimated effect|)")
+        ax.set_ylabel(name)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    _figure_legend(fig, axes)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
