@@ -58,7 +58,20 @@ def _check_03(out: str, folder: Path) -> None:
         assert tree.with_suffix(".png").stat().st_size > 0
 
 
-CHECKS = {"00": _check_00, "01": _check_01, "02": _check_02, "03": _check_03}
+def _check_04(out: str, folder: Path) -> None:
+    assert re.search(r"^12 dictionaries", out, re.M), out  # every site of the 4-layer tiny model
+    nodes = re.search(r"^(\d+) nodes \((\d+) error nodes\), (\d+) edges", out, re.M)
+    assert nodes and int(nodes.group(1)) == 30 and int(nodes.group(3)) > 0, out
+    circuit = json.loads((folder / "circuit.json").read_text())
+    assert len(circuit["nodes"]) == 31  # and the metric's node
+    assert re.search(r"error nodes carry \d+% of the summed", out)
+    assert re.search(r"atp vs exact on \d+ nodes: Spearman -?[\d.]+", out)
+    curves = re.findall(r"^(SAE features \+ errors|neurons): (.*)$", out, re.M)
+    assert {c[0] for c in curves} == {"SAE features + errors", "neurons"}
+    assert (folder / "faithfulness.png").stat().st_size > 0
+
+
+CHECKS = {"00": _check_00, "01": _check_01, "02": _check_02, "03": _check_03, "04": _check_04}
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
