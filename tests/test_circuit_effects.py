@@ -235,3 +235,16 @@ def test_edge_estimates_approach_exact_effects_for_small_changes_in_a_nonlinear_
     exact = E.exact_edge_effects(model, dicts, pairs, checked, near).mean(1)
     for k, ex in zip(checked, exact):
         assert scores[k] == pytest.approx(float(ex), rel=0.1), k
+
+
+def test_effects_by_token_role_partition_the_positions(setup):
+    model, pairs, dicts, atp, acts = setup
+    roles = atp.by_role(pairs)
+    assert set(roles) == {"IO", "S1", "S2", "END", "other"}
+    total = atp.node_scores()
+    for node, value in list(total.items())[:50]:
+        assert sum(r.get(node, 0.0) for r in roles.values()) == pytest.approx(value, rel=1e-5, abs=1e-9)
+    with pytest.raises(CircuitSAEError, match="token roles need IOI"):
+        from circuitsae.tasks.pairs import PromptPairs
+
+        atp.by_role(PromptPairs(pairs.base, pairs.target, pairs.lengths))

@@ -151,6 +151,31 @@ class NodeEffects:
             s: (float(self.features[s].sum((1, 2)).mean()), float(self.errors[s].sum(1).mean())) for s in self.sites
         }
 
+    def by_role(self, pairs: PromptPairs) -> dict[str, dict[Node, float]]:
+        """Node scores by IOI token role: for each of IO, S1, S2 and END (the last position) and ``other``
+        (every other position), each node's effect summed over that role's positions and averaged over prompts,
+        so prompts of different templates line up (REFERENCE §8, "Aggregation")."""
+        roles = {"IO": "io_position", "S1": "s1_position", "S2": "s2_position"}
+        if not all(hasattr(pairs, a) for a in roles.values()):
+            raise CircuitSAEError("token roles need IOI prompt pairs (circuitsae.tasks.make_ioi)")
+        n, t = next(iter(self.errors.values())).shape
+        masks = {}
+        for role, attr in roles.items():
+            masks[role] = torch.nn.functional.one_hot(getattr(pairs, attr).cpu(), t).bool()
+        masks["END"] = torch.nn.functional.one_hot(pairs.end_position.cpu(), t).bool()
+        masks["other"] = ~(masks["IO"] | masks["S1"] | masks["S2"] | masks["END"])
+        out: dict[str, dict[Node, float]] = {}
+        for role, mask in masks.items():
+            scores: dict[Node, float] = {}
+            for site in self.sites:
+                m = mask.to(self.features[site].dtype)
+                feat = (self.features[site] * m[..., None]).sum(1).mean(0)
+                for i in torch.nonzero(feat).flatten().tolist():
+                    scores[Node(site, int(i))] = float(feat[i])
+                scores[Node(site, None)] = float((self.errors[site] * m).sum(1).mean(0))
+            out[role] = scores
+        return out
+
     def top(self, n: int) -> list[tuple[Node, float]]:
         """The ``n`` nodes of largest |score|, largest first."""
         return sorted(self.node_scores().items(), key=lambda kv: -abs(kv[1]))[:n]
