@@ -11,16 +11,12 @@ pruned first (:meth:`~circuitsae.circuits.circuit.FeatureCircuit.prune`: at most
 
 from __future__ import annotations
 
-import json
-import shutil
-import warnings
 from pathlib import Path
 
 import graphviz
 
 from circuitsae.circuits.circuit import FeatureCircuit
-from circuitsae.io import atomic_write
-from circuitsae.viz.render import MAX_PENWIDTH, MISSING_DOT
+from circuitsae.viz.render import MAX_PENWIDTH, write_drawing
 
 POSITIVE, NEGATIVE = "#1f77b4", "#d62728"
 KIND_ORDER = {"resid": 0, "attn": 1, "mlp": 2}
@@ -91,16 +87,4 @@ def render(
     circuit: FeatureCircuit, out_stem: "str | Path", max_nodes: int = 60, min_edge: float = 0.0
 ) -> dict[str, str]:
     """Write ``out_stem`` + ``.dot``, ``.json`` (the whole circuit) and, with ``dot``, ``.svg`` and ``.png``."""
-    stem = Path(out_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    dot = to_dot(circuit, max_nodes, min_edge)
-    paths = {fmt: Path(f"{stem}.{fmt}") for fmt in ("dot", "json")}
-    atomic_write(paths["dot"], dot.source.encode())
-    atomic_write(paths["json"], json.dumps(circuit.to_json(), indent=1).encode())
-    if shutil.which("dot") is None:
-        warnings.warn(MISSING_DOT, stacklevel=2)
-        return {k: str(p) for k, p in paths.items()}
-    for fmt in ("svg", "png"):
-        paths[fmt] = Path(f"{stem}.{fmt}")
-        atomic_write(paths[fmt], dot.pipe(format=fmt))
-    return {k: str(p) for k, p in paths.items()}
+    return write_drawing(to_dot(circuit, max_nodes, min_edge), circuit.to_json(), out_stem)

@@ -111,13 +111,17 @@ def render(
     Without ``dot`` it warns (naming the Debian package) and writes DOT and JSON only.
     Returns the paths written, by format.
     """
+    t = _tree(tree)
+    return write_drawing(to_dot(t, max_nodes, min_effect), t.to_json(), out_stem)
+
+
+def write_drawing(dot: graphviz.Digraph, data: Any, out_stem: "str | Path") -> dict[str, str]:
+    """Write ``out_stem`` + ``.dot``, ``.json`` (``data``) and, with graphviz's ``dot``, ``.svg`` and ``.png``."""
     stem = Path(out_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    t = _tree(tree)
-    dot = to_dot(t, max_nodes, min_effect)
     paths = {fmt: Path(f"{stem}.{fmt}") for fmt in ("dot", "json")}
     atomic_write(paths["dot"], dot.source.encode())
-    atomic_write(paths["json"], json.dumps(t.to_json(), indent=1).encode())
+    atomic_write(paths["json"], json.dumps(data, indent=1).encode())
     if shutil.which("dot") is None:
         warnings.warn(MISSING_DOT, stacklevel=2)
         return {k: str(p) for k, p in paths.items()}
