@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -107,6 +108,9 @@ def side_store(args: argparse.Namespace) -> dict:
 
 
 def _side(args: argparse.Namespace, name: str) -> dict:
+    # a fresh start: what an earlier run left would be resumed (or found finished) and its time not measured
+    for folder in {"circuitsae": ("circuitsae",), "store": ("store", "from_store")}[name]:
+        shutil.rmtree(ROOT / args.work / folder, ignore_errors=True)
     cmd = [sys.executable, __file__, "--side", name, *sys.argv[1:]]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
