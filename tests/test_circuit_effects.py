@@ -248,3 +248,62 @@ def test_effects_by_token_role_partition_the_positions(setup):
         from circuitsae.tasks.pairs import PromptPairs
 
         atp.by_role(PromptPairs(pairs.base, pairs.target, pairs.lengths))
+
+
+def _edges_of(dicts, acts, atp):
+    top = {s: max(range(atp.features[s].shape[-1]), key=lambda i: float(atp.features[s][..., i].abs().sum()))
+           for s in acts.sites}  # fmt: skip
+    feat = {s: E.Node(s, top[s]) for s in acts.sites}
+    err = {s: E.Node(s, None) for s in acts.sites}
+    return [
+        (feat["resid.0"], feat["attn.1"]), (err["resid.0"], feat["mlp.1"]), (feat["attn.1"], err["resid.1"]),
+        (feat["mlp.1"], feat["resid.1"]), (feat["resid.0"], feat["resid.1"]), (err["attn.1"], feat["mlp.1"]),
+        (feat["resid.0"], err["resid.2"]),  # across blocks, with every site between held at base
+        (feat[acts.sites[-1]], E.LOGITS),
+    ]  # fmt: skip
+
+
+def test_running_only_the_blocks_after_a_site_equals_whole_model_runs(setup):
+    model, pairs, dicts, atp, acts = setup
+    nodes = [E.Node(s, f) for s in ("attn.0", "mlp.1", "resid.2", acts.sites[-1]) for f in (None, 3)]
+    fast = E.exact_effects(model, dicts, pairs, nodes, acts, replay=True)
+    whole = E.exact_effects(model, dicts, pairs, nodes, acts, replay=False)
+    assert float(whole.abs().max()) > 1e-3
+    torch.testing.assert_close(fast, whole, rtol=1e-4, atol=1e-5)
+    edges = _edges_of(dicts, acts, atp)
+    fast = E.exact_edge_effects(model, dicts, pairs, edges, acts, replay=True)
+    whole = E.exact_edge_effects(model, dicts, pairs, edges, acts, replay=False)
+    assert float(whole.abs().max()) > 1e-3
+    torch.testing.assert_close(fast, whole, rtol=1e-4, atol=1e-5)
+    some = {s: dicts[s] for s in ("attn.0", "mlp.1", "resid.2")}
+    ig_fast, _ = E.node_effects(model, some, pairs, method="ig", steps=3, replay=True)
+    ig_whole, _ = E.node_effects(model, some, pairs, method="ig", steps=3, replay=False)
+    for s in some:
+        torch.testing.assert_close(ig_fast.features[s], ig_whole.features[s], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(ig_fast.errors[s], ig_whole.errors[s], rtol=1e-3, atol=1e-5)
+
+
+def test_block_inputs_are_recorded_where_no_resid_site_holds_them(setup):
+    model, pairs, dicts, atp, acts = setup
+    some = {s: dicts[s] for s in ("attn.1", "mlp.1", "mlp.2")}
+    _, part = E.node_effects(model, some, pairs, method="atp")
+    assert sorted(part.inputs) == [1, 2]
+    torch.testing.assert_close(part.block_input(1), acts.base["resid.0"], rtol=1e-5, atol=1e-5)
+    assert "resid.1" not in part.base
+    nodes = [E.Node("attn.1", None), E.Node("mlp.2", 5)]
+    fast = E.exact_effects(model, some, pairs, nodes, part, replay=True)
+    whole = E.exact_effects(model, some, pairs, nodes, part, replay=False)
+    torch.testing.assert_close(fast, whole, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-gpt2"])
+def test_replay_matches_whole_runs_on_other_families(name, tiny_models):
+    model = tiny_models.get(name) or circuitsae.load_model(name, dtype="float32")
+    pairs = make_ioi(model, n=4, seed=2)
+    dicts = _dictionaries(model, width=64, k=4)
+    atp, acts = E.node_effects(model, dicts, pairs, method="atp")
+    nodes = [n for n, _ in atp.top(6)]
+    fast = E.exact_effects(model, dicts, pairs, nodes, acts, replay=True)
+    whole = E.exact_effects(model, dicts, pairs, nodes, acts, replay=False)
+    torch.testing.assert_close(fast, whole, rtol=1e-4, atol=1e-5)
+    assert float(whole.abs().max()) > 1e-4

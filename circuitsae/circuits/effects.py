@@ -25,6 +25,7 @@ position, which a dictionary trained without it never saw, is not a node); per-p
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ from circuitsae import sites as sites_mod
 from circuitsae.dictionaries import Dictionary
 from circuitsae.errors import CircuitSAEError
 from circuitsae.interventions.patching import position_mask
+from circuitsae.interventions.replay import Blocks, Downstream, run_segment, tolerance
 from circuitsae.interventions.splice import check_dictionary, default_start, logits_of, site_device, write
 from circuitsae.metrics import wide
 from circuitsae.models import dtype_name, input_device
@@ -62,7 +64,12 @@ class Metric:
 
     def __call__(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         dev = logits.device
-        final = wide(logits[torch.arange(logits.shape[0], device=dev), self.end[rows].to(dev)])
+        return self.final(logits[torch.arange(logits.shape[0], device=dev), self.end[rows].to(dev)], rows)
+
+    def final(self, final: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """m from the logits at each row's last position only, ``[R, V]``."""
+        dev = final.device
+        final = wide(final)
         if self.kind == "logit_diff":
             assert self.right is not None and self.wrong is not None
             right = final.gather(1, self.right[rows].to(dev)[:, None])[:, 0]
@@ -185,7 +192,9 @@ class NodeEffects:
 class PairActivations:
     """Each site's activations on the base and target prompts (float32, on the CPU), what the estimators and
     the exact patches start from: ``base[site]``/``target[site]`` ``[N, T, d]``, ``starts[site]`` (the
-    dictionary's first position), ``mask[site]`` ``[N, T]`` (the positions that are nodes)."""
+    dictionary's first position), ``mask[site]`` ``[N, T]`` (the positions that are nodes), ``inputs[L]`` the
+    base run's input to block L where an attn or mlp site of block L has no resid site before it to read it
+    from (:meth:`block_input`)."""
 
     sites: tuple[str, ...]
     base: dict[str, torch.Tensor]
@@ -194,6 +203,15 @@ class PairActivations:
     mask: dict[str, torch.Tensor]
     base_metric: torch.Tensor
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def block_input(self, layer: int) -> torch.Tensor:
+        """The base run's residual entering block ``layer``, ``[N, T, d]``."""
+        if f"resid.{layer - 1}" in self.base:
+            return self.base[f"resid.{layer - 1}"]
+        if layer not in self.inputs:
+            raise CircuitSAEError(f"the input of block {layer} was not recorded")
+        return self.inputs[layer]
 
     def deltas(self, site: str, dictionary: Dictionary) -> tuple[torch.Tensor, torch.Tensor]:
         """(Δc ``[N, T, F]``, Δε ``[N, T, d]``) at ``site``: the target's codes and error minus the base's,
@@ -237,6 +255,10 @@ def record(
     base: dict[str, list] = {s: [] for s in order}
     target: dict[str, list] = {s: [] for s in order}
     grads: dict[str, list] = {s: [] for s in order}
+    parsed = {s: sites_mod.Site.parse(s) for s in order}
+    # blocks whose input no recorded resid site holds, read before the block's first site (nnsight's order)
+    need = {p.layer for p in parsed.values() if p.kind != "resid" and f"resid.{p.layer - 1}" not in order}
+    inputs: dict[int, list] = {layer: [] for layer in need}
     metric_base = []
     for rows in tqdm(batches(n, batch_size), desc="record base and target runs", disable=not progress):
         saved: dict[str, Any] = {}
@@ -246,8 +268,12 @@ def record(
         for s in order:
             target[s].append(wide(saved[s].detach()).cpu())
         kept: dict[str, Any] = {}
+        block_in: dict[int, Any] = {}
         with torch.set_grad_enabled(gradients), model.trace(pairs.base[rows].to(input_device(model))):
             for s in order:
+                layer = parsed[s].layer
+                if layer in need and layer not in block_in:
+                    block_in[layer] = sites_mod.module(model, f"resid.{layer}").input.save()
                 x = sites_mod.read(model, s)
                 if gradients:
                     x.retain_grad()
@@ -261,6 +287,8 @@ def record(
             base[s].append(wide(kept[s].detach()).cpu())
             if gradients:
                 grads[s].append(wide(kept[s].grad).cpu())
+        for layer, h in block_in.items():
+            inputs[layer].append(wide(h.detach()).cpu())
     return PairActivations(
         tuple(order),
         {s: torch.cat(v) for s, v in base.items()},
@@ -269,18 +297,48 @@ def record(
         mask,
         torch.cat(metric_base),
         {s: torch.cat(v) for s, v in grads.items()} if gradients else {},
+        {layer: torch.cat(v) for layer, v in inputs.items()},
     )
 
 
+def _replays(model: Any, replay: bool) -> bool:
+    """Whether to run only the model after each patched site (:class:`~circuitsae.interventions.replay.Downstream`)."""
+    return bool(replay) and Blocks.family_supported(model)
+
+
 def _interpolated_gradient(
-    model: Any, acts: PairActivations, pairs: PromptPairs, metric: Metric, site: str, steps: int, batch_size: int
+    model: Any,
+    acts: PairActivations,
+    pairs: PromptPairs,
+    metric: Metric,
+    site: str,
+    steps: int,
+    batch_size: int,
+    replay: bool = True,
 ) -> torch.Tensor:
     """(1/N) Σ_k ∇_x m at x_base + (k/N)(x_target − x_base) of ``site`` alone, ``[N, T, d]`` (float32, CPU)."""
     start = acts.starts[site]
     alphas = torch.arange(steps, dtype=torch.float32) / steps
     out = []
-    per_batch = max(1, batch_size // steps)
+    # prompt × step rows share a pass: 4 × batch_size of them (on 2 CPU cores 40–160 rows a pass ran
+    # SmolLM2's blocks 20% faster than 10)
+    per_batch = max(1, (4 * batch_size) // steps)
     dev, dtype = site_device(model, site), getattr(torch, dtype_name(model))
+    if _replays(model, replay):
+        tail = Downstream(model, site)
+        for rows in batches(len(pairs), per_batch):
+            xb = acts.base[site][rows]
+            delta = (acts.target[site][rows] - xb) * acts.mask[site][rows][..., None]
+            path = xb[None] + alphas[:, None, None, None] * delta[None]  # [steps, n, T, d]
+            value = path.reshape(-1, *path.shape[2:]).to(device=dev, dtype=dtype).requires_grad_()
+            inp = None
+            if not tail.resid:
+                inp = acts.block_input(tail.site.layer)[rows].repeat(steps, 1, 1).to(device=dev, dtype=dtype)
+            with torch.enable_grad():
+                final = tail.final_logits(value, inp, metric.end[rows].repeat(steps))
+                metric.final(final, rows.repeat(steps)).sum().backward()
+            out.append(wide(value.grad).cpu().reshape(steps, len(rows), *path.shape[2:]).mean(0))
+        return torch.cat(out)
     for rows in batches(len(pairs), per_batch):
         xb, xt = acts.base[site][rows, start:], acts.target[site][rows, start:]
         path = xb[None] + alphas[:, None, None, None] * (xt - xb)[None]  # [steps, n, T', d]
@@ -305,6 +363,7 @@ def node_effects(
     steps: int = 10,
     batch_size: int = 16,
     activations: "PairActivations | None" = None,
+    replay: bool = True,
     progress: bool = False,
 ) -> tuple[NodeEffects, PairActivations]:
     """Every node's estimated effect (``method`` "atp" or "ig", :data:`METHODS`) on ``metric`` over ``pairs``.
@@ -312,6 +371,7 @@ def node_effects(
     ``dictionaries`` maps sites to dictionaries (SAEs, PCA, :class:`~circuitsae.dictionaries.IdentityDictionary`
     for neurons); every site in it gets feature and error nodes. Returns the effects and the recorded
     activations (pass them back as ``activations`` to skip the recording runs, or to :func:`exact_effects`).
+    With ``replay`` (families whose blocks run on their own), IG runs only the blocks after each site.
     """
     if method not in METHODS:
         raise CircuitSAEError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -326,7 +386,10 @@ def node_effects(
     for s in tqdm(acts.sites, desc=f"node effects ({method})", disable=not progress):
         d = dictionaries[s]
         dc, de = acts.deltas(s, d)
-        g = acts.grads[s] if method == "atp" else _interpolated_gradient(model, acts, pairs, m, s, steps, batch_size)
+        if method == "atp":
+            g = acts.grads[s]
+        else:
+            g = _interpolated_gradient(model, acts, pairs, m, s, steps, batch_size, replay)
         g = g * acts.mask[s][..., None]
         features[s] = (g.to(dc.dtype) @ wide(d.W_dec.detach()).cpu().T) * dc
         errors[s] = (g.to(de.dtype) * de).sum(-1)
@@ -352,6 +415,47 @@ def node_delta(acts: PairActivations, dictionary: Dictionary, node: Node) -> tor
     return delta
 
 
+class _Tails:
+    """m with one site's activation replaced, per prompt, by the blocks after the site alone (``fast``) or by a
+    whole-model nnsight run. The fast path checks itself once on the first site it runs against the recorded
+    base metric; beyond the tolerance it warns and runs whole models from then on."""
+
+    def __init__(self, model: Any, acts: PairActivations, metric: Metric, ids: torch.Tensor, replay: bool) -> None:
+        self.model, self.acts, self.metric, self.ids = model, acts, metric, ids
+        self.fast = _replays(model, replay)
+        self.checked = False
+        self.tails: dict[str, Downstream] = {}
+        self.dtype = getattr(torch, dtype_name(model))
+
+    def metric_with(self, site: str, value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """m per row with ``site`` set to ``value`` ``[R, T, d]``; row r is prompt ``rows[r]`` (CPU, float)."""
+        if self.fast and not self.checked:
+            self.checked = True
+            first = rows.unique()
+            got = self._fast(site, self.acts.base[site][first], first)
+            ref = self.acts.base_metric[first]
+            tol = tolerance(self.dtype) * max(1.0, float(ref.abs().max()))
+            if float((got - ref).abs().max()) > tol:
+                warnings.warn(f"running the blocks after {site} alone does not reproduce the model's metric "
+                              f"(off by {float((got - ref).abs().max()):.2e}); using whole-model runs", stacklevel=3)  # fmt: skip
+                self.fast = False
+        return self._fast(site, value, rows) if self.fast else self._whole(site, value, rows)
+
+    def _fast(self, site: str, value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        tail = self.tails.setdefault(site, Downstream(self.model, site))
+        dev = site_device(self.model, site)
+        inp = None if tail.resid else self.acts.block_input(tail.site.layer)[rows].to(device=dev, dtype=self.dtype)
+        final = tail.final_logits(value.to(device=dev, dtype=self.dtype), inp, self.metric.end[rows])
+        return self.metric.final(final, rows).cpu()
+
+    def _whole(self, site: str, value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        with self.model.trace(self.ids[rows].to(input_device(self.model))):
+            x = sites_mod.read(self.model, site)
+            x[:] = value.to(device=x.device, dtype=x.dtype)
+            logits = logits_of(self.model).save()
+        return self.metric(logits, rows).cpu()
+
+
 @torch.no_grad()
 def exact_effects(
     model: Any,
@@ -362,41 +466,35 @@ def exact_effects(
     *,
     metric: "str | Metric" = "logit_diff",
     batch_size: int = 16,
+    replay: bool = True,
     progress: bool = False,
 ) -> torch.Tensor:
     """The exact effect of patching each node alone, per prompt: ``[len(nodes), N]``.
 
     Each node's change (:func:`node_delta`) is added to its site in a base run and everything after runs as
-    the model does; several nodes' runs share one forward pass as separate rows.
+    the model does. With ``replay`` (families whose blocks run on their own) only the blocks after the site run,
+    from the recorded activations; otherwise whole-model runs through nnsight. ``batch_size`` rows (node ×
+    prompt) share a pass.
     """
     m = metric if isinstance(metric, Metric) else make_metric(model, pairs, metric, batch_size)
     n = len(pairs)
     unknown = sorted({nd.site for nd in nodes} - set(acts.sites))
     if unknown:
         raise CircuitSAEError(f"nodes at sites without recorded activations: {', '.join(unknown)}")
-    per_run = max(1, batch_size // n) if n < batch_size else 1
+    tails = _Tails(model, acts, m, pairs.base, replay)
     out = torch.zeros(len(nodes), n, dtype=acts.base_metric.dtype)
-    order = [s for s in acts.sites if any(nd.site == s for nd in nodes)]
-    groups = [list(range(i, min(len(nodes), i + per_run))) for i in range(0, len(nodes), per_run)]
-    for group in tqdm(groups, desc="exact node effects", disable=not progress):
-        deltas = {i: node_delta(acts, dictionaries[nodes[i].site], nodes[i]) for i in group}
+    per_run = max(1, batch_size // n) if n < batch_size else 1
+    by_site: dict[str, list[int]] = {}
+    for i, nd in enumerate(nodes):
+        by_site.setdefault(nd.site, []).append(i)
+    groups = [(s, idx[j : j + per_run]) for s, idx in by_site.items() for j in range(0, len(idx), per_run)]
+    for site, group in tqdm(groups, desc="exact node effects", disable=not progress):
+        deltas = [node_delta(acts, dictionaries[site], nodes[i]) for i in group]
         for rows in batches(n, max(1, batch_size // len(group))):
-            ids = pairs.base[rows].repeat(len(group), 1)
-            with model.trace(ids.to(input_device(model))):
-                for s in order:
-                    x = sites_mod.read(model, s)
-                    add = torch.zeros(len(group) * len(rows), *x.shape[1:], dtype=torch.float64)
-                    touched = False
-                    for j, i in enumerate(group):
-                        if nodes[i].site == s:
-                            add[j * len(rows) : (j + 1) * len(rows)] = deltas[i][rows]
-                            touched = True
-                    if touched:
-                        x[:] = x + add.to(device=x.device, dtype=x.dtype)
-                logits = logits_of(model).save()
-            values = m(logits, rows.repeat(len(group))).cpu().reshape(len(group), len(rows))
+            value = torch.cat([acts.base[site][rows] + dl[rows] for dl in deltas])
+            values = tails.metric_with(site, value, rows.repeat(len(group))).reshape(len(group), len(rows))
             for j, i in enumerate(group):
-                out[i, rows] = values[j] - acts.base_metric[rows]
+                out[i, rows] = values[j].to(out.dtype) - acts.base_metric[rows]
     return out
 
 
@@ -530,18 +628,22 @@ def exact_edge_effects(
     *,
     metric: "str | Metric" = "logit_diff",
     batch_size: int = 16,
+    replay: bool = True,
     progress: bool = False,
 ) -> torch.Tensor:
     """The exact effect of each edge u→d per prompt, ``[len(edges), N]`` (REFERENCE §8): d' = d with u patched
     and every site between them held at its base value (a local recompute), then m(base with only d set to d')
-    − m(base). An edge into :data:`LOGITS` is u's own exact effect."""
+    − m(base). An edge into :data:`LOGITS` is u's own exact effect. With ``replay`` (families whose blocks run
+    on their own) the local recompute runs the blocks from u to d only and the rest the blocks after d only."""
     m = metric if isinstance(metric, Metric) else make_metric(model, pairs, metric, batch_size)
     n = len(pairs)
     order = list(acts.sites)
+    tails = _Tails(model, acts, m, pairs.base, replay)
     out = torch.zeros(len(edges), n, dtype=acts.base_metric.dtype)
     for i, (u, d) in enumerate(tqdm(edges, desc="exact edge effects", disable=not progress)):
         if d == LOGITS:
-            out[i] = exact_effects(model, dictionaries, pairs, [u], acts, metric=m, batch_size=batch_size)[0]
+            out[i] = exact_effects(model, dictionaries, pairs, [u], acts, metric=m, batch_size=batch_size,
+                                   replay=replay)[0]  # fmt: skip
             continue
         if u.site not in order or d.site not in order or order.index(u.site) >= order.index(d.site):
             raise CircuitSAEError(f"{u} → {d}: an edge runs from an earlier site to a later one")
@@ -549,16 +651,9 @@ def exact_edge_effects(
         delta_u = node_delta(acts, dictionaries[u.site], u)
         dd, start = dictionaries[d.site], acts.starts[d.site]
         for rows in batches(n, batch_size):
-            saved: dict[str, Any] = {}
-            with model.trace(pairs.base[rows].to(input_device(model))):
-                x = sites_mod.read(model, u.site)
-                x[:] = x + delta_u[rows].to(device=x.device, dtype=x.dtype)
-                for s in between:
-                    h = sites_mod.read(model, s)
-                    h[:] = acts.base[s][rows].to(device=h.device, dtype=h.dtype)
-                saved["x"] = sites_mod.read(model, d.site).save()
+            xn = _local_recompute(model, acts, pairs, u.site, delta_u[rows], between, d.site, rows, tails.fast)
             xb = acts.base[d.site][rows, start:].to(dd.W_dec)
-            xn = saved["x"][:, start:].to(dd.W_dec)
+            xn = xn[:, start:].to(dd.W_dec)
             mask = acts.mask[d.site][rows, start:].to(dd.W_dec)[..., None]
             if d.is_error:
                 change = (xn - dd.decode(dd.encode(xn))) - (xb - dd.decode(dd.encode(xb)))
@@ -569,10 +664,44 @@ def exact_edge_effects(
                 keep = torch.zeros(change.shape[1], 1, dtype=change.dtype, device=change.device)
                 keep[d.position - start] = 1
                 change = change * keep
-            change = torch.nn.functional.pad(change * mask, (0, 0, start, 0))
-            with model.trace(pairs.base[rows].to(input_device(model))):
-                h = sites_mod.read(model, d.site)
-                h[:] = h + change.to(device=h.device, dtype=h.dtype)
-                logits = logits_of(model).save()
-            out[i, rows] = m(logits, rows).cpu() - acts.base_metric[rows]
+            change = torch.nn.functional.pad(wide(change * mask).cpu(), (0, 0, start, 0))
+            value = acts.base[d.site][rows] + change
+            out[i, rows] = tails.metric_with(d.site, value, rows).to(out.dtype) - acts.base_metric[rows]
     return out
+
+
+def _local_recompute(
+    model: Any,
+    acts: PairActivations,
+    pairs: PromptPairs,
+    up: str,
+    delta: torch.Tensor,
+    between: Sequence[str],
+    down: str,
+    rows: torch.Tensor,
+    fast: bool,
+) -> torch.Tensor:
+    """``down``'s activation ``[R, T, d]`` in a base run with ``delta`` added at ``up`` and every site of
+    ``between`` held at its base value: the blocks from ``up`` to ``down`` alone (``fast``), or a whole run."""
+    dtype = getattr(torch, dtype_name(model))
+    if not fast:
+        with model.trace(pairs.base[rows].to(input_device(model))):
+            x = sites_mod.read(model, up)
+            x[:] = x + delta.to(device=x.device, dtype=x.dtype)
+            for s in between:
+                h = sites_mod.read(model, s)
+                h[:] = acts.base[s][rows].to(device=h.device, dtype=h.dtype)
+            saved = sites_mod.read(model, down).save()
+        return wide(saved.detach()).cpu()
+    pu, pd = sites_mod.Site.parse(up), sites_mod.Site.parse(down)
+    dev = site_device(model, up)
+    new_up = (acts.base[up][rows] + delta).to(device=dev, dtype=dtype)
+    replace = {s: acts.base[s][rows].to(device=dev, dtype=dtype) for s in between}
+    if pu.kind == "resid":
+        first, h = pu.layer + 1, new_up
+    else:
+        first, h = pu.layer, acts.block_input(pu.layer)[rows].to(device=dev, dtype=dtype)
+        replace[up] = new_up
+    out, caught = run_segment(model, first, pd.layer, h, replace=replace, capture=down)
+    assert caught is not None
+    return wide(caught.detach()).cpu()

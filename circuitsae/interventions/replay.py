@@ -47,7 +47,7 @@ before any softmax, and every KL is accumulated in float32.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import einops
@@ -96,18 +96,22 @@ class Blocks:
         self.dtype = self.lm_head.weight.dtype
 
     @staticmethod
-    def supports(model: Any, site: str) -> bool:
-        """True when ``site`` is a ``resid`` site of a family whose blocks run on their own."""
+    def family_supported(model: Any) -> bool:
+        """True when ``model``'s family runs its blocks on their own (``sites.Layout.blocks_only``)."""
         hf = sites_mod._hf_module(model)
         model_type = getattr(hf.config, "model_type", None)
         inner = getattr(hf, "model", None)
         return (
             model_type in sites_mod.ARCHITECTURES
             and sites_mod.ARCHITECTURES[model_type].blocks_only
-            and sites_mod.Site.parse(site).kind == "resid"
             and all(hasattr(inner, a) for a in ("layers", "norm", "rotary_emb"))
             and hasattr(hf, "lm_head")
         )
+
+    @staticmethod
+    def supports(model: Any, site: str) -> bool:
+        """True when ``site`` is a ``resid`` site of a family whose blocks run on their own."""
+        return sites_mod.Site.parse(site).kind == "resid" and Blocks.family_supported(model)
 
     def mask(self, pos: torch.Tensor, t: int, window: "int | None", dtype: torch.dtype) -> torch.Tensor:
         """Additive attention mask ``[R, 1, Q, t]`` for queries at positions ``pos`` ``[R, Q]`` over keys 0..t-1.
@@ -140,6 +144,85 @@ class Blocks:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+def _replace_output(module: Any, value: torch.Tensor) -> Any:
+    def hook(_mod: Any, _inp: Any, out: Any) -> Any:
+        if isinstance(out, tuple):
+            return (value.to(out[0].dtype), *out[1:])
+        return value.to(out.dtype)
+
+    return module.register_forward_hook(hook)
+
+
+def _capture_output(module: Any, into: dict[str, torch.Tensor], key: str) -> Any:
+    def hook(_mod: Any, _inp: Any, out: Any) -> None:
+        into[key] = out[0] if isinstance(out, tuple) else out
+
+    return module.register_forward_hook(hook)
+
+
+def run_segment(
+    model: Any,
+    first: int,
+    last: int,
+    h: torch.Tensor,
+    *,
+    replace: "Mapping[str, torch.Tensor] | None" = None,
+    capture: "str | None" = None,
+) -> tuple[torch.Tensor, "torch.Tensor | None"]:
+    """Blocks ``first..last`` on full rows ``h`` ``[R, T, d]`` (block ``first``'s input, positions 0..T−1), with
+    the outputs of the sites in ``replace`` (any kind, of those blocks) set to the given ``[R, T, d]`` values by
+    forward hooks; returns the last block's output and, with ``capture``, that site's output in this run.
+
+    Families whose blocks run on their own only (:meth:`Blocks.family_supported`).
+    """
+    blocks = Blocks(model, first, last)
+    handles, caught = [], {}
+    try:
+        for site, value in (replace or {}).items():
+            handles.append(_replace_output(sites_mod.module(blocks.hf, site), value))
+        if capture is not None:
+            handles.append(_capture_output(sites_mod.module(blocks.hf, capture), caught, "x"))
+        r, t = h.shape[:2]
+        pos = torch.arange(t, device=h.device).expand(r, t)
+        out = blocks.run(h, pos, t)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, caught.get("x")
+
+
+class Downstream:
+    """The model after one site: a new activation there in, the final logits at chosen positions out, and
+    nothing before the site run again.
+
+    At ``resid.L`` the blocks after L run on the new residual rows; at ``attn.L`` or ``mlp.L`` block L runs from
+    its recorded input with the site's output replaced (a forward hook), then the blocks after it. The
+    unembedding is applied at the chosen positions only. Families whose blocks run on their own only
+    (:meth:`Blocks.family_supported`); elsewhere the callers run the whole model through nnsight.
+    """
+
+    def __init__(self, model: Any, site: "str | sites_mod.Site") -> None:
+        self.model = model
+        self.site = sites_mod.Site.parse(site)
+        self.resid = self.site.kind == "resid"
+        self.first = self.site.layer + 1 if self.resid else self.site.layer
+        self.last = sites_mod.n_layers(model) - 1
+        self.blocks = Blocks(model, self.first, self.last)
+
+    def final_logits(self, value: torch.Tensor, block_input: "torch.Tensor | None", end: torch.Tensor) -> torch.Tensor:
+        """Logits ``[R, V]`` (float32) at position ``end[r]`` of each row, with the site's activation set to
+        ``value`` ``[R, T, d]``; ``block_input`` is block L's input (the residual before it) for attn/mlp sites."""
+        if self.resid:
+            h = value
+            out, _ = run_segment(self.model, self.first, self.last, h)
+        else:
+            if block_input is None:
+                raise ValueError(f"{self.site} needs the input of block {self.site.layer}")
+            out, _ = run_segment(self.model, self.first, self.last, block_input, replace={str(self.site): value})
+        rows = torch.arange(out.shape[0], device=out.device)
+        return self.blocks.head(out[rows, end.to(out.device)])
 
 
 class Evaluator:
@@ -263,12 +346,7 @@ class HookEvaluator(Evaluator):
         self.max_rows = max(1, min(token_budget // base_ids.shape[1], (64 << 20) // (base_ids.shape[1] * vocab)))
 
     def _forward(self, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        def hook(_mod: Any, _inp: Any, out: Any) -> Any:
-            if isinstance(out, tuple):
-                return (x.to(out[0].dtype), *out[1:])
-            return x.to(out.dtype)
-
-        handle = self.module.register_forward_hook(hook)
+        handle = _replace_output(self.module, x)
         try:
             logits = self.hf(input_ids=self.ids[prompts.to(self.ids.device)]).logits
         finally:
