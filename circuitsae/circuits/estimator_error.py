@@ -188,6 +188,7 @@ def check_circuit(
     t2 = time.perf_counter()
     for (u, v, _), x in zip(picked, exact_edges):
         circuit.graph.edges[u, v]["exact"] = x
-    edge_stats = {circuit.method or "atp": ErrorStats.of([e["effect"] for *_, e in picked], exact_edges)}
+    # edges are estimated by ∇m·∂d/∂u·Δu (attribution) whatever estimated the nodes
+    edge_stats = {"atp": ErrorStats.of([e["effect"] for *_, e in picked], exact_edges)}
     checked_edges = [{"edge": [u, v], "estimate": e["effect"], "exact": x} for (u, v, e), x in zip(picked, exact_edges)]
     return EstimatorError(node_stats, edge_stats, checked, checked_edges, {"nodes": t1 - t0, "edges": t2 - t1})

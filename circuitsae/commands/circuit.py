@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from circuitsae.circuits.circuit import Faithfulness, FeatureCircuit, faithfulness, feature_circuit
+from circuitsae.circuits.curves import split_prompts
 from circuitsae.circuits.effects import METHODS, METRICS, NodeEffects, node_effects
 from circuitsae.circuits.estimator_error import EstimatorError, check_circuit
 from circuitsae.config import model_dtype_option, option, validate
@@ -16,7 +17,6 @@ from circuitsae.dictionaries.folders import select_dictionaries
 from circuitsae.errors import CircuitSAEError
 from circuitsae.io import atomic_write, lock_folder, probe_folder
 from circuitsae.models import load_model
-from circuitsae.tasks.ioi import make_ioi
 from circuitsae.viz.circuit import render
 from circuitsae.viz.plots import plot_faithfulness
 
@@ -42,8 +42,8 @@ class CircuitConfig:
     coefficient: "float | None" = option(None, "keep only dictionaries trained with this sparsity coefficient", min=0)
     model: "str | None" = option(None, "model (default: the one the dictionaries were trained on)")
     prompts: int = option(50, "IOI prompt pairs the circuit is selected on", min=1, max=100_000)
-    heldout_prompts: int = option(50, "IOI prompt pairs of another seed for held-out faithfulness (0: none)", min=0,
-                                  max=100_000)  # fmt: skip
+    heldout_prompts: int = option(50, "IOI prompt pairs on other templates and names, for held-out faithfulness "
+                                  "(0: none)", min=0, max=100_000)  # fmt: skip
     seed: int = option(0, "seed of the IOI prompts (held-out prompts use seed + 1)", min=0, max=(1 << 31) - 1)
     metric: str = option("logit_diff", "the metric: IOI's logit difference IO - S, or KL to the target run",
                          choices=METRICS)  # fmt: skip
@@ -94,7 +94,8 @@ def _run(cfg: CircuitConfig, model: Any, progress: bool) -> CircuitRun:
     models = {d.meta.get("model") for d in dicts.values()} - {None}
     model = model or load_model(cfg.model or (min(models) if models else "smollm2-135m"), device=cfg.device,
                                 dtype=cfg.model_dtype)  # fmt: skip
-    pairs = make_ioi(model, n=cfg.prompts, seed=cfg.seed)
+    # selection on the even-numbered templates and names, held-out prompts on the odd-numbered ones
+    pairs, held = split_prompts(model, cfg.prompts, max(1, cfg.heldout_prompts), seed=cfg.seed)
     circuit, effects, acts = feature_circuit(
         model, dicts, pairs, metric=cfg.metric, method=cfg.method, steps=cfg.steps, max_nodes=cfg.max_nodes,
         node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold, batch_size=cfg.batch_size,
@@ -113,7 +114,6 @@ def _run(cfg: CircuitConfig, model: Any, progress: bool) -> CircuitRun:
                                                 ablation=cfg.ablation, errors=errors,
                                                 batch_size=cfg.batch_size)  # fmt: skip
         if cfg.heldout_prompts:
-            held = make_ioi(model, n=cfg.heldout_prompts, seed=cfg.seed + 1)
             _, held_acts = node_effects(model, dicts, held, metric=cfg.metric, batch_size=cfg.batch_size)
             result.curves["held-out prompts"] = faithfulness(model, dicts, held, scores, held_acts, sizes=sizes,
                                                              metric=cfg.metric, ablation=cfg.ablation,

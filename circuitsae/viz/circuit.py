@@ -56,10 +56,14 @@ def to_dot(circuit: FeatureCircuit, max_nodes: int = 60, min_edge: float = 0.0) 
                 if d.get("exact") is not None:
                     lines.append(f"exact {d['exact']:+.3g}")
                 text = _text("\n".join(x for x in lines if x))
+                tip = _text(f"{v}: estimated {d['effect']:+.4g}"
+                            + (f", exact {d['exact']:+.4g}" if d.get("exact") is not None else ", exact: not checked")
+                            + (f"; {d['label']}" if d.get("label") else ""))  # fmt: skip
                 if d["error"]:
-                    sub.node(_id(v), text, shape="diamond", style="filled", fillcolor="#dddddd", fontsize="10")
+                    sub.node(_id(v), text, shape="diamond", style="filled", fillcolor="#dddddd", fontsize="10",
+                             tooltip=tip)  # fmt: skip
                 else:
-                    sub.node(_id(v), text, fillcolor=FILL.get(d["kind"], "white"))
+                    sub.node(_id(v), text, fillcolor=FILL.get(d["kind"], "white"), tooltip=tip)
             for a, b in zip(nodes, nodes[1:]):  # keep the column order within a layer
                 sub.edge(_id(a), _id(b), style="invis")
     effects = [abs(e["effect"]) for *_, e in g.edges(data=True)]
